@@ -1,0 +1,1 @@
+"""The SD3 / SD3.5 networks, one architecture per module."""

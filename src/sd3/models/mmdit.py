@@ -1,0 +1,304 @@
+"""The MM-DiT of SD3 (Esser et al. 2024, "Scaling Rectified Flow Transformers", section 4) and
+the MMDiT-X of SD3.5 Medium (an extra self-attention `attn2` on the image stream in early layers).
+
+Two streams, image patches `x` and text `context`, each with its own weights (the "dismantled"
+blocks `x_block` and `context_block`), meet in one joint attention over [context, x]. Every block is
+modulated by adaLN from `c` = timestep embedding + pooled text embedding. Parameter names follow
+Stability's reference files (`joint_blocks.N.x_block.attn.qkv` ...), so official state dicts load as-is.
+"""
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+HEAD_DIM = 64
+
+
+@dataclass
+class MMDiTConfig:
+    hidden_size: int = 1536
+    depth: int = 24
+    patch_size: int = 2
+    in_channels: int = 16
+    out_channels: int = 16
+    pos_embed_max_size: int = 192
+    context_dim: int = 4096  # width of the text context fed to context_embedder
+    pooled_dim: int = 2048  # width of the pooled text vector fed to y_embedder
+    mlp_hidden: int = 6144
+    qk_norm: bool = False  # RMS norm on q and k per head (SD3.5)
+    attn2_layers: tuple[int, ...] = ()  # MMDiT-X: blocks whose x_block has a second self-attention
+
+    @property
+    def num_heads(self) -> int:
+        return self.hidden_size // HEAD_DIM
+
+    @classmethod
+    def from_shapes(cls, shapes: Mapping[str, Sequence[int]]) -> "MMDiTConfig":
+        """Infer the configuration from tensor shapes of an official-layout state dict (no prefix)."""
+        for key in ("x_embedder.proj.weight", "pos_embed", "final_layer.linear.weight"):
+            if key not in shapes:
+                raise ValueError(f"not an MMDiT state dict: tensor {key!r} is missing")
+        hidden, in_channels, patch, _ = shapes["x_embedder.proj.weight"]
+        if hidden % HEAD_DIM:
+            raise ValueError(f"hidden size {hidden} must be divisible by the head dim {HEAD_DIM}")
+        blocks = {int(k.split(".")[1]) for k in shapes if k.startswith("joint_blocks.")}
+        depth = len(blocks)
+        if blocks != set(range(depth)) or depth == 0:
+            raise ValueError(f"joint_blocks must be numbered 0..N-1, found {sorted(blocks)[:10]}")
+        table = shapes["pos_embed"][1]
+        max_size = math.isqrt(table)
+        if max_size * max_size != table:
+            raise ValueError(f"pos_embed has {table} positions, which is not a square table")
+        return cls(
+            hidden_size=hidden,
+            depth=depth,
+            patch_size=patch,
+            in_channels=in_channels,
+            out_channels=shapes["final_layer.linear.weight"][0] // (patch * patch),
+            pos_embed_max_size=max_size,
+            context_dim=shapes["context_embedder.weight"][1],
+            pooled_dim=shapes["y_embedder.mlp.0.weight"][1],
+            mlp_hidden=shapes["joint_blocks.0.x_block.mlp.fc1.weight"][0],
+            qk_norm="joint_blocks.0.x_block.attn.ln_q.weight" in shapes,
+            attn2_layers=tuple(i for i in range(depth) if f"joint_blocks.{i}.x_block.attn2.qkv.weight" in shapes),
+        )
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of the (continuous) timestep t = 1000·sigma, cos half first."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class MLPEmbedder(nn.Module):
+    """Linear, SiLU, Linear: the timestep (`t_embedder`) and pooled-text (`y_embedder`) embedders."""
+
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mlp(x)
+
+
+class PatchEmbed(nn.Module):
+    """2x2 patches of the latent to tokens: [B, C, H, W] -> [B, H/2 * W/2, hidden]."""
+
+    def __init__(self, patch: int, in_channels: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden, kernel_size=patch, stride=patch)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class SelfAttention(nn.Module):
+    """The q, k, v projections (with optional per-head RMS qk-norm) and output projection.
+
+    The attention itself happens outside, jointly over both streams; `pre_only` blocks have no
+    output projection because their attention output is never used.
+    """
+
+    def __init__(self, dim: int, qk_norm: bool, pre_only: bool = False):
+        super().__init__()
+        self.num_heads = dim // HEAD_DIM
+        self.qkv = nn.Linear(dim, 3 * dim)
+        if qk_norm:
+            self.ln_q, self.ln_k = RMSNorm(HEAD_DIM), RMSNorm(HEAD_DIM)
+        if not pre_only:
+            self.proj = nn.Linear(dim, dim)
+
+    def pre_attention(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, L, dim] -> q, k, v each [B, heads, L, HEAD_DIM]."""
+        B, L, _ = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, HEAD_DIM).permute(2, 0, 3, 1, 4)
+        if hasattr(self, "ln_q"):
+            q, k = self.ln_q(q), self.ln_k(k)
+        return q, k, v
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """[B, heads, L, d] x3 -> [B, L, heads * d]."""
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).flatten(2)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class DismantledBlock(nn.Module):
+    """One stream's half of a joint block: adaLN-modulated attention input, then residual updates.
+
+    Modulation chunks: (shift, scale, gate) for attention, (shift, scale, gate) for the MLP and, with
+    `attn2` (MMDiT-X), (shift, scale, gate) for the second self-attention. A `pre_only` block (the
+    last context block) only produces its q, k, v and is modulated by (shift, scale).
+    """
+
+    def __init__(self, config: MMDiTConfig, pre_only: bool = False, attn2: bool = False):
+        super().__init__()
+        dim = config.hidden_size
+        self.pre_only = pre_only
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(dim, config.qk_norm, pre_only)
+        if attn2:
+            self.attn2 = SelfAttention(dim, config.qk_norm)
+        if not pre_only:
+            self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+            self.mlp = MLP(dim, config.mlp_hidden)
+        self.n_mods = 2 if pre_only else 9 if attn2 else 6
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, self.n_mods * dim))
+
+    def pre_attention(self, x: Tensor, c: Tensor):
+        """Returns the q, k, v for the joint attention, the q, k, v for attn2 (or None) and the
+        modulation kept for `post_attention`."""
+        mods = self.adaLN_modulation(c).chunk(self.n_mods, dim=1)
+        x_norm = self.norm1(x)
+        qkv = self.attn.pre_attention(modulate(x_norm, mods[0], mods[1]))
+        qkv2 = self.attn2.pre_attention(modulate(x_norm, mods[6], mods[7])) if len(mods) == 9 else None
+        return qkv, qkv2, mods
+
+    def post_attention(self, x: Tensor, attn: Tensor, attn2: Tensor | None, mods: Sequence[Tensor]) -> Tensor:
+        x = x + mods[2].unsqueeze(1) * self.attn.proj(attn)
+        if attn2 is not None:
+            x = x + mods[8].unsqueeze(1) * self.attn2.proj(attn2)
+        return x + mods[5].unsqueeze(1) * self.mlp(modulate(self.norm2(x), mods[3], mods[4]))
+
+
+class JointBlock(nn.Module):
+    """The MM-DiT block: both streams attend jointly over the concatenated sequence [context, x]."""
+
+    def __init__(self, config: MMDiTConfig, index: int):
+        super().__init__()
+        self.context_block = DismantledBlock(config, pre_only=index == config.depth - 1)
+        self.x_block = DismantledBlock(config, attn2=index in config.attn2_layers)
+
+    def forward(self, context: Tensor, x: Tensor, c: Tensor) -> tuple[Tensor | None, Tensor]:
+        ctx_qkv, _, ctx_mods = self.context_block.pre_attention(context, c)
+        x_qkv, x_qkv2, x_mods = self.x_block.pre_attention(x, c)
+        q, k, v = (torch.cat((a, b), dim=2) for a, b in zip(ctx_qkv, x_qkv, strict=True))
+        attn = attention(q, k, v)
+        n_ctx = context.shape[1]
+        ctx_attn, x_attn = attn[:, :n_ctx], attn[:, n_ctx:]
+        attn2 = attention(*x_qkv2) if x_qkv2 is not None else None
+        x = self.x_block.post_attention(x, x_attn, attn2, x_mods)
+        if self.context_block.pre_only:
+            return None, x
+        return self.context_block.post_attention(context, ctx_attn, None, ctx_mods), x
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) then a linear map from tokens back to patches."""
+
+    def __init__(self, config: MMDiTConfig):
+        super().__init__()
+        dim, p = config.hidden_size, config.patch_size
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, p * p * config.out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class MMDiT(nn.Module):
+    """The SD3 / SD3.5 diffusion transformer. Predicts the flow velocity v = noise - x0."""
+
+    def __init__(self, config: MMDiTConfig):
+        super().__init__()
+        self.config = config
+        dim = config.hidden_size
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.pos_embed_max_size**2, dim))
+        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, dim)
+        self.t_embedder = MLPEmbedder(256, dim)
+        self.y_embedder = MLPEmbedder(config.pooled_dim, dim)
+        self.context_embedder = nn.Linear(config.context_dim, dim)
+        self.joint_blocks = nn.ModuleList(JointBlock(config, i) for i in range(config.depth))
+        self.final_layer = FinalLayer(config)
+
+    def check_size(self, height: int, width: int) -> None:
+        """Raise a ValueError unless a latent of this size fits the positional-embedding table."""
+        p, max_size = self.config.patch_size, self.config.pos_embed_max_size
+        if height % p or width % p:
+            raise ValueError(f"latent size {height}x{width} must be a multiple of the patch size {p}")
+        if height // p > max_size or width // p > max_size:
+            limit = max_size * p * 8
+            raise ValueError(
+                f"image size {width * 8}x{height * 8} is larger than this model's positional table "
+                f"allows ({limit}x{limit})"
+            )
+
+    def cropped_pos_embed(self, h: int, w: int) -> Tensor:
+        """The centre h x w crop of the stored square table of positional embeddings."""
+        size = self.config.pos_embed_max_size
+        top, left = (size - h) // 2, (size - w) // 2
+        table = self.pos_embed.view(1, size, size, -1)
+        return table[:, top : top + h, left : left + w].reshape(1, h * w, -1)
+
+    def forward(
+        self,
+        x: Tensor,
+        timestep: Tensor,
+        context: Tensor,
+        pooled: Tensor,
+        skip_layers: Sequence[int] = (),
+        controlnet_residuals: Sequence[Tensor] | None = None,
+    ) -> Tensor:
+        """x [B, C, H, W] latent, timestep [B] = 1000·sigma, context [B, L, context_dim],
+        pooled [B, pooled_dim] -> velocity [B, C, H, W].
+
+        `skip_layers` drops whole joint blocks (skip-layer guidance). `controlnet_residuals` are added
+        to x after each block but the last, residual j serving blocks [j, j+1) * depth/len(residuals)
+        (diffusers' rule, which also holds when depth is not a multiple of the count).
+        """
+        B, _, H, W = x.shape
+        self.check_size(H, W)
+        p = self.config.patch_size
+        h, w = H // p, W // p
+        x = self.x_embedder(x) + self.cropped_pos_embed(h, w).to(x.dtype)
+        t_emb = timestep_embedding(timestep.expand(B), 256).to(x.dtype)
+        c = self.t_embedder(t_emb) + self.y_embedder(pooled)
+        context = self.context_embedder(context)
+
+        for i, block in enumerate(self.joint_blocks):
+            if i not in skip_layers:
+                context, x = block(context, x, c)
+            if controlnet_residuals and not block.context_block.pre_only:
+                x = x + controlnet_residuals[i * len(controlnet_residuals) // self.config.depth]
+
+        x = self.final_layer(x, c)
+        return self.unpatchify(x, h, w)
+
+    def unpatchify(self, x: Tensor, h: int, w: int) -> Tensor:
+        """[B, h*w, p*p*C] tokens -> [B, C, h*p, w*p] latent."""
+        p, C = self.config.patch_size, self.config.out_channels
+        x = x.view(x.shape[0], h, w, p, p, C)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], C, h * p, w * p)
