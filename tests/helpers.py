@@ -23,3 +23,69 @@ def max_rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     ours, ref = ours.detach().double(), ref.detach().double()
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
     return ((ours - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def randomize(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Fill every tensor with seeded values of a scale that keeps activations O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, v in model.state_dict().items():
+        fan_in = v[0].numel() if v.ndim > 1 else 1
+        scale = 1.0 if v.ndim == 1 else fan_in**-0.5
+        t = torch.randn(v.shape, generator=g) * scale
+        if k.endswith("ln_q.weight") or k.endswith("ln_k.weight"):
+            t = 1 + 0.2 * t
+        sd[k] = t
+    model.load_state_dict(sd)
+    return sd
+
+
+def tiny_models(seed: int = 0) -> dict[str, torch.nn.Module]:
+    """A reduced-size SD3.5-Medium-shaped family with random weights whose widths fit together:
+    context width 256 = T5 width >= CLIP-L + CLIP-G (64 + 128); pooled 192 = 64 + 128."""
+    from sd3.models.clip import CLIPConfig, CLIPTextModel
+    from sd3.models.mmdit import MMDiT, MMDiTConfig
+    from sd3.models.t5 import T5Config, T5Encoder
+    from sd3.models.vae import AutoEncoder, VAEConfig
+
+    models = {
+        "mmdit": MMDiT(
+            MMDiTConfig(
+                depth=3, hidden_size=128, mlp_hidden=512, pos_embed_max_size=16, context_dim=256,
+                pooled_dim=192, qk_norm=True, attn2_layers=(0,),
+            )
+        ),
+        "vae": AutoEncoder(VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)),
+        "clip_l": CLIPTextModel(CLIPConfig(width=64, layers=2, heads=1, mlp_width=128)),
+        "clip_g": CLIPTextModel(
+            CLIPConfig(width=128, layers=2, heads=2, mlp_width=256, hidden_act="gelu", project_pooled=True)
+        ),
+        "t5xxl": T5Encoder(T5Config(d_model=256, layers=2, heads=4, d_ff=512)),
+    }  # fmt: skip
+    for i, model in enumerate(models.values()):
+        randomize(model, seed * 10 + i)
+        model.eval()
+    return models
+
+
+PREFIXES = {
+    "mmdit": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "clip_l": "text_encoders.clip_l.transformer.",
+    "clip_g": "text_encoders.clip_g.transformer.",
+    "t5xxl": "text_encoders.t5xxl.transformer.",
+}
+
+
+def save_single_file(path, models: dict[str, torch.nn.Module], dtype=torch.float32, prefixed=True):
+    """Write `models` in Stability's single-file layout (or one standalone file if not prefixed)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, model in models.items():
+        prefix = PREFIXES[name] if prefixed else ""
+        tensors.update(
+            {prefix + k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}
+        )
+    save_file(tensors, str(path))
+    return path

@@ -4,16 +4,22 @@ import pytest
 import torch
 from diffusers import SD3Transformer2DModel
 from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
-from helpers import max_rel_err, read_layout
+from helpers import max_rel_err, randomize, read_layout
 
 from sd3.models.mmdit import MMDiT, MMDiTConfig
 
 PREFIX = "model.diffusion_model."
 
 OFFICIAL = {
-    "mmdit_sd3_medium": MMDiTConfig(depth=24, hidden_size=1536, pos_embed_max_size=192, qk_norm=False),
+    "mmdit_sd3_medium": MMDiTConfig(
+        depth=24, hidden_size=1536, pos_embed_max_size=192, qk_norm=False
+    ),
     "mmdit_sd3.5_medium": MMDiTConfig(
-        depth=24, hidden_size=1536, pos_embed_max_size=384, qk_norm=True, attn2_layers=tuple(range(13))
+        depth=24,
+        hidden_size=1536,
+        pos_embed_max_size=384,
+        qk_norm=True,
+        attn2_layers=tuple(range(13)),
     ),
     "mmdit_sd3.5_large": MMDiTConfig(
         depth=38, hidden_size=2432, pos_embed_max_size=192, qk_norm=True, mlp_hidden=9728
@@ -32,21 +38,6 @@ def test_official_layout_infers_config_and_matches_keys(name):
     assert ours == shapes
 
 
-def randomize(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
-    """Fill every tensor with seeded values of a scale that keeps activations O(1)."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for k, v in model.state_dict().items():
-        fan_in = v[0].numel() if v.ndim > 1 else 1
-        scale = 1.0 if v.ndim == 1 else fan_in**-0.5
-        t = torch.randn(v.shape, generator=g) * scale
-        if k.endswith("ln_q.weight") or k.endswith("ln_k.weight"):
-            t = 1 + 0.2 * t
-        sd[k] = t
-    model.load_state_dict(sd)
-    return sd
-
-
 def diffusers_twin(config: MMDiTConfig, sd: dict) -> SD3Transformer2DModel:
     ref = SD3Transformer2DModel(
         sample_size=config.pos_embed_max_size * 2,
@@ -63,7 +54,9 @@ def diffusers_twin(config: MMDiTConfig, sd: dict) -> SD3Transformer2DModel:
         dual_attention_layers=config.attn2_layers,
         qk_norm="rms_norm" if config.qk_norm else None,
     )
-    converted = convert_sd3_transformer_checkpoint_to_diffusers({PREFIX + k: v.clone() for k, v in sd.items()})
+    converted = convert_sd3_transformer_checkpoint_to_diffusers(
+        {PREFIX + k: v.clone() for k, v in sd.items()}
+    )
     ref.load_state_dict(converted, strict=True)
     return ref.eval()
 
@@ -98,7 +91,9 @@ def test_forward_matches_diffusers(variant, size):
     x, t, context, pooled = inputs(config, 2, *size)
     with torch.no_grad():
         ours = model(x, t, context, pooled)
-        theirs = ref(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t).sample
+        theirs = ref(
+            hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t
+        ).sample
     err = max_rel_err(ours, theirs)
     print(f"{variant} {size}: max rel err {err:.2e}")
     assert err < 1e-5
@@ -114,7 +109,11 @@ def test_skip_layers_match_diffusers(variant):
         full = model(x, t, context, pooled)
         ours = model(x, t, context, pooled, skip_layers=[1])
         theirs = ref(
-            hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t, skip_layers=[1]
+            hidden_states=x,
+            encoder_hidden_states=context,
+            pooled_projections=pooled,
+            timestep=t,
+            skip_layers=[1],
         ).sample
     assert max_rel_err(ours, theirs) < 1e-5
     assert max_rel_err(ours, full) > 1e-2  # skipping a block changes the output
@@ -149,7 +148,9 @@ def test_full_width_sd35_medium_blocks_match_diffusers():
     x, t, context, pooled = inputs(config, 1, 16, 12, n_ctx=154)
     with torch.no_grad():
         ours = model(x, t, context, pooled)
-        theirs = ref(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t).sample
+        theirs = ref(
+            hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t
+        ).sample
     err = max_rel_err(ours, theirs)
     print(f"full-width SD3.5 Medium blocks: max rel err {err:.2e}")
     assert err < 1e-5

@@ -64,7 +64,9 @@ class MMDiTConfig:
             pooled_dim=shapes["y_embedder.mlp.0.weight"][1],
             mlp_hidden=shapes["joint_blocks.0.x_block.mlp.fc1.weight"][0],
             qk_norm="joint_blocks.0.x_block.attn.ln_q.weight" in shapes,
-            attn2_layers=tuple(i for i in range(depth) if f"joint_blocks.{i}.x_block.attn2.qkv.weight" in shapes),
+            attn2_layers=tuple(
+                i for i in range(depth) if f"joint_blocks.{i}.x_block.attn2.qkv.weight" in shapes
+            ),
         )
 
 
@@ -75,7 +77,9 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding of the (continuous) timestep t = 1000·sigma, cos half first."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    )
     args = t.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
@@ -110,7 +114,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(
+            x.dtype
+        ) * self.weight
 
 
 class SelfAttention(nn.Module):
@@ -182,10 +188,14 @@ class DismantledBlock(nn.Module):
         mods = self.adaLN_modulation(c).chunk(self.n_mods, dim=1)
         x_norm = self.norm1(x)
         qkv = self.attn.pre_attention(modulate(x_norm, mods[0], mods[1]))
-        qkv2 = self.attn2.pre_attention(modulate(x_norm, mods[6], mods[7])) if len(mods) == 9 else None
+        qkv2 = (
+            self.attn2.pre_attention(modulate(x_norm, mods[6], mods[7])) if len(mods) == 9 else None
+        )
         return qkv, qkv2, mods
 
-    def post_attention(self, x: Tensor, attn: Tensor, attn2: Tensor | None, mods: Sequence[Tensor]) -> Tensor:
+    def post_attention(
+        self, x: Tensor, attn: Tensor, attn2: Tensor | None, mods: Sequence[Tensor]
+    ) -> Tensor:
         x = x + mods[2].unsqueeze(1) * self.attn.proj(attn)
         if attn2 is not None:
             x = x + mods[8].unsqueeze(1) * self.attn2.proj(attn2)
@@ -248,7 +258,9 @@ class MMDiT(nn.Module):
         """Raise a ValueError unless a latent of this size fits the positional-embedding table."""
         p, max_size = self.config.patch_size, self.config.pos_embed_max_size
         if height % p or width % p:
-            raise ValueError(f"latent size {height}x{width} must be a multiple of the patch size {p}")
+            raise ValueError(
+                f"latent size {height}x{width} must be a multiple of the patch size {p}"
+            )
         if height // p > max_size or width // p > max_size:
             limit = max_size * p * 8
             raise ValueError(

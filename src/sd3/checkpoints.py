@@ -1,0 +1,523 @@
+"""Checkpoint files as users download them, mapped onto our modules.
+
+Layouts read:
+- Stability single files: `model.diffusion_model.*` (MMDiT), `first_stage_model.*` (VAE) and,
+  optionally bundled, `text_encoders.{clip_l,clip_g,t5xxl}.transformer.*`;
+- standalone files without prefix: clip_l / clip_g / t5xxl (transformers naming), a VAE or an MMDiT;
+- diffusers folders (`transformer/`, `vae/`, `text_encoder{,_2,_3}/`, sharded `*.index.json` too),
+  whose MMDiT and VAE names are mapped to Stability's here.
+
+Files are parsed from their safetensors header and memory-mapped; a tensor is converted to the compute
+dtype once, and one already in that dtype is used in place. Pickle files are refused, never unpickled.
+Model configurations are inferred from tensor shapes, so reduced-size checkpoints load too.
+"""
+
+import json
+import math
+import mmap
+import re
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .models.clip import CLIPConfig, CLIPTextModel
+from .models.mmdit import MMDiT, MMDiTConfig
+from .models.t5 import T5Config, T5Encoder
+from .models.vae import AutoEncoder, VAEConfig
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or folder that cannot be used, with the file named in the message."""
+
+
+COMPONENTS = ("mmdit", "vae", "clip_l", "clip_g", "t5xxl")
+
+SINGLE_FILE_PREFIXES = {
+    "mmdit": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "clip_l": "text_encoders.clip_l.transformer.",
+    "clip_g": "text_encoders.clip_g.transformer.",
+    "t5xxl": "text_encoders.t5xxl.transformer.",
+}
+
+DIFFUSERS_FOLDERS = {
+    "mmdit": "transformer",
+    "vae": "vae",
+    "clip_l": "text_encoder",
+    "clip_g": "text_encoder_2",
+    "t5xxl": "text_encoder_3",
+}
+
+# Keys real files carry that our modules do not need.
+HARMLESS_EXTRAS = re.compile(r"(^|\.)(position_ids|logit_scale)$|^shared\.weight$")
+
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
+
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+class SafetensorsFile:
+    """One safetensors file: header validated on open, tensors memory-mapped on demand."""
+
+    def __init__(self, path: str | Path):
+        self.path = path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such file")
+        with open(path, "rb") as f:
+            head = f.read(9)
+            looks_pickled = head[8:9] != b"{" and (head[:2] == b"PK" or head[:1] == b"\x80")
+            if path.suffix.lower() in PICKLE_SUFFIXES or looks_pickled:
+                raise CheckpointError(
+                    f"{path}: this is a pickle (PyTorch .ckpt/.pt/.bin) checkpoint; sd3 never unpickles "
+                    "files, since loading a pickle can run arbitrary code. Use the .safetensors release."
+                )
+            size = path.stat().st_size
+            n = int.from_bytes(head[:8], "little") if len(head) == 9 else -1
+            if n < 2 or n > size - 8:
+                raise CheckpointError(
+                    f"{path}: not a safetensors file (or truncated): no valid header"
+                )
+            try:
+                f.seek(8)
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + n
+        data_size = size - self.data_start
+        self.tensors: dict[str, TensorInfo] = {}
+        for key, entry in header.items():
+            self.tensors[key] = info = self._parse_entry(key, entry)
+            if info.end > data_size:
+                raise CheckpointError(
+                    f"{path}: truncated: tensor {key!r} ends at byte {info.end} of the data section, "
+                    f"but the file holds only {data_size} bytes of data"
+                )
+        self._mmap: mmap.mmap | None = None
+
+    def _parse_entry(self, key: str, entry: object) -> TensorInfo:
+        try:
+            dtype = DTYPES[entry["dtype"]]
+            shape = tuple(int(s) for s in entry["shape"])
+            begin, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(
+                f"{self.path}: corrupt safetensors header: bad entry for tensor {key!r}: {str(entry)[:200]}"
+            ) from None
+        nbytes = math.prod(shape) * dtype.itemsize
+        if begin < 0 or end - begin != nbytes:
+            raise CheckpointError(
+                f"{self.path}: corrupt safetensors header: tensor {key!r} of shape {list(shape)} "
+                f"needs {nbytes} bytes but its offsets span {end - begin}"
+            )
+        return TensorInfo(dtype, shape, begin, end)
+
+    def get(self, key: str) -> Tensor:
+        """The tensor backed by the memory-mapped file (copy-on-write: the file is never changed)."""
+        info = self.tensors[key]
+        if info.begin == info.end:
+            return torch.empty(info.shape, dtype=info.dtype)
+        if self._mmap is None:
+            with open(self.path, "rb") as f:
+                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        flat = torch.frombuffer(
+            self._mmap,
+            dtype=info.dtype,
+            count=math.prod(info.shape),
+            offset=self.data_start + info.begin,
+        )
+        return flat.view(info.shape)
+
+
+@dataclass
+class LazyTensor:
+    """A tensor not read yet: its shape, stored dtype, where it comes from and how to read it."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    origin: str
+    read: Callable[[], Tensor]
+
+
+def from_file(file: SafetensorsFile, key: str) -> LazyTensor:
+    info = file.tensors[key]
+    return LazyTensor(info.shape, info.dtype, f"{file.path}:{key}", lambda: file.get(key))
+
+
+def concat(parts: Sequence[LazyTensor]) -> LazyTensor:
+    """Parts stacked along dim 0 (diffusers' separate q, k, v into Stability's fused qkv)."""
+    shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+    return LazyTensor(
+        shape, parts[0].dtype, parts[0].origin, lambda: torch.cat([p.read() for p in parts])
+    )
+
+
+def swap_halves(t: LazyTensor) -> LazyTensor:
+    """diffusers stores final adaLN modulations as (scale, shift); Stability as (shift, scale)."""
+    return LazyTensor(t.shape, t.dtype, t.origin, lambda: torch.cat(t.read().chunk(2)[::-1]))
+
+
+def reshaped(t: LazyTensor, shape: tuple[int, ...]) -> LazyTensor:
+    return LazyTensor(shape, t.dtype, t.origin, lambda: t.read().reshape(shape))
+
+
+@dataclass
+class Component:
+    """One network's tensors, in our (Stability / transformers) naming."""
+
+    name: str
+    files: list[Path]
+    tensors: dict[str, LazyTensor] = field(default_factory=dict)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: t.shape for k, t in self.tensors.items()}
+
+    @property
+    def stored_dtypes(self) -> list[str]:
+        return sorted({str(t.dtype).removeprefix("torch.") for t in self.tensors.values()})
+
+    @property
+    def num_params(self) -> int:
+        return sum(
+            math.prod(t.shape) for k, t in self.tensors.items() if not HARMLESS_EXTRAS.search(k)
+        )
+
+    def where(self) -> str:
+        return ", ".join(str(f) for f in self.files)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the components in files and folders
+
+
+def kind_of_standalone(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """Which network an unprefixed file holds, from its key names."""
+    keys = shapes.keys()
+    if any(k.startswith("joint_blocks.") for k in keys):
+        return "mmdit"
+    if any(k.startswith("transformer_blocks.") for k in keys):
+        return "diffusers_mmdit"
+    if any(k.startswith("encoder.down.") or k.startswith("decoder.up.") for k in keys):
+        return "vae"
+    if any(
+        k.startswith("encoder.down_blocks.") or k.startswith("decoder.up_blocks.") for k in keys
+    ):
+        return "diffusers_vae"
+    if any(k.startswith("encoder.block.") for k in keys):
+        return "t5xxl"
+    if "text_model.embeddings.token_embedding.weight" in shapes:
+        width = shapes["text_model.embeddings.token_embedding.weight"][1]
+        return {768: "clip_l", 1280: "clip_g"}.get(width, "clip")
+    return None
+
+
+def open_file(path: str | Path, role: str | None = None) -> dict[str, Component]:
+    """The components in one safetensors file. `role` says what a standalone file is meant to be
+    (e.g. "clip_g" for `--clip-g FILE`) and is checked against what the file holds."""
+    file = SafetensorsFile(path)
+    found: dict[str, Component] = {}
+    rest = []
+    for key in file.tensors:
+        for name, prefix in SINGLE_FILE_PREFIXES.items():
+            if key.startswith(prefix):
+                comp = found.setdefault(name, Component(name, [file.path]))
+                comp.tensors[key[len(prefix) :]] = from_file(file, key)
+                break
+        else:
+            rest.append(key)
+    if found:
+        unknown = [k for k in rest if not HARMLESS_EXTRAS.search(k)]
+        if unknown:
+            warnings.warn(
+                f"{file.path}: ignoring {len(unknown)} tensors outside the SD3 components, e.g. {unknown[:3]}",
+                stacklevel=2,
+            )
+    else:
+        tensors = {k: from_file(file, k) for k in rest}
+        kind = kind_of_standalone({k: t.shape for k, t in tensors.items()})
+        if kind == "diffusers_mmdit":
+            kind, tensors = "mmdit", mmdit_from_diffusers(tensors)
+        elif kind == "diffusers_vae":
+            kind, tensors = "vae", vae_from_diffusers(tensors)
+        if kind == "clip" and role in ("clip_l", "clip_g"):
+            kind = role  # a reduced-width CLIP: its role comes from the option it was given with
+        if kind is None or kind == "clip":
+            raise CheckpointError(
+                f"{file.path}: unknown model: its {len(rest)} tensors are not an SD3 MMDiT, VAE, "
+                f"CLIP-L, CLIP-G or T5-XXL (first keys: {rest[:3]})"
+            )
+        found[kind] = Component(kind, [file.path], tensors)
+    if role is not None and role not in found:
+        raise CheckpointError(
+            f"{file.path}: expected a {role} file, but it holds {', '.join(found)}"
+        )
+    return {role: found[role]} if role else found
+
+
+def open_folder(path: Path) -> dict[str, Component]:
+    """The components of a diffusers folder (each subfolder optional)."""
+    found = {}
+    for name, sub in DIFFUSERS_FOLDERS.items():
+        folder = path / sub
+        if not folder.is_dir():
+            continue
+        files = sharded_files(folder)
+        comp = Component(name, files)
+        for f in files:
+            st = SafetensorsFile(f)
+            comp.tensors.update((k, from_file(st, k)) for k in st.tensors)
+        if name == "mmdit":
+            comp.tensors = mmdit_from_diffusers(comp.tensors)
+        elif name == "vae":
+            comp.tensors = vae_from_diffusers(comp.tensors)
+        found[name] = comp
+    if not found:
+        raise CheckpointError(
+            f"{path}: not a diffusers SD3 folder: none of {', '.join(DIFFUSERS_FOLDERS.values())}/ is there"
+        )
+    return found
+
+
+def sharded_files(folder: Path) -> list[Path]:
+    """The safetensors files of one diffusers subfolder: an index's shards, or the single file."""
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        try:
+            weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{indexes[0]}: corrupt shard index ({e})") from None
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = [f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES]
+        why = f" (only pickle files {pickles}, which sd3 never loads)" if pickles else ""
+        raise CheckpointError(f"{folder}: no .safetensors weights{why}")
+    if len(files) > 1:  # e.g. both model.safetensors and model.fp16.safetensors: take the first
+        files = files[:1]
+    return files
+
+
+def find_components(
+    model: str | Path | None = None,
+    clip_l: str | Path | None = None,
+    clip_g: str | Path | None = None,
+    t5xxl: str | Path | None = None,
+    vae: str | Path | None = None,
+) -> dict[str, Component]:
+    """All components from a model file or diffusers folder plus separate files; a separate file
+    replaces the same component bundled in the model file."""
+    found: dict[str, Component] = {}
+    if model is not None:
+        path = Path(model)
+        if not path.exists():
+            raise CheckpointError(f"{path}: no such file or folder")
+        found.update(open_folder(path) if path.is_dir() else open_file(path))
+    for role, path in (("clip_l", clip_l), ("clip_g", clip_g), ("t5xxl", t5xxl), ("vae", vae)):
+        if path is not None:
+            found.update(open_file(path, role=role))
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers names -> Stability names
+
+
+def mmdit_from_diffusers(d: dict[str, LazyTensor]) -> dict[str, LazyTensor]:
+    out: dict[str, LazyTensor] = {}
+    renames = {
+        "pos_embed.proj": "x_embedder.proj",
+        "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+        "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+        "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+        "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+        "context_embedder": "context_embedder",
+        "proj_out": "final_layer.linear",
+    }
+    block_renames = {
+        "attn.norm_q": "x_block.attn.ln_q",
+        "attn.norm_k": "x_block.attn.ln_k",
+        "attn.norm_added_q": "context_block.attn.ln_q",
+        "attn.norm_added_k": "context_block.attn.ln_k",
+        "attn.to_out.0": "x_block.attn.proj",
+        "attn.to_add_out": "context_block.attn.proj",
+        "attn2.norm_q": "x_block.attn2.ln_q",
+        "attn2.norm_k": "x_block.attn2.ln_k",
+        "attn2.to_out.0": "x_block.attn2.proj",
+        "norm1.linear": "x_block.adaLN_modulation.1",
+        "norm1_context.linear": "context_block.adaLN_modulation.1",
+        "ff.net.0.proj": "x_block.mlp.fc1",
+        "ff.net.2": "x_block.mlp.fc2",
+        "ff_context.net.0.proj": "context_block.mlp.fc1",
+        "ff_context.net.2": "context_block.mlp.fc2",
+    }
+    qkv = {
+        "x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+        "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+        "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
+    }
+    blocks = sorted({int(k.split(".")[1]) for k in d if k.startswith("transformer_blocks.")})
+    for k, t in d.items():
+        stem, _, param = k.rpartition(".")
+        if k == "pos_embed.pos_embed":
+            out["pos_embed"] = t
+        elif stem in renames:
+            out[f"{renames[stem]}.{param}"] = t
+        elif stem == "norm_out.linear":
+            out[f"final_layer.adaLN_modulation.1.{param}"] = swap_halves(t)
+        elif m := re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", stem):
+            i, sub = int(m[1]), m[2]
+            if sub in block_renames:
+                t = swap_halves(t) if sub == "norm1_context.linear" and i == blocks[-1] else t
+                out[f"joint_blocks.{i}.{block_renames[sub]}.{param}"] = t
+            elif not any(sub in parts for parts in qkv.values()):
+                out[k] = t  # unknown: reported as unexpected when loading
+        elif k not in out:
+            out[k] = t
+    for i in blocks:
+        for fused, parts in qkv.items():
+            for param in ("weight", "bias"):
+                keys = [f"transformer_blocks.{i}.{p}.{param}" for p in parts]
+                if all(key in d for key in keys):
+                    out[f"joint_blocks.{i}.{fused}.{param}"] = concat([d[key] for key in keys])
+    return out
+
+
+def vae_from_diffusers(d: dict[str, LazyTensor]) -> dict[str, LazyTensor]:
+    n_up = len({k.split(".")[2] for k in d if k.startswith("decoder.up_blocks.")})
+    rules = [
+        (r"(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out."),
+        (r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2."),
+        (r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample."),
+        (
+            r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.",
+            lambda m: f"decoder.up.{n_up - 1 - int(m[1])}.block.{m[2]}.",
+        ),
+        (
+            r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+            lambda m: f"decoder.up.{n_up - 1 - int(m[1])}.upsample.",
+        ),
+        (
+            r"(encoder|decoder)\.mid_block\.resnets\.(\d)\.",
+            lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}.",
+        ),
+        (r"(encoder|decoder)\.mid_block\.attentions\.0\.", r"\1.mid.attn_1."),
+        (r"\.conv_shortcut\.", ".nin_shortcut."),
+        (r"attn_1\.group_norm\.", "attn_1.norm."),
+        (r"attn_1\.to_(q|k|v)\.", r"attn_1.\1."),
+        (r"attn_1\.to_out\.0\.", "attn_1.proj_out."),
+    ]
+    out = {}
+    for k, t in d.items():
+        new = k
+        for pattern, repl in rules:
+            new = re.sub(pattern, repl, new)
+        if re.search(r"attn_1\.(q|k|v|proj_out)\.weight$", new) and len(t.shape) == 2:
+            t = reshaped(t, (*t.shape, 1, 1))  # diffusers uses linear layers, Stability 1x1 convs
+        out[new] = t
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Building modules
+
+
+def _config(component: Component):
+    shapes = component.shapes
+    if (
+        component.name == "t5xxl"
+        and "encoder.embed_tokens.weight" not in shapes
+        and "shared.weight" in shapes
+    ):
+        component.tensors["encoder.embed_tokens.weight"] = component.tensors[
+            "shared.weight"
+        ]  # tied
+        shapes = component.shapes
+    if component.name == "mmdit":
+        return MMDiTConfig.from_shapes(shapes)
+    if component.name == "vae":
+        return VAEConfig.from_shapes(shapes)
+    if component.name == "clip_l":
+        return CLIPConfig.from_shapes(shapes, hidden_act="quick_gelu", project_pooled=False)
+    if component.name == "clip_g":
+        return CLIPConfig.from_shapes(shapes, hidden_act="gelu", project_pooled=True)
+    return T5Config.from_shapes(shapes)
+
+
+MODULES: dict[str, type[nn.Module]] = {
+    "mmdit": MMDiT,
+    "vae": AutoEncoder,
+    "clip_l": CLIPTextModel,
+    "clip_g": CLIPTextModel,
+    "t5xxl": T5Encoder,
+}
+
+
+def infer_config(component: Component):
+    try:
+        return _config(component)
+    except (ValueError, KeyError, IndexError) as e:
+        msg = e if isinstance(e, ValueError) else f"tensor {e} is missing"
+        raise CheckpointError(
+            f"{component.where()}: the {component.name} tensors do not fit: {msg}"
+        ) from None
+
+
+def load_component(
+    component: Component, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> nn.Module:
+    """Build the module for `component` from its tensors, checking every key and shape first."""
+    config = infer_config(component)
+    with torch.device("meta"):
+        module = MODULES[component.name](config)
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    got = {
+        k: t for k, t in component.tensors.items() if k in expected or not HARMLESS_EXTRAS.search(k)
+    }
+    missing = sorted(expected.keys() - got.keys())
+    unexpected = sorted(got.keys() - expected.keys())
+    where = component.where()
+    if missing:
+        raise CheckpointError(
+            f"{where}: {component.name} is missing {len(missing)} tensors, e.g. {missing[:5]}"
+        )
+    if unexpected:
+        raise CheckpointError(
+            f"{where}: {component.name} has {len(unexpected)} unexpected tensors, e.g. {unexpected[:5]}"
+        )
+    for k, shape in expected.items():
+        if got[k].shape != shape:
+            raise CheckpointError(
+                f"{got[k].origin}: wrong shape {list(got[k].shape)}, expected {list(shape)} "
+                f"for the {component.name} its other tensors describe"
+            )
+    state = {k: got[k].read().to(device=device, dtype=dtype) for k in expected}
+    module.load_state_dict(state, assign=True)
+    return module.eval().requires_grad_(False)
