@@ -1,0 +1,68 @@
+"""Per-model defaults: which SD3 / SD3.5 model a checkpoint is, and how it is usually sampled.
+
+The values are the published ones (the models' scheduler configs and Stability's sd3.5 reference):
+every one of them can be overridden per call.
+"""
+
+from dataclasses import dataclass
+
+from .models.mmdit import MMDiTConfig
+from .sampling import SkipLayerGuidance
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    steps: int
+    cfg: float
+    shift: float
+    sampler: str
+    slg: SkipLayerGuidance | None = None
+    size: int = 1024
+
+
+PRESETS = {
+    "sd3_medium": Preset("SD3 Medium", steps=28, cfg=7.0, shift=3.0, sampler="euler"),
+    "sd3.5_medium": Preset(
+        "SD3.5 Medium",
+        steps=50,
+        cfg=5.0,
+        shift=3.0,
+        sampler="dpmpp_2m",
+        slg=SkipLayerGuidance(scale=2.5, layers=(7, 8, 9), start=0.01, end=0.20),
+    ),
+    "sd3.5_large": Preset("SD3.5 Large", steps=40, cfg=4.5, shift=3.0, sampler="dpmpp_2m"),
+    "sd3.5_large_turbo": Preset("SD3.5 Large Turbo", steps=4, cfg=1.0, shift=3.0, sampler="euler"),
+}
+
+
+def detect_model(config: MMDiTConfig, filename: str = "") -> str:
+    """The PRESETS key for an MMDiT of this shape, or "custom" for any other size.
+
+    SD3.5 Large and Large Turbo share every shape; the file or folder name tells them apart.
+    """
+    shape = (config.hidden_size, config.depth, config.pos_embed_max_size, config.qk_norm)
+    if shape == (1536, 24, 192, False) and not config.attn2_layers:
+        return "sd3_medium"
+    if shape == (1536, 24, 384, True) and config.attn2_layers:
+        return "sd3.5_medium"
+    if shape == (2432, 38, 192, True) and not config.attn2_layers:
+        return "sd3.5_large_turbo" if "turbo" in filename.lower() else "sd3.5_large"
+    return "custom"
+
+
+def preset_for(config: MMDiTConfig, filename: str = "") -> Preset:
+    """The preset of a detected model; a custom-size model gets SD3-style defaults at the largest
+    size its positional table allows (up to 1024)."""
+    key = detect_model(config, filename)
+    if key in PRESETS:
+        return PRESETS[key]
+    largest = config.pos_embed_max_size * config.patch_size * 8
+    return Preset(
+        f"custom MMDiT (depth {config.depth}, width {config.hidden_size})",
+        steps=28,
+        cfg=5.0,
+        shift=3.0,
+        sampler="euler",
+        size=min(1024, largest),
+    )
