@@ -89,3 +89,40 @@ def save_single_file(path, models: dict[str, torch.nn.Module], dtype=torch.float
         )
     save_file(tensors, str(path))
     return path
+
+
+def diffusers_mmdit(model):
+    """diffusers' SD3Transformer2DModel holding `model`'s weights, converted by diffusers' own code."""
+    from diffusers import SD3Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    c = model.config
+    ref = SD3Transformer2DModel(
+        sample_size=c.pos_embed_max_size * 2, patch_size=c.patch_size, in_channels=c.in_channels,
+        num_layers=c.depth, attention_head_dim=64, num_attention_heads=c.num_heads,
+        joint_attention_dim=c.context_dim, caption_projection_dim=c.hidden_size,
+        pooled_projection_dim=c.pooled_dim, out_channels=c.out_channels,
+        pos_embed_max_size=c.pos_embed_max_size, dual_attention_layers=c.attn2_layers,
+        qk_norm="rms_norm" if c.qk_norm else None,
+    )  # fmt: skip
+    sd = {PREFIXES["mmdit"] + k: v.detach().clone().float() for k, v in model.state_dict().items()}
+    ref.load_state_dict(convert_sd3_transformer_checkpoint_to_diffusers(sd), strict=True)
+    return ref.eval()
+
+
+def diffusers_vae(model):
+    """diffusers' AutoencoderKL holding `model`'s weights, converted by diffusers' own code."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    c = model.config
+    n = len(c.ch_mult)
+    ref = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=[c.ch * m for m in c.ch_mult], layers_per_block=c.num_res_blocks,
+        latent_channels=c.z_channels, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.0609, scaling_factor=1.5305,
+    )  # fmt: skip
+    sd = {PREFIXES["vae"] + k: v.detach().clone().float() for k, v in model.state_dict().items()}
+    ref.load_state_dict(convert_ldm_vae_checkpoint(sd, ref.config), strict=True)
+    return ref.eval()

@@ -5,12 +5,15 @@ import pickle
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, SD3Transformer2DModel
-from diffusers.loaders.single_file_utils import (
-    convert_ldm_vae_checkpoint,
-    convert_sd3_transformer_checkpoint_to_diffusers,
+from diffusers import SD3Transformer2DModel
+from helpers import (
+    PREFIXES,
+    diffusers_mmdit,
+    diffusers_vae,
+    max_rel_err,
+    save_single_file,
+    tiny_models,
 )
-from helpers import PREFIXES, max_rel_err, save_single_file, tiny_models
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
@@ -99,28 +102,9 @@ def test_same_dtype_weights_stay_memory_mapped(tmp_path, models):
 
 def test_diffusers_folder(tmp_path, models):
     """A folder written by diffusers and transformers themselves, sharded transformer included."""
-    mmdit, vae = models["mmdit"], models["vae"]
-    c = mmdit.config
-    transformer = SD3Transformer2DModel(
-        sample_size=32, num_layers=c.depth, num_attention_heads=c.num_heads, joint_attention_dim=c.context_dim,
-        caption_projection_dim=c.hidden_size, pooled_projection_dim=c.pooled_dim, pos_embed_max_size=16,
-        dual_attention_layers=c.attn2_layers, qk_norm="rms_norm",
-    )  # fmt: skip
-    sd = {PREFIXES["mmdit"] + k: v.clone() for k, v in mmdit.state_dict().items()}
-    transformer.load_state_dict(convert_sd3_transformer_checkpoint_to_diffusers(sd))
-    transformer.save_pretrained(tmp_path / "transformer", max_shard_size="1MB")
+    diffusers_mmdit(models["mmdit"]).save_pretrained(tmp_path / "transformer", max_shard_size="1MB")
     assert list((tmp_path / "transformer").glob("*.index.json"))
-
-    v = vae.config
-    widths = [v.ch * m for m in v.ch_mult]
-    autoencoder = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=widths, layers_per_block=v.num_res_blocks, latent_channels=16,
-        use_quant_conv=False, use_post_quant_conv=False,
-    )  # fmt: skip
-    vae_sd = {PREFIXES["vae"] + k: t.clone() for k, t in vae.state_dict().items()}
-    autoencoder.load_state_dict(convert_ldm_vae_checkpoint(vae_sd, autoencoder.config))
-    autoencoder.save_pretrained(tmp_path / "vae")
+    diffusers_vae(models["vae"]).save_pretrained(tmp_path / "vae")
 
     encoders = {}
     for sub, name, act in (

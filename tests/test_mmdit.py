@@ -2,9 +2,7 @@
 
 import pytest
 import torch
-from diffusers import SD3Transformer2DModel
-from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
-from helpers import max_rel_err, randomize, read_layout
+from helpers import diffusers_mmdit, max_rel_err, randomize, read_layout
 
 from sd3.models.mmdit import MMDiT, MMDiTConfig
 
@@ -38,27 +36,8 @@ def test_official_layout_infers_config_and_matches_keys(name):
     assert ours == shapes
 
 
-def diffusers_twin(config: MMDiTConfig, sd: dict) -> SD3Transformer2DModel:
-    ref = SD3Transformer2DModel(
-        sample_size=config.pos_embed_max_size * 2,
-        patch_size=config.patch_size,
-        in_channels=config.in_channels,
-        num_layers=config.depth,
-        attention_head_dim=64,
-        num_attention_heads=config.num_heads,
-        joint_attention_dim=config.context_dim,
-        caption_projection_dim=config.hidden_size,
-        pooled_projection_dim=config.pooled_dim,
-        out_channels=config.out_channels,
-        pos_embed_max_size=config.pos_embed_max_size,
-        dual_attention_layers=config.attn2_layers,
-        qk_norm="rms_norm" if config.qk_norm else None,
-    )
-    converted = convert_sd3_transformer_checkpoint_to_diffusers(
-        {PREFIX + k: v.clone() for k, v in sd.items()}
-    )
-    ref.load_state_dict(converted, strict=True)
-    return ref.eval()
+def twin(model: MMDiT, _weights) -> torch.nn.Module:
+    return diffusers_mmdit(model)
 
 
 REDUCED = {
@@ -87,7 +66,7 @@ def inputs(config: MMDiTConfig, batch: int, h: int, w: int, n_ctx: int = 21, see
 def test_forward_matches_diffusers(variant, size):
     config = REDUCED[variant]
     model = MMDiT(config).eval()
-    ref = diffusers_twin(config, randomize(model, seed=1))
+    ref = twin(model, randomize(model, seed=1))
     x, t, context, pooled = inputs(config, 2, *size)
     with torch.no_grad():
         ours = model(x, t, context, pooled)
@@ -103,7 +82,7 @@ def test_forward_matches_diffusers(variant, size):
 def test_skip_layers_match_diffusers(variant):
     config = REDUCED[variant]
     model = MMDiT(config).eval()
-    ref = diffusers_twin(config, randomize(model, seed=2))
+    ref = twin(model, randomize(model, seed=2))
     x, t, context, pooled = inputs(config, 1, 16, 16)
     with torch.no_grad():
         full = model(x, t, context, pooled)
@@ -122,7 +101,7 @@ def test_skip_layers_match_diffusers(variant):
 def test_controlnet_residuals_match_diffusers():
     config = REDUCED["sd3.5_large"]
     model = MMDiT(config).eval()
-    ref = diffusers_twin(config, randomize(model, seed=3))
+    ref = twin(model, randomize(model, seed=3))
     x, t, context, pooled = inputs(config, 1, 12, 12)
     g = torch.Generator().manual_seed(4)
     residuals = [torch.randn(1, 36, config.hidden_size, generator=g) for _ in range(3)]
@@ -144,7 +123,7 @@ def test_full_width_sd35_medium_blocks_match_diffusers():
     config = MMDiTConfig(depth=2, pos_embed_max_size=16, qk_norm=True, attn2_layers=(0,))
     torch.manual_seed(0)
     model = MMDiT(config).eval()
-    ref = diffusers_twin(config, randomize(model, seed=5))
+    ref = twin(model, randomize(model, seed=5))
     x, t, context, pooled = inputs(config, 1, 16, 12, n_ctx=154)
     with torch.no_grad():
         ours = model(x, t, context, pooled)

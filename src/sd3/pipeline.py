@@ -1,0 +1,367 @@
+"""Text-to-image and image-to-image with SD3 / SD3.5.
+
+prompt -> `text` -> (context, pooled); noise -> `sampling` loop calling the MMDiT on
+(x, sigma, context, pooled) -> latent -> `vae.decode` -> image.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from .checkpoints import CheckpointError, Component, find_components, load_component
+from .models.mmdit import MMDiT
+from .models.vae import AutoEncoder
+from .presets import Preset, preset_for
+from .sampling import (
+    SAMPLERS,
+    Callback,
+    SkipLayerGuidance,
+    cfg_denoiser,
+    get_noise,
+    get_sigmas,
+    noise_latent,
+)
+from .text import TextEncoders, Tokenizers
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX), where bf16 pays off."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def default_dtype(device: str | torch.device = "cpu") -> torch.dtype:
+    """bf16 where the hardware computes it natively, else fp16 on GPUs without bf16, else fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+@dataclass
+class Settings:
+    """Everything that determines an image, given the model files."""
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 28
+    cfg: float = 5.0
+    sampler: str = "euler"
+    shift: float = 3.0
+    seed: int = 0
+    width: int = 1024
+    height: int = 1024
+    num_images: int = 1
+    denoise: float = 1.0
+    slg: SkipLayerGuidance | None = None
+    t5_length: int | None = None
+    use_t5: bool = True
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if self.slg is not None:
+            d["slg"]["layers"] = list(self.slg.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Settings":
+        d = dict(d)
+        if d.get("slg") is not None:
+            slg = dict(d["slg"])
+            d["slg"] = SkipLayerGuidance(**{**slg, "layers": tuple(slg["layers"])})
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def nearest_multiples(value: int, base: int = 16) -> str:
+    lower = max(base, value // base * base)
+    return f"{lower} or {lower + base}" if value > base else str(base)
+
+
+def check_settings(s: Settings, mmdit: MMDiT, has_init_image: bool) -> None:
+    """One clear ValueError, naming the argument, for each impossible setting."""
+    limit = mmdit.config.pos_embed_max_size * mmdit.config.patch_size * 8
+    for name, value in (("width", s.width), ("height", s.height)):
+        if value < 16 or value % 16:
+            raise ValueError(
+                f"{name} {value} must be a positive multiple of 16: try {nearest_multiples(value)}"
+            )
+        if value > limit:
+            raise ValueError(f"{name} {value} is larger than this model allows ({limit})")
+    if not isinstance(s.steps, int) or s.steps < 1:
+        raise ValueError(f"steps must be a whole number >= 1, got {s.steps}")
+    if not math.isfinite(s.cfg):
+        raise ValueError(f"cfg (guidance scale) must be a finite number, got {s.cfg}")
+    if not (math.isfinite(s.shift) and s.shift > 0):
+        raise ValueError(f"shift must be a finite number > 0, got {s.shift}")
+    if s.sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {s.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if not (math.isfinite(s.denoise) and 0 < s.denoise <= 1):
+        raise ValueError(f"denoise must be in (0, 1], got {s.denoise}")
+    if s.denoise < 1 and not has_init_image:
+        raise ValueError(f"denoise {s.denoise} needs an init image (img2img)")
+    if s.num_images < 1:
+        raise ValueError(f"the number of images must be >= 1, got {s.num_images}")
+    if s.t5_length is not None and s.t5_length < 1:
+        raise ValueError(f"t5_length must be >= 1, got {s.t5_length}")
+    if s.slg is not None:
+        bad = [i for i in s.slg.layers if not 0 <= i < mmdit.config.depth]
+        if bad:
+            raise ValueError(
+                f"skip-layer guidance layers {bad} do not exist (the MMDiT has {mmdit.config.depth})"
+            )
+        if not math.isfinite(s.slg.scale) or not 0 <= s.slg.start <= s.slg.end <= 1:
+            raise ValueError(
+                f"skip-layer guidance needs a finite scale and 0 <= start <= end <= 1, got {s.slg}"
+            )
+
+
+def to_image_tensor(image: Image.Image, width: int, height: int) -> Tensor:
+    """PIL image -> [1, 3, H, W] in [-1, 1], resized to width x height."""
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.LANCZOS)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None]
+
+
+def to_pil(images: Tensor) -> list[Image.Image]:
+    """[B, 3, H, W] in [-1, 1] -> PIL images."""
+    array = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in array]
+
+
+@dataclass
+class Pipeline:
+    """The loaded networks and how to run them. Build with `from_single_file` or `from_pretrained`."""
+
+    mmdit: MMDiT
+    vae: AutoEncoder
+    text_components: dict[str, Component]
+    tokenizers: Tokenizers
+    preset: Preset
+    dtype: torch.dtype = torch.float32
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    low_memory: bool = False  # release the text encoders once the prompt is encoded
+    model_name: str = ""
+    _text: TextEncoders | None = None
+
+    @classmethod
+    def from_single_file(
+        cls,
+        path: str | Path | None,
+        clip_l: str | Path | None = None,
+        clip_g: str | Path | None = None,
+        t5xxl: str | Path | None = None,
+        vae: str | Path | None = None,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        low_memory: bool | None = None,
+    ) -> "Pipeline":
+        """A Stability single file (encoders bundled or given separately) or a diffusers folder."""
+        components = find_components(path, clip_l=clip_l, clip_g=clip_g, t5xxl=t5xxl, vae=vae)
+        folder = path is not None and Path(path).is_dir()
+        tokenizers = Tokenizers.from_folder(path) if folder else Tokenizers.default()
+        return cls.from_components(
+            components, tokenizers, dtype, device, low_memory, str(path or "")
+        )
+
+    from_pretrained = from_single_file  # a diffusers folder, in diffusers' vocabulary
+
+    @classmethod
+    def from_components(
+        cls,
+        components: dict[str, Component],
+        tokenizers: Tokenizers,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        low_memory: bool | None = None,
+        model_name: str = "",
+    ) -> "Pipeline":
+        for name, option in (
+            ("mmdit", "the model file"),
+            ("vae", "--vae"),
+            ("clip_l", "--clip-l"),
+            ("clip_g", "--clip-g"),
+        ):
+            if name not in components:
+                where = model_name or "the given files"
+                raise CheckpointError(f"{where}: no {name} found; give it with {option}")
+        device = torch.device(device)
+        dtype = dtype or default_dtype(device)
+        if low_memory is None:
+            needed = sum(c.num_params for c in components.values()) * dtype.itemsize
+            free = available_memory()
+            low_memory = free is not None and needed > 0.6 * free
+        mmdit = load_component(components["mmdit"], dtype, device)
+        return cls(
+            mmdit=mmdit,
+            vae=load_component(components["vae"], dtype, device),
+            text_components={
+                k: v for k, v in components.items() if k in ("clip_l", "clip_g", "t5xxl")
+            },
+            tokenizers=tokenizers,
+            preset=preset_for(mmdit.config, model_name),
+            dtype=dtype,
+            device=device,
+            low_memory=low_memory,
+            model_name=model_name,
+        )
+
+    # --- the three stages ---------------------------------------------------------------
+
+    def text_encoders(self, use_t5: bool = True, t5_length: int | None = None) -> TextEncoders:
+        """The conditioning stack, loaded on first use (and again after a low-memory release)."""
+        want_t5 = use_t5 and "t5xxl" in self.text_components
+        if self._text is None or (self._text.t5 is not None) != want_t5:
+            load = lambda name: load_component(self.text_components[name], self.dtype, self.device)  # noqa: E731
+            self._text = TextEncoders(
+                load("clip_l"),
+                load("clip_g"),
+                load("t5xxl") if want_t5 else None,
+                self.tokenizers,
+                context_width=self.mmdit.config.context_dim,
+            )
+        self._text.t5_length = t5_length
+        return self._text
+
+    def encode_prompt(self, s: Settings) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(context, pooled, negative context, negative pooled); both prompts in one call so their
+        T5 lengths agree."""
+        text = self.text_encoders(s.use_t5, s.t5_length)
+        with torch.no_grad():
+            context, pooled = text.encode([s.prompt, s.negative_prompt])
+        if self.low_memory:
+            self._text = None
+        return context[:1], pooled[:1], context[1:], pooled[1:]
+
+    def velocity(
+        self, x: Tensor, timestep: Tensor, context: Tensor, pooled: Tensor, skip_layers=()
+    ) -> Tensor:
+        """The MMDiT in its compute dtype; the sampler keeps x in fp32."""
+        v = self.mmdit(
+            x.to(self.dtype), timestep, context.to(self.dtype), pooled.to(self.dtype), skip_layers
+        )
+        return v.float()
+
+    def sample(
+        self,
+        s: Settings,
+        init_image: Image.Image | None = None,
+        callback: Callback | None = None,
+        conditioning: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """The final latents [N, 16, H/8, W/8] in the MMDiT's latent format."""
+        check_settings(s, self.mmdit, init_image is not None)
+        context, pooled, neg_context, neg_pooled = conditioning or self.encode_prompt(s)
+        sigmas = get_sigmas(s.steps, s.shift, s.denoise).to(self.device)
+        x = get_noise(s.seed, s.num_images, s.height, s.width).to(self.device)
+        if init_image is not None:
+            with torch.no_grad():
+                image = to_image_tensor(init_image, s.width, s.height).to(self.device, self.dtype)
+                latent = self.vae.encode(image).float()
+            x = noise_latent(latent, x, sigmas[0])
+        denoiser = cfg_denoiser(
+            self.velocity,
+            context,
+            pooled,
+            neg_context,
+            neg_pooled,
+            guidance_scale=s.cfg,
+            slg=s.slg,
+            steps=s.steps,
+        )
+        with torch.no_grad():
+            return SAMPLERS[s.sampler](
+                denoiser,
+                x,
+                sigmas,
+                generator=torch.Generator().manual_seed(s.seed),
+                callback=callback,
+            )
+
+    def decode(self, latents: Tensor, tile_size: int | None = None) -> list[Image.Image]:
+        """Latents -> PIL images; large images decode in tiles unless `tile_size` says otherwise."""
+        if tile_size is None and latents.shape[-1] * latents.shape[-2] > 128 * 128:
+            tile_size = 64
+        with torch.no_grad():
+            return [
+                to_pil(
+                    self.vae.decode(latent[None].to(self.device, self.dtype), tile_size=tile_size)
+                )[0]
+                for latent in latents
+            ]
+
+    # --- diffusers-style entry point ------------------------------------------------------
+
+    def settings(self, prompt: str, **overrides) -> Settings:
+        """Settings for `prompt`: the model's preset, with `overrides` (Settings field names)."""
+        p = self.preset
+        base = Settings(
+            prompt=prompt, steps=p.steps, cfg=p.cfg, sampler=p.sampler, shift=p.shift,
+            width=p.size, height=p.size, slg=p.slg,
+        )  # fmt: skip
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+    def __call__(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        sampler: str | None = None,
+        shift: float | None = None,
+        seed: int = 0,
+        width: int | None = None,
+        height: int | None = None,
+        num_images: int = 1,
+        init_image: Image.Image | str | Path | None = None,
+        denoise: float | None = None,
+        skip_layer_guidance: SkipLayerGuidance | None | bool = True,
+        t5_length: int | None = None,
+        use_t5: bool = True,
+        callback: Callback | None = None,
+    ) -> list[Image.Image]:
+        """Generate images. `skip_layer_guidance`: True keeps the preset's, False/None turns it
+        off, or give a SkipLayerGuidance."""
+        slg = self.preset.slg if skip_layer_guidance is True else skip_layer_guidance or None
+        s = self.settings(
+            prompt, negative_prompt=negative_prompt, steps=num_inference_steps, cfg=guidance_scale,
+            sampler=sampler, shift=shift, seed=seed, width=width, height=height, num_images=num_images,
+            denoise=denoise, t5_length=t5_length, use_t5=use_t5,
+        )  # fmt: skip
+        s = replace(s, slg=slg)
+        if isinstance(init_image, str | Path):
+            init_image = load_image(init_image)
+        return self.decode(self.sample(s, init_image, callback))
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """An image file, or a ValueError naming it."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read the image ({e})") from None

@@ -1,0 +1,150 @@
+"""The whole generation path against diffusers' SD3 pipelines on the same weights and inputs."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler,
+    StableDiffusion3Img2ImgPipeline,
+    StableDiffusion3Pipeline,
+)
+from helpers import diffusers_mmdit, diffusers_vae, max_rel_err, save_single_file, tiny_models
+from PIL import Image
+
+from sd3.pipeline import Pipeline, Settings, to_pil
+from sd3.sampling import SkipLayerGuidance, get_noise
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny_models(seed=3)
+
+
+@pytest.fixture(scope="module")
+def pipe(models, tmp_path_factory):
+    path = save_single_file(tmp_path_factory.mktemp("m") / "tiny.safetensors", models)
+    return Pipeline.from_single_file(path, dtype=torch.float32)
+
+
+def reference(models, cls=StableDiffusion3Pipeline):
+    return cls(
+        transformer=diffusers_mmdit(models["mmdit"]),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=diffusers_vae(models["vae"]),
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+        text_encoder_3=None, tokenizer_3=None,
+    )  # fmt: skip
+
+
+def conditioning(pipe, prompt="a red circle above a blue square", negative=""):
+    return pipe.encode_prompt(Settings(prompt=prompt, negative_prompt=negative))
+
+
+def run_reference(ref, cond, latents, **kw):
+    context, pooled, neg_context, neg_pooled = cond
+    with torch.no_grad():
+        return ref(
+            prompt_embeds=context, pooled_prompt_embeds=pooled, negative_prompt_embeds=neg_context,
+            negative_pooled_prompt_embeds=neg_pooled, latents=latents, output_type="latent", **kw,
+        ).images  # fmt: skip
+
+
+@pytest.mark.parametrize("cfg", [1.0, 4.5])
+def test_euler_txt2img_matches_diffusers(pipe, models, cfg):
+    s = Settings(
+        prompt="", steps=6, cfg=cfg, sampler="euler", shift=3.0, seed=7, width=64, height=48
+    )
+    cond = conditioning(pipe)
+    ours = pipe.sample(s, conditioning=cond)
+    theirs = run_reference(
+        reference(models), cond, get_noise(7, 1, 48, 64), num_inference_steps=6,
+        guidance_scale=cfg, height=48, width=64,
+    )  # fmt: skip
+    err = max_rel_err(ours, theirs)
+    print(f"euler cfg {cfg}: latent max rel err {err:.2e}")
+    assert err < 1e-5
+    # and the decoded images agree with diffusers' VAE decode
+    ref_image = diffusers_vae(models["vae"]).decode(theirs / 1.5305 + 0.0609).sample
+    ours_image = np.asarray(pipe.decode(ours)[0], dtype=np.int16)
+    assert np.abs(ours_image - np.asarray(to_pil(ref_image)[0], dtype=np.int16)).max() <= 1
+
+
+def test_skip_layer_guidance_matches_diffusers(pipe, models):
+    slg = SkipLayerGuidance(scale=2.8, layers=(1,), start=0.01, end=0.3)
+    s = Settings(
+        prompt="", steps=10, cfg=3.0, sampler="euler", seed=1, width=48, height=48, slg=slg
+    )
+    cond = conditioning(pipe)
+    ours = pipe.sample(s, conditioning=cond)
+    theirs = run_reference(
+        reference(models), cond, get_noise(1, 1, 48, 48), num_inference_steps=10, guidance_scale=3.0,
+        height=48, width=48, skip_guidance_layers=[1], skip_layer_guidance_scale=2.8,
+        skip_layer_guidance_start=0.01, skip_layer_guidance_stop=0.3,
+    )  # fmt: skip
+    without = pipe.sample(Settings(**{**s.__dict__, "slg": None}), conditioning=cond)
+    assert max_rel_err(ours, theirs) < 1e-5
+    assert max_rel_err(ours, without) > 1e-3  # the guidance did act
+
+
+def test_img2img_matches_diffusers(pipe, models):
+    g = torch.Generator().manual_seed(0)
+    init = Image.fromarray((torch.rand(48, 64, 3, generator=g) * 255).to(torch.uint8).numpy())
+    s = Settings(
+        prompt="", steps=10, cfg=2.0, sampler="euler", seed=5, width=64, height=48, denoise=0.5
+    )
+    cond = conditioning(pipe)
+    ours = pipe.sample(s, init_image=init, conditioning=cond)
+
+    # diffusers samples the VAE posterior; hand it the posterior mean (our deterministic encode)
+    # in latent format, computed by its own VAE, so its generator draws only the noise.
+    ref = reference(models, StableDiffusion3Img2ImgPipeline)
+    pixels = torch.from_numpy(np.asarray(init, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        mean = ref.vae.encode(pixels).latent_dist.mean
+    theirs = run_reference(
+        ref, cond, None, image=(mean - 0.0609) * 1.5305, strength=0.5, num_inference_steps=10,
+        guidance_scale=2.0, generator=torch.Generator().manual_seed(5),
+    )  # fmt: skip
+    err = max_rel_err(ours, theirs)
+    print(f"img2img: latent max rel err {err:.2e}")
+    assert err < 1e-5
+
+
+def test_call_returns_images_and_uses_preset(pipe):
+    assert pipe.preset.name.startswith("custom MMDiT")
+    calls = []
+    images = pipe(
+        "a red circle", num_inference_steps=3, width=32, height=32, num_images=2, seed=3,
+        callback=lambda step, total, x, den: calls.append((step, total)),
+    )  # fmt: skip
+    assert [im.size for im in images] == [(32, 32), (32, 32)]
+    assert calls == [(0, 3), (1, 3), (2, 3), (0, 3), (1, 3), (2, 3)] or calls == [
+        (0, 3),
+        (1, 3),
+        (2, 3),
+    ]
+    # image i of a batch is the image made alone with seed + i
+    alone = pipe("a red circle", num_inference_steps=3, width=32, height=32, seed=4)
+    assert np.array_equal(np.asarray(alone[0]), np.asarray(images[1]))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"width": 1000}, "width 1000 must be a positive multiple of 16: try 992 or 1008"),
+        ({"height": 40}, "height 40 must be a positive multiple of 16: try 32 or 48"),
+        ({"width": 512}, "width 512 is larger than this model allows \\(256\\)"),
+        ({"steps": 0}, "steps must be a whole number >= 1"),
+        ({"cfg": float("nan")}, "cfg \\(guidance scale\\) must be a finite number"),
+        ({"cfg": float("inf")}, "cfg \\(guidance scale\\) must be a finite number"),
+        ({"sampler": "ddim"}, "unknown sampler 'ddim'; choose one of euler"),
+        ({"denoise": 0.0}, "denoise must be in \\(0, 1\\]"),
+        ({"denoise": 1.5}, "denoise must be in \\(0, 1\\]"),
+        ({"denoise": 0.5}, "denoise 0.5 needs an init image"),
+        ({"slg": SkipLayerGuidance(layers=(7,))}, "layers \\[7\\] do not exist"),
+    ],
+)
+def test_bad_settings_raise_one_clear_error(pipe, overrides, message):
+    s = Settings(**{"prompt": "x", "width": 32, "height": 32, "steps": 2, **overrides})
+    with pytest.raises(ValueError, match=message):
+        pipe.sample(s)
