@@ -342,7 +342,10 @@ def find_components(
         found.update(open_folder(path) if path.is_dir() else open_file(path))
     for role, path in (("clip_l", clip_l), ("clip_g", clip_g), ("t5xxl", t5xxl), ("vae", vae)):
         if path is not None:
-            found.update(open_file(path, role=role))
+            try:
+                found.update(open_file(path, role=role))
+            except CheckpointError as e:
+                raise CheckpointError(f"{role} (--{role.replace('_', '-')}) {e}") from None
     return found
 
 

@@ -5,7 +5,6 @@ prompt -> `text` -> (context, pooled); noise -> `sampling` loop calling the MMDi
 """
 
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 

@@ -1,0 +1,263 @@
+"""The `sd3` command line: generate, inspect."""
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from PIL import Image, PngImagePlugin
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from .checkpoints import COMPONENTS, find_components, infer_config
+from .models.vae import from_latent_format
+from .pipeline import Pipeline, Settings, load_image
+from .presets import detect_model
+from .sampling import SAMPLERS, SkipLayerGuidance
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+OPTION_OF = {"clip_l": "--clip-l", "clip_g": "--clip-g", "t5xxl": "--t5xxl", "vae": "--vae"}
+
+
+# --- generate --------------------------------------------------------------------------------
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", nargs="?", help="what to draw")
+    p.add_argument("--model", help="Stability single file (.safetensors) or diffusers folder")
+    p.add_argument("--clip-l", help="CLIP-L file (if not bundled in --model)")
+    p.add_argument("--clip-g", help="CLIP-G file (if not bundled in --model)")
+    p.add_argument("--t5xxl", help="T5-XXL file (optional: without it T5's part of the context is zeros)")
+    p.add_argument("--vae", help="VAE file (if not bundled in --model)")
+    p.add_argument("--negative", help="negative prompt (default: empty)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's preset)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 turns it off)")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), help="sampler (default: the model's preset)")
+    p.add_argument("--shift", type=float, help="flow schedule shift (default: the model's preset)")
+    p.add_argument("--seed", type=int, help="seed; image i of a batch uses seed + i (default: 0)")
+    p.add_argument("--width", type=int, help="multiple of 16 (default: the model's preset)")
+    p.add_argument("--height", type=int, help="multiple of 16 (default: the model's preset)")
+    p.add_argument("--batch", type=int, help="number of images (default: 1)")
+    p.add_argument("--init-image", help="image file for img2img")
+    p.add_argument("--denoise", type=float, help="img2img strength in (0, 1] (default 0.6 with --init-image)")
+    p.add_argument("--slg-scale", type=float, help="skip-layer guidance scale (0 turns it off)")
+    p.add_argument("--slg-layers", help="comma-separated joint blocks to skip, e.g. 7,8,9")
+    p.add_argument("--slg-start", type=float, help="skip-layer guidance starts after this fraction of steps")
+    p.add_argument("--slg-end", type=float, help="skip-layer guidance ends at this fraction of steps")
+    p.add_argument("--no-t5", action="store_true", default=None, help="leave T5 out (zeros in its place)")
+    p.add_argument("--t5-length", type=int, help="fixed T5 token length (default: 77..256 by prompt)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: bf16 where native)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--out", help="output PNG (default: sd3_SEED.png); never overwritten")
+    p.add_argument("--save-latent", help="also write the final latent (what the VAE decodes) here")
+    p.add_argument("--from-png", help="re-run the settings stored in a PNG made by sd3")
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--slg-layers {text!r} must be comma-separated block numbers, e.g. 7,8,9") from None
+
+
+def stored_run(path: str) -> dict:
+    """The settings an sd3 PNG carries in its "sd3" text chunk."""
+    try:
+        with Image.open(path) as image:
+            data = image.text.get("sd3") if hasattr(image, "text") else None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--from-png {path}: cannot read the image ({e})") from None
+    if data is None:
+        raise ValueError(f"--from-png {path}: this PNG carries no sd3 settings")
+    return json.loads(data)
+
+
+def resolve_settings(args: argparse.Namespace, pipe: Pipeline, stored: dict | None) -> Settings:
+    """The preset, then the PNG's settings, then what was given on the command line."""
+    s = Settings.from_dict(stored["settings"]) if stored else pipe.settings(args.prompt or "")
+    given = {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative,
+        "steps": args.steps,
+        "cfg": args.cfg,
+        "sampler": args.sampler,
+        "shift": args.shift,
+        "seed": args.seed,
+        "width": args.width,
+        "height": args.height,
+        "num_images": args.batch,
+        "denoise": args.denoise,
+        "t5_length": args.t5_length,
+        "use_t5": False if args.no_t5 else None,
+    }
+    s = replace(s, **{k: v for k, v in given.items() if v is not None})
+    if args.init_image and args.denoise is None and not stored:
+        s = replace(s, denoise=0.6)
+    slg_given = [args.slg_scale, args.slg_layers, args.slg_start, args.slg_end]
+    if any(v is not None for v in slg_given):
+        base = s.slg or SkipLayerGuidance()
+        s = replace(
+            s,
+            slg=SkipLayerGuidance(
+                scale=base.scale if args.slg_scale is None else args.slg_scale,
+                layers=base.layers if args.slg_layers is None else parse_layers(args.slg_layers),
+                start=base.start if args.slg_start is None else args.slg_start,
+                end=base.end if args.slg_end is None else args.slg_end,
+            ),
+        )
+    if s.slg is not None and s.slg.scale == 0:
+        s = replace(s, slg=None)
+    if not s.prompt and not stored:
+        raise ValueError("give a prompt (or --from-png FILE)")
+    return s
+
+
+def output_paths(out: str | None, seed: int, n: int) -> list[Path]:
+    """Where the images go. A given --out must not exist; default names step around existing files."""
+    if out is not None:
+        base = Path(out)
+        paths = [base] if n == 1 else [base.with_name(f"{base.stem}-{i}{base.suffix}") for i in range(n)]
+        for path in paths:
+            if path.exists():
+                raise FileExistsError(f"--out {path} exists already; sd3 never overwrites a file")
+            if not path.parent.is_dir():
+                raise ValueError(f"--out {path}: folder {path.parent} does not exist")
+        return paths
+    paths = []
+    for i in range(n):
+        path, k = Path(f"sd3_{seed + i}.png"), 1
+        while path.exists() or path in paths:
+            path, k = Path(f"sd3_{seed + i}_{k}.png"), k + 1
+        paths.append(path)
+    return paths
+
+
+def a1111_parameters(s: Settings, model: str) -> str:
+    """The `parameters` text that A1111, ComfyUI and Civitai read."""
+    fields = [
+        f"Steps: {s.steps}",
+        f"Sampler: {s.sampler}",
+        f"CFG scale: {s.cfg}",
+        f"Seed: {s.seed}",
+        f"Size: {s.width}x{s.height}",
+        f"Model: {Path(model).name}",
+        f"Shift: {s.shift}",
+    ]
+    if s.denoise < 1:
+        fields.append(f"Denoising strength: {s.denoise}")
+    if s.slg is not None:
+        layers = ",".join(map(str, s.slg.layers))
+        fields.append(f"SLG: scale {s.slg.scale}, layers {layers}, {s.slg.start}-{s.slg.end}")
+    if not s.use_t5:
+        fields.append("T5: off")
+    return f"{s.prompt}\nNegative prompt: {s.negative_prompt}\n" + ", ".join(fields)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    stored = stored_run(args.from_png) if args.from_png else None
+    files = dict(stored["files"]) if stored else {}
+    for key in ("model", "clip_l", "clip_g", "t5xxl", "vae", "init_image", "dtype"):
+        if getattr(args, key) is not None:
+            files[key] = getattr(args, key)
+    if files.get("model") is None:
+        raise ValueError("give --model FILE_OR_FOLDER (a Stability .safetensors file or a diffusers folder)")
+    init_image = load_image(files["init_image"]) if files.get("init_image") else None
+    if args.save_latent and Path(args.save_latent).exists():
+        raise FileExistsError(f"--save-latent {args.save_latent} exists already; sd3 never overwrites a file")
+
+    started = time.perf_counter()
+    pipe = Pipeline.from_single_file(
+        files["model"],
+        clip_l=files.get("clip_l"),
+        clip_g=files.get("clip_g"),
+        t5xxl=files.get("t5xxl"),
+        vae=files.get("vae"),
+        dtype=DTYPES[files["dtype"]] if files.get("dtype") else None,
+        device=args.device,
+    )
+    s = resolve_settings(args, pipe, stored)
+    paths = output_paths(args.out, s.seed, s.num_images)
+    dtype_name = {v: k for k, v in DTYPES.items()}[pipe.dtype]
+    print(f"{pipe.preset.name}, {dtype_name} on {pipe.device}, loaded in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+
+    with tqdm(total=s.steps, desc="denoising", unit="step") as bar:
+        latents = pipe.sample(s, init_image, callback=lambda *_: bar.update(1))
+    images = pipe.decode(latents)
+    if args.save_latent:
+        save_file({"latent": from_latent_format(latents).contiguous()}, args.save_latent)
+    files["dtype"] = dtype_name
+    for i, (image, path) in enumerate(zip(images, paths, strict=True)):
+        one = replace(s, seed=s.seed + i, num_images=1)
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", a1111_parameters(one, files["model"]))
+        info.add_text("sd3", json.dumps({"settings": one.to_dict(), "files": files}))
+        image.save(path, pnginfo=info)
+        print(path)
+    return 0
+
+
+# --- inspect ---------------------------------------------------------------------------------
+
+
+def describe_mmdit(component) -> str:
+    c = infer_config(component)
+    kind = detect_model(c, component.where())
+    extras = [f"depth {c.depth}", f"width {c.hidden_size}", f"pos table {c.pos_embed_max_size}"]
+    if c.qk_norm:
+        extras.append("RMS qk-norm")
+    if c.attn2_layers:
+        extras.append(f"attn2 in blocks {c.attn2_layers[0]}-{c.attn2_layers[-1]}")
+    return f"{kind} ({', '.join(extras)})"
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    found_all = {}
+    for path in args.paths:
+        found = find_components(path)
+        found_all.update(found)
+        print(path)
+        if "mmdit" in found:
+            print(f"  model: {describe_mmdit(found['mmdit'])}")
+        for name, comp in found.items():
+            infer_config(comp)  # raises a clear error if the tensors do not fit together
+            dtypes = "/".join(comp.stored_dtypes)
+            print(f"  {name:<7} {comp.num_params / 1e6:10.1f} M params  {dtypes:<14} {len(comp.tensors)} tensors")
+    missing = [name for name in COMPONENTS if name not in found_all]
+    for name in missing:
+        need = "optional" if name == "t5xxl" else "required"
+        print(f"  {name:<7} missing ({need}: give it with {OPTION_OF.get(name, '--model')})")
+    return 0
+
+
+# --- entry point -----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sd3", description="Stable Diffusion 3 / 3.5 in PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="text-to-image and image-to-image")
+    add_generate_arguments(gen)
+    gen.set_defaults(run=run_generate)
+    ins = sub.add_parser("inspect", help="what a checkpoint file or folder holds")
+    ins.add_argument("paths", nargs="+", help="safetensors files or diffusers folders")
+    ins.set_defaults(run=run_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:  # CheckpointError is a ValueError
+        print(f"sd3 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sd3 {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

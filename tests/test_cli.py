@@ -1,0 +1,140 @@
+"""`sd3 generate` and `sd3 inspect` end to end on a tiny checkpoint in the official layout."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import save_single_file, tiny_models
+from PIL import Image
+from safetensors.torch import load_file
+
+from sd3.cli import main
+from sd3.models.vae import to_latent_format
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny_models(seed=4)
+
+
+@pytest.fixture(scope="module")
+def model_file(models, tmp_path_factory):
+    return save_single_file(tmp_path_factory.mktemp("m") / "tiny.safetensors", models)
+
+
+def generate(model_file, out, *extra):
+    base = ["generate", "--model", str(model_file), "--steps", "3", "--width", "32", "--height", "48"]
+    return main([*base, "--dtype", "fp32", "--out", str(out), *extra])
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_generate_writes_png_with_metadata_and_latent(model_file, models, tmp_path, capsys):
+    out, latent_file = tmp_path / "a.png", tmp_path / "a.safetensors"
+    rc = generate(model_file, out, "a red circle", "--seed", "11", "--cfg", "3.5", "--save-latent", str(latent_file))
+    assert rc == 0, capsys.readouterr().err
+    with Image.open(out) as image:
+        assert image.size == (32, 48)
+        params, stored = image.text["parameters"], json.loads(image.text["sd3"])
+    assert params.startswith("a red circle\nNegative prompt: \nSteps: 3, Sampler: euler, CFG scale: 3.5, Seed: 11")
+    assert "Size: 32x48" in params
+    assert stored["settings"]["seed"] == 11 and stored["files"]["model"] == str(model_file)
+
+    # The saved latent is what the VAE decodes into the PNG.
+    latent = load_file(str(latent_file))["latent"]
+    assert latent.shape == (1, 16, 6, 4)
+    with torch.no_grad():
+        decoded = models["vae"].decode(to_latent_format(latent))
+    expected = ((decoded[0] / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    assert np.abs(expected.astype(int) - pixels(out).astype(int)).max() <= 1
+
+
+def test_from_png_reproduces_bit_for_bit(model_file, tmp_path):
+    first, again, other = tmp_path / "1.png", tmp_path / "2.png", tmp_path / "3.png"
+    assert generate(model_file, first, "two blue squares", "--seed", "5", "--negative", "blurry") == 0
+    assert main(["generate", "--from-png", str(first), "--out", str(again)]) == 0
+    assert np.array_equal(pixels(first), pixels(again))
+    with Image.open(first) as a, Image.open(again) as b:
+        assert a.text["sd3"] == b.text["sd3"]
+    # a setting given on the command line overrides the stored one
+    assert main(["generate", "--from-png", str(first), "--out", str(other), "--seed", "6"]) == 0
+    assert not np.array_equal(pixels(first), pixels(other))
+
+
+def test_batch_writes_one_file_per_seed(model_file, tmp_path):
+    out = tmp_path / "b.png"
+    assert generate(model_file, out, "a cat", "--seed", "2", "--batch", "2") == 0
+    second = tmp_path / "b-1.png"
+    with Image.open(second) as image:
+        assert json.loads(image.text["sd3"])["settings"]["seed"] == 3
+    alone = tmp_path / "alone.png"
+    assert generate(model_file, alone, "a cat", "--seed", "3") == 0
+    assert np.array_equal(pixels(second), pixels(alone))
+
+
+def test_img2img(model_file, tmp_path):
+    init = tmp_path / "init.png"
+    Image.fromarray(np.full((48, 32, 3), 200, np.uint8)).save(init)
+    out = tmp_path / "i.png"
+    assert generate(model_file, out, "a cat", "--init-image", str(init), "--denoise", "0.5") == 0
+    with Image.open(out) as image:
+        assert "Denoising strength: 0.5" in image.text["parameters"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--width", "1000"], "width 1000 must be a positive multiple of 16: try 992 or 1008"),
+        (["--width", "1024"], "width 1024 is larger than this model allows \\(256\\)"),
+        (["--steps", "0"], "steps must be a whole number >= 1"),
+        (["--cfg", "nan"], "cfg \\(guidance scale\\) must be a finite number"),
+        (["--denoise", "1.5", "--init-image", "INIT"], "denoise must be in \\(0, 1\\]"),
+        (["--init-image", "nowhere.png"], "nowhere.png: cannot read the image"),
+        (["--clip-g", "nowhere.safetensors"], "clip_g \\(--clip-g\\) nowhere.safetensors: no such file"),
+        (["--slg-layers", "7,x"], "--slg-layers '7,x' must be comma-separated"),
+    ],
+)
+def test_bad_input_one_clear_error_and_nothing_written(model_file, tmp_path, capsys, extra, message):
+    init = tmp_path / "init.png"
+    Image.new("RGB", (32, 48)).save(init)
+    extra = [str(init) if e == "INIT" else e for e in extra]
+    out = tmp_path / "never.png"
+    assert generate(model_file, out, "a cat", *extra) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    assert pytest.importorskip("re").search(message, err), err
+    assert not out.exists()
+
+
+def test_existing_output_is_never_overwritten(model_file, tmp_path, capsys):
+    out = tmp_path / "taken.png"
+    out.write_bytes(b"precious")
+    assert generate(model_file, out, "a cat") == 2
+    assert "taken.png exists already" in capsys.readouterr().err
+    assert out.read_bytes() == b"precious"
+
+
+def test_unknown_sampler_is_rejected_by_name(model_file, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        generate(model_file, tmp_path / "x.png", "a cat", "--sampler", "ddim")
+    assert e.value.code == 2
+    assert "argument --sampler: invalid choice: 'ddim'" in capsys.readouterr().err
+
+
+def test_inspect(model_file, models, tmp_path, capsys):
+    assert main(["inspect", str(model_file)]) == 0
+    out = capsys.readouterr().out
+    assert "model: custom (depth 3, width 128, pos table 16, RMS qk-norm, attn2 in blocks 0-0)" in out
+    params = sum(p.numel() for p in models["mmdit"].parameters()) / 1e6
+    assert f"mmdit   {params:10.1f} M params  float32" in out
+    bare = save_single_file(tmp_path / "bare.safetensors", {"mmdit": models["mmdit"]})
+    assert main(["inspect", str(bare)]) == 0
+    out = capsys.readouterr().out
+    assert "clip_l  missing (required: give it with --clip-l)" in out
+    assert "t5xxl   missing (optional: give it with --t5xxl)" in out
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 20)
+    assert main(["inspect", str(tmp_path / "junk.safetensors")]) == 2
+    assert "junk.safetensors: not a safetensors file" in capsys.readouterr().err
