@@ -1,0 +1,380 @@
+"""A GenEval-style prompt-adherence benchmark (SD3 paper, table 5) for the model trained on the
+procedural shapes dataset (`sd3.training.shapes`), with a deterministic, learning-free checker.
+
+GenEval runs an object detector over each generated image and checks the objects, counts, colours
+and positions the prompt asks for. Our objects are flat shapes on a known background, so the
+detector is a few lines of geometry:
+
+1. Pixels. Anti-aliasing and blur mix an object's colour with the background, so each pixel is
+   explained as the nearest point on a segment from the background to a palette colour (in sRGB,
+   where the renderer and blur mix). The mix fraction alpha >= 0.5 marks the object (the edge sits
+   where it was drawn); a pixel far from every segment and from the background is "unknown".
+2. Objects. 4-connected components of the object pixels (min-label propagation with pointer
+   jumping, in numpy); components under 0.4% of the image are noise. A component's colour is the
+   alpha-weighted vote of its pixels, so noisy pixels are outvoted by the interior; a component whose
+   runner-up colour holds >= 35% of the vote is two touching objects and is split by colour.
+3. Shape: the component is compared with a square, a circle and an apex-up triangle (as trained)
+   of its own area and centroid; the best overlap (IoU) names it, if it reaches 0.6.
+
+Rules, as GenEval's: every named object must be present at least `count` times with its colour;
+position holds if some pair of matching objects satisfies GenEval's relation rule (`relations`);
+extra objects are ignored, except in counting prompts, whose images must show exactly n objects
+of the named colour and shape and nothing else (a counting scene in training shows nothing else).
+The overall score is the mean of the per-category accuracies, as GenEval's.
+"""
+
+import argparse
+import math
+import sys
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from sd3.training.shapes import (
+    BACKGROUND,
+    CATEGORIES,
+    COLOURS,
+    SHAPES,
+    EvalPrompt,
+    heldout_prompts,
+    layout,
+    parse_caption,
+    relations,
+    render,
+)
+
+Generate = Callable[[list[str], int], list[Image.Image]]  # (prompts, seed) -> one image each
+
+_NAMES = list(COLOURS)
+_PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
+_BG = np.array(BACKGROUND, dtype=np.float32)
+_UNKNOWN = len(_NAMES)  # label of object pixels of no palette colour
+_MAX_RESIDUAL = 60.0  # sRGB distance to the nearest colour/background mix; half the palette spacing
+_MIN_UNKNOWN_DISTANCE = 60.0  # from the background, for a pixel of no palette colour to count
+_MIN_AREA_FRACTION = 0.004
+_SPLIT_FRACTION = 0.35
+_SUBSAMPLES = 4
+_MIN_SHAPE_IOU = 0.6
+
+
+@dataclass(frozen=True)
+class DetectedObject:
+    colour: str | None  # None: no palette colour
+    shape: str | None  # None: none of circle / square / triangle
+    bbox: tuple[int, int, int, int]  # pixels, x0, y0, x1, y1 (exclusive)
+    area: int
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    passed: bool
+    reason: str
+    found: list[DetectedObject]
+
+
+# --- detection ----------------------------------------------------------------------------
+
+
+def classify_pixels(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel of [H, W, 3] sRGB: the palette index whose mix with the background explains it
+    best (`_UNKNOWN` for none), and that mix's fraction alpha in [0, 1]."""
+    p = rgb.reshape(-1, 3).astype(np.float32) - _BG
+    d = _PALETTE - _BG
+    dd = (d * d).sum(1)
+    pd = p @ d.T  # [N, K]
+    alpha = np.clip(pd / dd, 0, 1)
+    residual2 = (p * p).sum(1, keepdims=True) - 2 * alpha * pd + alpha**2 * dd
+    label = residual2.argmin(1)
+    best = np.arange(len(p))
+    alpha, residual2 = alpha[best, label], residual2[best, label]
+    unknown = residual2 > _MAX_RESIDUAL**2
+    label[unknown] = _UNKNOWN
+    alpha[unknown] = np.linalg.norm(p[unknown], axis=-1) >= _MIN_UNKNOWN_DISTANCE
+    h, w = rgb.shape[:2]
+    return label.reshape(h, w), alpha.reshape(h, w)
+
+
+def connected_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """4-connected components of a boolean [H, W] mask: labels 0..n-1, and -1 off the mask."""
+    h, w = mask.shape
+    off = h * w
+    labels = np.where(mask, np.arange(off).reshape(h, w), off)
+    while True:
+        new = labels.copy()
+        new[1:] = np.minimum(new[1:], labels[:-1])
+        new[:-1] = np.minimum(new[:-1], labels[1:])
+        new[:, 1:] = np.minimum(new[:, 1:], labels[:, :-1])
+        new[:, :-1] = np.minimum(new[:, :-1], labels[:, 1:])
+        new = np.where(mask, new, off).ravel()
+        on = new < off
+        new[on] = new[new[on]]  # pointer jumping: follow the label's own label
+        new = new.reshape(h, w)
+        if np.array_equal(new, labels):
+            break
+        labels = new
+    roots, inverse = np.unique(labels, return_inverse=True)
+    inverse = inverse.reshape(h, w)
+    n = len(roots) - (roots[-1] == off)
+    return np.where(mask, inverse, -1), int(n)
+
+
+def _template(shape: str, cx: float, cy: float, area: float, h: int, w: int) -> np.ndarray:
+    """Coverage of an [h, w] pixel grid by a shape of this area and centroid (4x4 samples/pixel)."""
+    sub = (np.arange(_SUBSAMPLES) + 0.5) / _SUBSAMPLES
+    ys = (np.arange(h)[:, None] + sub).reshape(-1, 1)
+    xs = (np.arange(w)[:, None] + sub).reshape(1, -1)
+    if shape == "square":
+        half = math.sqrt(area) / 2
+        inside = (np.abs(xs - cx) <= half) & (np.abs(ys - cy) <= half)
+    elif shape == "circle":
+        inside = (xs - cx) ** 2 + (ys - cy) ** 2 <= area / math.pi
+    else:  # apex up, base = height = side; the centroid sits 2/3 of the way down
+        side = math.sqrt(2 * area)
+        top = cy - 2 * side / 3
+        inside = (ys >= top) & (ys <= top + side) & (np.abs(xs - cx) <= (ys - top) / 2)
+    return inside.reshape(h, _SUBSAMPLES, w, _SUBSAMPLES).mean((1, 3))
+
+
+def classify_shape(mask: np.ndarray) -> str | None:
+    """circle / square / triangle (apex up) for an object's pixels, cropped to its box: the shape
+    of the same area and centroid that overlaps it best (IoU), if that IoU is >= 0.6.
+
+    Matching the whole outline is steadier than the box's fill ratio, which a one-pixel error in
+    the box of a 12-pixel object throws off by 15%."""
+    h, w = mask.shape
+    ys, xs = np.nonzero(mask)
+    cy, cx, area = ys.mean() + 0.5, xs.mean() + 0.5, float(len(ys))
+    best, best_iou = None, _MIN_SHAPE_IOU
+    for shape in SHAPES:
+        t = _template(shape, cx, cy, area, h, w)
+        iou = np.minimum(mask, t).sum() / np.maximum(mask, t).sum()
+        if iou >= best_iou:
+            best, best_iou = shape, iou
+    return best
+
+
+def _object(mask: np.ndarray, colour: int) -> DetectedObject:
+    ys, xs = np.nonzero(mask)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    shape = classify_shape(mask[y0:y1, x0:x1])
+    name = _NAMES[colour] if colour < _UNKNOWN else None
+    return DetectedObject(name, shape, (int(x0), int(y0), int(x1), int(y1)), len(ys))
+
+
+def detect_objects(image: Image.Image) -> list[DetectedObject]:
+    """The objects in a generated image, left to right."""
+    rgb = np.asarray(image.convert("RGB"))
+    label, alpha = classify_pixels(rgb)
+    min_area = max(6, _MIN_AREA_FRACTION * label.size)
+    components, n = connected_components(alpha >= 0.5)
+    areas = np.bincount(components[components >= 0], minlength=n)
+    found = []
+    for k in np.nonzero(areas >= min_area)[0]:
+        mask = components == k
+        votes = np.bincount(label[mask], weights=alpha[mask], minlength=_UNKNOWN + 1)
+        order = np.argsort(votes)[::-1]
+        if votes[order[1]] < _SPLIT_FRACTION * votes.sum():
+            found.append(_object(mask, order[0]))
+            continue
+        for colour in np.nonzero(votes)[0]:  # touching objects of different colours
+            parts, m = connected_components(mask & (label == colour))
+            for j in range(m):
+                if (parts == j).sum() >= min_area:
+                    found.append(_object(parts == j, colour))
+    return sorted(found, key=lambda o: (o.bbox[0], o.bbox[1]))
+
+
+# --- checking -----------------------------------------------------------------------------
+
+
+def _describe(o: DetectedObject) -> str:
+    return f"{o.colour or 'unknown-colour'} {o.shape or 'unknown-shape'}"
+
+
+def check(image: Image.Image, prompt: EvalPrompt) -> CheckResult:
+    """Whether the image shows what the prompt asks for, with the reason and the objects found."""
+    found = detect_objects(image)
+    spec = prompt.spec
+    matches = [
+        [o for o in found if (o.colour, o.shape) == (want.colour, want.shape)]
+        for want in spec.objects
+    ]
+    seen = ", ".join(_describe(o) for o in found) or "nothing"
+    for want, got in zip(spec.objects, matches, strict=True):
+        if len(got) < want.count:
+            return CheckResult(
+                False, f"{len(got)}/{want.count} {want.colour} {want.shape}; saw {seen}", found
+            )
+    if prompt.category == "counting" and len(found) != spec.objects[0].count:
+        return CheckResult(False, f"expected {prompt.text} and nothing else; saw {seen}", found)
+    if spec.relation is not None:
+        if not any(
+            spec.relation in relations(a.bbox, b.bbox) for a in matches[0] for b in matches[1]
+        ):
+            return CheckResult(False, f"no pair is {spec.relation!r}; saw {seen}", found)
+    return CheckResult(True, "ok", found)
+
+
+# --- the benchmark ------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    overall: float  # mean of the per-category accuracies, GenEval's overall score
+    per_category: dict[str, float]
+    counts: dict[str, tuple[int, int]]  # category -> (passed, total)
+    results: list[tuple[int, int, CheckResult]] = field(repr=False)  # (prompt index, seed, result)
+
+
+def perfect_generator(size: int) -> Generate:
+    """A generator that draws every prompt correctly with the dataset's renderer (it parses the
+    caption): the benchmark's ceiling, and a check of the checker."""
+
+    def generate(prompts: list[str], seed: int) -> list[Image.Image]:
+        images = []
+        for text in prompts:
+            rng = np.random.default_rng([seed, zlib.crc32(text.encode())])
+            images.append(render(layout(parse_caption(text), rng), size))
+        return images
+
+    return generate
+
+
+def evaluate(
+    generate: Generate,
+    prompts: Sequence[EvalPrompt],
+    seeds_per_prompt: int = 1,
+    contact_sheet: Path | None = None,
+    batch_size: int = 16,
+) -> Report:
+    """Generate `seeds_per_prompt` images per prompt, check each, print the report, and optionally
+    save a contact sheet. `generate` gets up to `batch_size` prompts at a time with seed 0, 1, ..."""
+    if not prompts:
+        raise ValueError("no prompts to evaluate")
+    if seeds_per_prompt < 1 or batch_size < 1:
+        raise ValueError(
+            f"seeds_per_prompt and batch_size must be >= 1, got {seeds_per_prompt}, {batch_size}"
+        )
+    results, sheet = [], []
+    for seed in range(seeds_per_prompt):
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            images = generate([p.text for p in batch], seed)
+            if len(images) != len(batch):
+                raise ValueError(f"generate returned {len(images)} images for {len(batch)} prompts")
+            for i, (prompt, image) in enumerate(zip(batch, images, strict=True)):
+                result = check(image, prompt)
+                results.append((start + i, seed, result))
+                if contact_sheet is not None:
+                    sheet.append((image, f"{start + i} s{seed}", result.passed))
+    counts = {}
+    for category in CATEGORIES:
+        passed = [r.passed for i, _, r in results if prompts[i].category == category]
+        if passed:
+            counts[category] = (sum(passed), len(passed))
+    per_category = {c: p / n for c, (p, n) in counts.items()}
+    report = Report(sum(per_category.values()) / len(per_category), per_category, counts, results)
+    print(format_report(report))
+    if contact_sheet is not None:
+        save_contact_sheet(sheet, contact_sheet)
+    return report
+
+
+def format_report(report: Report) -> str:
+    lines = [f"{'category':<16}{'passed':>8}{'total':>8}{'accuracy':>10}"]
+    for category, (passed, total) in report.counts.items():
+        lines.append(f"{category:<16}{passed:>8}{total:>8}{report.per_category[category]:>10.3f}")
+    passed = sum(p for p, _ in report.counts.values())
+    total = sum(n for _, n in report.counts.values())
+    lines.append(f"{'all images':<16}{passed:>8}{total:>8}{passed / total:>10.3f}")
+    lines.append(f"{'overall (mean of categories)':<32}{report.overall:>10.3f}")
+    return "\n".join(lines)
+
+
+def save_contact_sheet(
+    cells: Sequence[tuple[Image.Image, str, bool]], path: Path, columns: int = 16
+) -> None:
+    """A grid of (image, label, passed): each image framed green (pass) or red (fail), with its
+    label ("<prompt index> s<seed>") underneath."""
+    largest = max(max(im.size) for im, _, _ in cells)
+    scale = math.ceil(96 / largest)  # whole-number upscale of small images keeps pixels sharp
+    cell = largest * scale
+    border, label = 4, 14
+    columns = min(columns, len(cells))
+    rows = math.ceil(len(cells) / columns)
+    width, height = cell + 2 * border, cell + 2 * border + label
+    sheet = Image.new("RGB", (columns * width, rows * height), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    for n, (image, text, passed) in enumerate(cells):
+        x, y = (n % columns) * width, (n // columns) * height
+        draw.rectangle((x, y, x + width - 1, y + cell + 2 * border - 1), fill=_MARK[passed])
+        size = (image.width * scale, image.height * scale)
+        thumb = image.convert("RGB").resize(size, Image.Resampling.NEAREST)
+        sheet.paste(thumb, (x + border, y + border))
+        draw.text((x + border, y + cell + 2 * border), text, fill=(0, 0, 0), font=font)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+
+
+_MARK = {True: (0, 170, 0), False: (210, 0, 0)}
+
+
+# --- command line -------------------------------------------------------------------------
+
+
+def select_prompts(
+    prompts: Sequence[EvalPrompt], categories: Sequence[str] | None = None, limit: int | None = None
+) -> list[EvalPrompt]:
+    """The prompts of the given categories, taken round-robin across categories, so that a limit
+    still samples every category."""
+    categories = list(CATEGORIES if categories is None else categories)
+    unknown = [c for c in categories if c not in CATEGORIES]
+    if unknown:
+        raise ValueError(f"unknown categories {unknown}; choose from {list(CATEGORIES)}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    groups = [[p for p in prompts if p.category == c] for c in categories]
+    depth = max((len(g) for g in groups), default=0)
+    chosen = [g[i] for i in range(depth) for g in groups if i < len(g)]
+    return chosen[:limit]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="only N prompts, taken round-robin over the categories",
+    )
+    parser.add_argument("--seeds", type=int, default=1, help="images per prompt (seeds 0..K-1)")
+    parser.add_argument("--contact-sheet", type=Path, default=None, help="save a PNG grid here")
+    parser.add_argument(
+        "--categories",
+        type=lambda s: [c.strip() for c in s.split(",") if c.strip()],
+        default=None,
+        help=f"comma-separated subset of {','.join(CATEGORIES)}",
+    )
+    parser.add_argument(
+        "--oracle",
+        type=int,
+        default=None,
+        metavar="SIZE",
+        help="draw the prompts with the dataset renderer at SIZE px instead of a model",
+    )
+
+
+def run(args: argparse.Namespace, generate: Generate | None = None) -> int:
+    """`sd3 eval`: the held-out prompts through `generate` (or the oracle), then the report."""
+    if generate is None:
+        if args.oracle is None:
+            print("sd3 eval: no model to evaluate (pass one, or --oracle SIZE)", file=sys.stderr)
+            return 2
+        generate = perfect_generator(args.oracle)
+    prompts = select_prompts(heldout_prompts(), args.categories, args.limit)
+    evaluate(generate, prompts, args.seeds, args.contact_sheet)
+    return 0

@@ -1,0 +1,313 @@
+"""The GenEval-style checker: it passes every correctly drawn held-out prompt and fails every
+corrupted one, with and without noise and blur; evaluate/report/contact sheet/CLI."""
+
+import argparse
+import dataclasses
+import zlib
+from collections import Counter, deque
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from sd3.evaluation import (
+    CheckResult,
+    add_arguments,
+    check,
+    classify_pixels,
+    connected_components,
+    detect_objects,
+    evaluate,
+    format_report,
+    perfect_generator,
+    run,
+    select_prompts,
+)
+from sd3.training.shapes import (
+    BACKGROUND,
+    COLOURS,
+    SHAPES,
+    EvalPrompt,
+    ObjectSpec,
+    Scene,
+    SceneSpec,
+    heldout_prompts,
+    layout,
+    render,
+    sample_scene,
+)
+
+PROMPTS = heldout_prompts()
+# (noise std in 0-255 units, Gaussian blur radius in pixels) per image size: "mild" degradation.
+DEGRADE = {64: (8.0, 0.8), 128: (12.0, 1.0)}
+
+
+def degrade(image: Image.Image, sigma: float, blur: float, seed: int) -> Image.Image:
+    image = image.filter(ImageFilter.GaussianBlur(blur))
+    noise = np.random.default_rng(seed).normal(0, sigma, (image.height, image.width, 3))
+    return Image.fromarray(np.clip(np.asarray(image) + noise, 0, 255).round().astype(np.uint8))
+
+
+def tint(image: Image.Image, amount: float, seed: int) -> Image.Image:
+    """A colour cast, as an undertrained model makes: per-channel gain and offset."""
+    rng = np.random.default_rng(seed)
+    gain, offset = rng.uniform(1 - amount, 1 + amount, 3), rng.uniform(-100, 100, 3) * amount
+    return Image.fromarray(np.clip(np.asarray(image) * gain + offset, 0, 255).astype(np.uint8))
+
+
+def _rng(prompt: EvalPrompt, k: int) -> np.random.Generator:
+    return np.random.default_rng([k, zlib.crc32(prompt.text.encode())])
+
+
+def _variants(image: Image.Image, size: int, seed: int) -> list[tuple[str, Image.Image]]:
+    degraded = degrade(image, *DEGRADE[size], seed)
+    return [("clean", image), ("degraded", degraded), ("tinted", tint(degraded, 0.08, seed))]
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_perfect_renders_of_every_heldout_prompt_pass(size):
+    prompts = PROMPTS if size == 64 else PROMPTS[::3]
+    images = perfect_generator(size)([p.text for p in prompts], 0)
+    failures = []
+    for i, (prompt, image) in enumerate(zip(prompts, images, strict=True)):
+        for name, im in _variants(image, size, seed=i):
+            result = check(im, prompt)
+            if not result.passed:
+                failures.append((name, prompt.text, result.reason))
+    print(f"{size}px: {3 * len(prompts) - len(failures)}/{3 * len(prompts)} pass")
+    assert failures == []
+
+
+def _corruptions(prompt: EvalPrompt, rng: np.random.Generator) -> dict[str, Scene]:
+    """Scenes that must fail the prompt, each with one thing wrong."""
+    spec = prompt.spec
+    scene = layout(spec, rng)
+    first = scene.objects[0]
+    other_colour = next(c for c in COLOURS if c != first.colour)
+    other_shape = next(s for s in SHAPES if s != first.shape)
+    bad = {
+        "wrong colour": dataclasses.replace(first, colour=other_colour),
+        "wrong shape": dataclasses.replace(first, shape=other_shape),
+    }
+    out = {name: Scene((obj,) + scene.objects[1:], "") for name, obj in bad.items()}
+    out["missing object"] = Scene(scene.objects[1:], "")
+    if prompt.category == "counting":
+        want = spec.objects[0]
+        more = want.count + 1 if want.count < 4 else want.count - 1
+        out["wrong count"] = layout(SceneSpec((dataclasses.replace(want, count=more),)), rng)
+        if want.count < 4:
+            extra = ObjectSpec(*next(i for i in _ITEMS if i != (want.colour, want.shape)))
+            out["extra object"] = layout(SceneSpec((want, extra)), rng)
+    if spec.relation is not None:
+        a, b = scene.objects
+        out["swapped positions"] = Scene(
+            (dataclasses.replace(a, bbox=b.bbox), dataclasses.replace(b, bbox=a.bbox)), ""
+        )
+        turned = {"left of": "above", "right of": "below", "above": "right of", "below": "left of"}
+        out["perpendicular"] = layout(
+            dataclasses.replace(spec, relation=turned[spec.relation]), rng
+        )
+    out["blank"] = Scene((), "")
+    return out
+
+
+_ITEMS = [(c, s) for c in COLOURS for s in SHAPES]
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_corrupted_renders_fail(size):
+    prompts = PROMPTS if size == 64 else PROMPTS[1::4]
+    # the reason must name the defect, not some detection accident
+    reasons = {
+        "swapped positions": "no pair is",
+        "perpendicular": "no pair is",
+        "extra object": "and nothing else",
+        "blank": "saw nothing",
+    }
+    tried, passed_wrongly, wrong_reason = Counter(), [], []
+    for i, prompt in enumerate(prompts):
+        for name, scene in _corruptions(prompt, _rng(prompt, 1)).items():
+            for variant, image in _variants(render(scene, size), size, seed=i)[::2]:
+                tried[name] += 1
+                result = check(image, prompt)
+                if result.passed:
+                    passed_wrongly.append((name, variant, prompt.text))
+                elif reasons.get(name, "") not in result.reason:
+                    wrong_reason.append((name, variant, prompt.text, result.reason))
+    print(f"{size}px corrupted renders, all must fail: {dict(tried)}")
+    assert passed_wrongly == [] and wrong_reason == []
+    assert tried["swapped positions"] > 0 and tried["wrong count"] > 0
+
+
+def test_extra_objects_fail_only_counting_prompts():
+    passed = Counter()
+    for prompt in PROMPTS:
+        if prompt.spec.relation is not None or sum(o.count for o in prompt.spec.objects) > 3:
+            continue
+        items = {(o.colour, o.shape) for o in prompt.spec.objects}
+        extra = ObjectSpec(*next(i for i in _ITEMS if i not in items))
+        scene = layout(
+            dataclasses.replace(prompt.spec, objects=prompt.spec.objects + (extra,)),
+            _rng(prompt, 2),
+        )
+        result = check(render(scene, 64), prompt)
+        assert result.passed == (prompt.category != "counting"), (prompt.text, result.reason)
+        passed[prompt.category] += 1
+    assert set(passed) == {"single_object", "two_objects", "colour_attr", "counting"}
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_detection_matches_the_scene(size):
+    worst = [0.0, 0.0]  # clean, degraded (blur eats into the triangles' apex)
+    for i in range(150):
+        scene = sample_scene(3, i)
+        image = render(scene, size)
+        if i % 2:
+            image = degrade(image, *DEGRADE[size], seed=i)
+        found = detect_objects(image)
+        assert len(found) == len(scene.objects), (scene.caption, found)
+        for t in scene.objects:  # the detection whose box is nearest each true object
+            box = np.array(t.bbox) * size
+            errors = [np.abs(np.array(o.bbox) - box).max() for o in found]
+            o = found[int(np.argmin(errors))]
+            assert (o.colour, o.shape) == (t.colour, t.shape), (scene.caption, found)
+            worst[i % 2] = max(worst[i % 2], min(errors))
+    print(f"{size}px: worst bbox error {worst[0]:.2f} px clean, {worst[1]:.2f} px degraded")
+    assert worst[0] <= 1.0 and worst[1] <= 2.5
+
+
+def test_classify_pixels_on_pure_and_mixed_colours():
+    bg = np.array(BACKGROUND, float)
+    rows = []
+    for rgb in COLOURS.values():
+        c = np.array(rgb, float)
+        rows.append([c, 0.75 * c + 0.25 * bg, 0.55 * c + 0.45 * bg, 0.45 * c + 0.55 * bg, bg])
+    label, alpha = classify_pixels(np.array(rows).round().astype(np.uint8))
+    assert (label[:, :3] == np.arange(len(COLOURS))[:, None]).all()
+    np.testing.assert_allclose(
+        alpha[:, :4], np.tile([1, 0.75, 0.55, 0.45], (len(COLOURS), 1)), atol=0.01
+    )
+    assert (alpha[:, 4] == 0).all()
+    # far from every palette colour and from the background: "unknown", counted as an object
+    label, alpha = classify_pixels(np.array([[[255, 150, 255], [255, 255, 255]]], np.uint8))
+    assert (label == len(COLOURS)).all() and (alpha == 1).all()
+
+
+def _bfs_components(mask: np.ndarray) -> list[frozenset]:
+    seen, comps = set(), []
+    for start in zip(*np.nonzero(mask), strict=True):
+        if start in seen:
+            continue
+        comp, queue = set(), deque([start])
+        seen.add(start)
+        while queue:
+            y, x = queue.popleft()
+            comp.add((y, x))
+            for q in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if (
+                    0 <= q[0] < mask.shape[0]
+                    and 0 <= q[1] < mask.shape[1]
+                    and mask[q]
+                    and q not in seen
+                ):
+                    seen.add(q)
+                    queue.append(q)
+        comps.append(frozenset(comp))
+    return comps
+
+
+def test_connected_components_match_breadth_first_search():
+    rng = np.random.default_rng(0)
+    for density in (0.3, 0.5, 0.6):
+        mask = rng.random((40, 50)) < density
+        labels, n = connected_components(mask)
+        ours = {frozenset(zip(*np.nonzero(labels == k), strict=True)) for k in range(n)}
+        assert ours == set(_bfs_components(mask)) and n == len(ours)
+        assert (labels[~mask] == -1).all()
+    spiral = np.zeros((9, 9), bool)  # a long winding path is still one component
+    spiral[0, :] = spiral[:, 8] = spiral[8, :] = spiral[2:, 0] = spiral[2, :7] = True
+    spiral[2:7, 6] = spiral[6, 2:7] = spiral[4:7, 2] = True
+    assert connected_components(spiral)[1] == 1
+
+
+def test_evaluate_reports_known_accuracy(tmp_path, capsys):
+    prompts = select_prompts(PROMPTS, limit=20)
+    perfect = perfect_generator(64)
+    blank = Image.new("RGB", (64, 64), BACKGROUND)
+
+    def half_right(texts: list[str], seed: int) -> list[Image.Image]:
+        # right for the prompts at even positions in the list, with seed 0 only
+        good = perfect(texts, seed)
+        return [
+            g if seed == 0 and texts.index(t) % 2 == 0 else blank
+            for t, g in zip(texts, good, strict=True)
+        ]
+
+    sheet = tmp_path / "sheet.png"
+    report = evaluate(half_right, prompts, seeds_per_prompt=2, contact_sheet=sheet, batch_size=4)
+    expected = Counter()
+    totals = Counter()
+    for i, p in enumerate(prompts):
+        expected[p.category] += i % 2 == 0  # batches of 4 keep list parity
+        totals[p.category] += 2
+    assert report.counts == {c: (expected[c], totals[c]) for c in totals}
+    assert report.per_category == {c: expected[c] / totals[c] for c in totals}
+    assert report.overall == pytest.approx(np.mean([expected[c] / totals[c] for c in totals]))
+    assert len(report.results) == 40 and all(
+        isinstance(r, CheckResult) for _, _, r in report.results
+    )
+    out = capsys.readouterr().out
+    assert out.strip() == format_report(report) and "position" in out and "overall" in out
+    grid = np.asarray(Image.open(sheet).convert("RGB"))
+    cell_w = 2 * 64 + 8  # 64 px images shown at 2x, framed by 4 px
+    assert grid.shape[1] == 16 * cell_w  # 40 cells, 16 columns, 3 rows
+    assert tuple(grid[1, 1]) == (0, 170, 0)  # prompt 0, seed 0: passed -> green frame
+    assert tuple(grid[1, cell_w + 1]) == (210, 0, 0)  # prompt 1: blank -> red frame
+    with pytest.raises(ValueError, match="returned 1 images"):
+        evaluate(lambda texts, seed: [blank], prompts[:2])
+    with pytest.raises(ValueError, match="seeds_per_prompt"):
+        evaluate(perfect, prompts, seeds_per_prompt=0)
+
+
+def test_select_prompts_round_robin_and_errors():
+    chosen = select_prompts(PROMPTS, ["position", "counting"], limit=7)
+    assert [p.category for p in chosen] == ["position", "counting"] * 3 + ["position"]
+    assert len(select_prompts(PROMPTS)) == len(PROMPTS)
+    with pytest.raises(ValueError, match="colours"):
+        select_prompts(PROMPTS, ["colours"])
+    with pytest.raises(ValueError, match="limit"):
+        select_prompts(PROMPTS, limit=0)
+
+
+def test_run_with_oracle_and_with_a_generator(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    sheet = tmp_path / "out" / "sheet.png"
+    args = parser.parse_args(
+        [
+            "--oracle",
+            "64",
+            "--limit",
+            "10",
+            "--categories",
+            "position,counting",
+            "--contact-sheet",
+            str(sheet),
+        ]
+    )
+    assert run(args) == 0
+    out = capsys.readouterr().out
+    assert "position" in out and "counting" in out and "single_object" not in out
+    assert "1.000" in out.splitlines()[-1] and sheet.exists()
+    blank = Image.new("RGB", (64, 64), BACKGROUND)
+    args = parser.parse_args(["--limit", "5", "--seeds", "2"])
+    calls = []
+
+    def generate(texts: list[str], seed: int) -> list[Image.Image]:
+        calls.append((len(texts), seed))
+        return [blank] * len(texts)
+
+    assert run(args, generate) == 0
+    assert calls == [(5, 0), (5, 1)]
+    assert "0.000" in capsys.readouterr().out.splitlines()[-1]
+    assert run(parser.parse_args([])) == 2
