@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import attention
+
 HEAD_DIM = 64
 
 
@@ -142,12 +144,6 @@ class SelfAttention(nn.Module):
         if hasattr(self, "ln_q"):
             q, k = self.ln_q(q), self.ln_k(k)
         return q, k, v
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """[B, heads, L, d] x3 -> [B, L, heads * d]."""
-    out = F.scaled_dot_product_attention(q, k, v)
-    return out.transpose(1, 2).flatten(2)
 
 
 class MLP(nn.Module):

@@ -1,0 +1,148 @@
+"""Attention: the AVX-512 BF16 CPU kernel against fp32 SDPA, and its fallbacks."""
+
+import pytest
+import torch
+from helpers import max_rel_err
+
+from sd3.models import attention as attention_module
+from sd3.models.attention import (
+    attention,
+    flash_attention_cpu,
+    kernel_available,
+    sdpa_attention,
+)
+
+needs_kernel = pytest.mark.skipif(not kernel_available(), reason="no AVX-512 BF16 kernel here")
+
+
+def qkv(B: int, H: int, Lq: int, Lk: int, seed: int, scale: float = 1.0):
+    g = torch.Generator().manual_seed(seed)
+    q = (scale * torch.randn(B, H, Lq, 64, generator=g)).bfloat16()
+    k = (scale * torch.randn(B, H, Lk, 64, generator=g)).bfloat16()
+    v = torch.randn(B, H, Lk, 64, generator=g).bfloat16()
+    return q, k, v
+
+
+def bf16_error_bound(ref: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """What bf16 rounding alone explains, per output element [B, L, H * 64]: rounding the output
+    (2^-9 |out|) plus rounding each softmax weight p_j (at most 2^-9 p_j |v_j|, summing to
+    2^-9 max_j |v_j|); 1% on top for fp32 sums and the exp polynomial (relative error 3e-6)."""
+    vmax = v.float().abs().amax(dim=2, keepdim=True).expand(-1, -1, ref.shape[1], -1)
+    return 1.01 * 2**-9 * (ref.abs() + vmax.transpose(1, 2).flatten(2)) + 1e-6
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "B, H, Lq, Lk, scale",
+    [
+        (1, 3, 1, 1, 1.0),  # a single token
+        (2, 4, 93, 93, 1.0),  # 77 + 16 tokens: no length is a multiple of any block
+        (2, 3, 1178, 1178, 1.0),  # SD3.5 Medium at 512² (1024 image + 154 text tokens)
+        (1, 2, 4250, 4250, 1.0),  # ... at 1024²: several key blocks, a short last one
+        (2, 2, 300, 300, 3.0),  # peaky softmax: scores up to ~±100, the running max matters
+        (1, 2, 5, 700, 1.0),  # fewer queries than keys
+    ],
+)
+def test_kernel_matches_fp32_sdpa_within_bf16_rounding(B, H, Lq, Lk, scale):
+    q, k, v = qkv(B, H, Lq, Lk, seed=Lq + Lk, scale=scale)
+    ref = sdpa_attention(q.float(), k.float(), v.float())
+    ours = flash_attention_cpu(q, k, v)
+    assert ours.shape == (B, Lq, H * 64) and ours.dtype == torch.bfloat16
+    err = (ours.float() - ref).abs()
+    worst = (err / bf16_error_bound(ref, v)).max().item()
+    torch_bf16_err = max_rel_err(sdpa_attention(q, k, v), ref)
+    print(
+        f"L={Lq}x{Lk}: max abs {err.max().item():.2e}, max rel {max_rel_err(ours, ref):.2e} "
+        f"(torch bf16 SDPA {torch_bf16_err:.2e}), worst error / bf16 bound {worst:.2f}"
+    )
+    assert worst <= 1.0
+    assert max_rel_err(ours, ref) <= 4e-3  # 2^-8: a bf16 ulp at the output's largest magnitude
+
+
+@needs_kernel
+def test_kernel_reads_strided_views_like_the_mmdit_passes_them():
+    # MMDiT: qkv(x).view(B, L, 3, H, 64).permute(2, 0, 3, 1, 4): q, k, v are strided views
+    g = torch.Generator().manual_seed(1)
+    qkv_proj = torch.randn(2, 150, 3, 4, 64, generator=g).bfloat16()
+    q, k, v = qkv_proj.permute(2, 0, 3, 1, 4)
+    assert not q.is_contiguous()
+    ours = flash_attention_cpu(q, k, v)
+    assert torch.equal(ours, flash_attention_cpu(q.contiguous(), k.contiguous(), v.contiguous()))
+    err = max_rel_err(ours, sdpa_attention(q.float(), k.float(), v.float()))
+    print(f"strided views: max rel err {err:.2e}")
+    assert err <= 4e-3
+
+
+@needs_kernel
+def test_attention_takes_the_kernel_for_bf16_and_sdpa_otherwise():
+    q, k, v = qkv(1, 2, 70, 70, seed=3)
+    assert torch.equal(attention(q, k, v), flash_attention_cpu(q, k, v))
+    for t in (q.float(), k.float(), v.float()):
+        t.requires_grad_(True)
+    qf, kf, vf = q.float(), k.float(), v.float()
+    assert torch.equal(attention(qf, kf, vf), sdpa_attention(qf, kf, vf))
+    # bf16 with gradients: the kernel has no backward, so SDPA
+    qg = q.clone().requires_grad_(True)
+    out = attention(qg, k, v)
+    assert torch.equal(out, sdpa_attention(q, k, v))
+    out.float().sum().backward()
+    assert qg.grad is not None and qg.grad.abs().sum() > 0
+    # head dim 32: SDPA
+    q32, k32, v32 = (t[..., :32] for t in (q, k, v))
+    assert torch.equal(attention(q32, k32, v32), sdpa_attention(q32, k32, v32))
+
+
+def test_without_a_compiler_attention_falls_back_to_sdpa_with_one_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", "no-such-compiler-sd3")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(attention_module, "_cpu_has_avx512_bf16", lambda: True)
+    attention_module._kernel.cache_clear()
+    try:
+        q, k, v = qkv(1, 2, 40, 40, seed=4)
+        with pytest.warns(RuntimeWarning, match="using torch SDPA") as record:
+            out = attention(q, k, v)
+            attention(q, k, v)
+        assert len(record) == 1
+        assert torch.equal(out, sdpa_attention(q, k, v))
+        assert not list(tmp_path.iterdir())  # nothing half-built left in the cache
+        with pytest.raises(RuntimeError, match="not available"):
+            flash_attention_cpu(q, k, v)
+    finally:
+        attention_module._kernel.cache_clear()
+
+
+def test_impossible_shapes_raise_value_errors():
+    q, k, v = qkv(1, 2, 8, 8, seed=5)
+    with pytest.raises(ValueError, match=r"\[B, heads, L, d\]"):
+        attention(q[0], k[0], v[0])
+    with pytest.raises(ValueError, match="do not fit"):
+        attention(q, k[:, :1], v[:, :1])
+    with pytest.raises(ValueError, match="do not fit"):
+        attention(q, k, v[:, :, :4])
+    with pytest.raises(ValueError, match="bf16 CPU"):
+        flash_attention_cpu(q.float(), k.float(), v.float())
+    with pytest.raises(ValueError, match="head dim 64"):
+        flash_attention_cpu(q[..., :32], k[..., :32], v[..., :32])
+
+
+def test_mmdit_in_bf16_with_the_kernel_matches_the_sdpa_path(monkeypatch):
+    from helpers import tiny_models
+
+    import sd3.models.mmdit as mmdit_module
+    from sd3.models.attention import kernel_available, sdpa_attention
+
+    if not kernel_available():
+        pytest.skip("no AVX-512 BF16 kernel on this machine")
+    model = tiny_models(seed=8)["mmdit"].to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 32, 24, generator=g).bfloat16()
+    context = torch.randn(2, 40, 256, generator=g).bfloat16()
+    pooled = torch.randn(2, 192, generator=g).bfloat16()
+    t = torch.tensor([900.0, 30.0])
+    with torch.no_grad():
+        fast = model(x, t, context, pooled)
+        monkeypatch.setattr(mmdit_module, "attention", sdpa_attention)
+        plain = model(x, t, context, pooled)
+    err = max_rel_err(fast, plain)
+    print(f"bf16 MMDiT, kernel vs SDPA: max rel err {err:.2e}")
+    assert err < 2e-2
