@@ -1,0 +1,339 @@
+"""The SD3 / SD3.5 autoencoder: the LDM "AutoencoderKL" with a 16-channel latent.
+
+Same network as Stability's sd3.5 reference (`VAEEncoder` / `VAEDecoder`): ResNet blocks with
+GroupNorm(32) and swish, one self-attention block in the middle, no quant convs. The MMDiT works
+on `(z - SHIFT) * SCALE`; `encode` returns and `decode` takes that latent format. Tiled decoding
+keeps memory bounded at large sizes without seams (see `decode_tiled`).
+"""
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SHIFT = 0.0609
+SCALE = 1.5305
+
+
+def to_latent_format(z: Tensor) -> Tensor:
+    return (z - SHIFT) * SCALE
+
+
+def from_latent_format(latent: Tensor) -> Tensor:
+    return latent / SCALE + SHIFT
+
+
+@dataclass
+class VAEConfig:
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    in_channels: int = 3
+    out_channels: int = 3
+    z_channels: int = 16
+
+    def __post_init__(self):
+        self.ch_mult = tuple(self.ch_mult)
+        widths = [self.ch * m for m in self.ch_mult]
+        if not widths or any(w <= 0 or w % 32 for w in widths):
+            raise ValueError(
+                f"VAE widths {widths} (ch={self.ch}, ch_mult={self.ch_mult}) must be positive multiples of 32"
+            )
+        if self.num_res_blocks < 1:
+            raise ValueError(f"num_res_blocks={self.num_res_blocks} must be at least 1")
+
+    @classmethod
+    def from_shapes(cls, shapes: Mapping[str, Sequence[int]]) -> "VAEConfig":
+        """Infer the config from an official-layout state dict's shapes (no `first_stage_model.` prefix)."""
+        if "encoder.conv_in.weight" not in shapes or "decoder.conv_in.weight" not in shapes:
+            raise ValueError(
+                "not an SD3 VAE: encoder.conv_in.weight or decoder.conv_in.weight is missing"
+            )
+        ch, in_channels = shapes["encoder.conv_in.weight"][:2]
+        levels = 0
+        while f"encoder.down.{levels}.block.0.conv1.weight" in shapes:
+            levels += 1
+        num_res_blocks = 0
+        while f"encoder.down.0.block.{num_res_blocks}.conv1.weight" in shapes:
+            num_res_blocks += 1
+        widths = [shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] for i in range(levels)]
+        if not levels or any(w % ch for w in widths):
+            raise ValueError(
+                f"not an SD3 VAE: encoder level widths {widths} are not multiples of ch={ch}"
+            )
+        config = cls(
+            ch=ch,
+            ch_mult=tuple(w // ch for w in widths),
+            num_res_blocks=num_res_blocks,
+            in_channels=in_channels,
+            out_channels=shapes.get("decoder.conv_out.weight", (3,))[0],
+            z_channels=shapes["decoder.conv_in.weight"][1],
+        )
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in AutoEncoder(config).state_dict().items()}
+        wrong = [k for k, s in expected.items() if k not in shapes or tuple(shapes[k]) != s]
+        if wrong:
+            found = {k: tuple(shapes[k]) if k in shapes else "missing" for k in wrong[:3]}
+            raise ValueError(
+                f"not an SD3 VAE of inferred {config}: {len(wrong)} keys differ, e.g. {found}"
+            )
+        return config
+
+
+class Normalize(nn.GroupNorm):
+    """GroupNorm(32, eps=1e-6); during tiled decoding, `stats` shares image-wide statistics across tiles."""
+
+    def __init__(self, channels: int):
+        super().__init__(32, channels, eps=1e-6)
+        self.stats: TileStats | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.stats is None:
+            return super().forward(x)
+        groups = x.unflatten(1, (self.num_groups, -1))
+        mean, var = self.stats(self, groups)
+        x = ((groups - mean) * torch.rsqrt(var.float() + self.eps).to(x.dtype)).flatten(1, 2)
+        return x * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1, padding: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=padding)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.norm1 = Normalize(in_channels)
+        self.conv1 = conv3x3(in_channels, out_channels)
+        self.norm2 = Normalize(out_channels)
+        self.conv2 = conv3x3(out_channels, out_channels)
+        same = in_channels == out_channels
+        self.nin_shortcut = nn.Identity() if same else nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.nin_shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all pixels (1x1 convs as the projections)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = Normalize(channels)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.norm(x)
+        q, k, v = (p(h).flatten(2).transpose(1, 2)[:, None] for p in (self.q, self.k, self.v))
+        h = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).view_as(x)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = conv3x3(channels, channels, stride=2, padding=0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # LDM pads right/bottom only
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = conv3x3(channels, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class MidBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels)
+        self.attn_1 = AttnBlock(channels)
+        self.block_2 = ResnetBlock(channels, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, c: VAEConfig):
+        super().__init__()
+        widths = [c.ch * m for m in (1, *c.ch_mult)]
+        self.conv_in = conv3x3(c.in_channels, c.ch)
+        self.down = nn.ModuleList()
+        for i in range(len(c.ch_mult)):
+            level = nn.Module()
+            level.block = nn.ModuleList(
+                ResnetBlock(widths[i + (j > 0)], widths[i + 1]) for j in range(c.num_res_blocks)
+            )
+            if i < len(c.ch_mult) - 1:
+                level.downsample = Downsample(widths[i + 1])
+            self.down.append(level)
+        self.mid = MidBlock(widths[-1])
+        self.norm_out = Normalize(widths[-1])
+        self.conv_out = conv3x3(widths[-1], 2 * c.z_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv_in(x)
+        for level in self.down:
+            for block in level.block:
+                x = block(x)
+            if hasattr(level, "downsample"):
+                x = level.downsample(x)
+        return self.conv_out(F.silu(self.norm_out(self.mid(x))))
+
+
+class Decoder(nn.Module):
+    def __init__(self, c: VAEConfig):
+        super().__init__()
+        widths = [c.ch * m for m in c.ch_mult]
+        self.conv_in = conv3x3(c.z_channels, widths[-1])
+        self.mid = MidBlock(widths[-1])
+        # `up[i]` mirrors `down[i]` (as in the LDM code), so it runs from the last index to 0.
+        self.up = nn.ModuleList()
+        for i, width in enumerate(widths):
+            level = nn.Module()
+            in_width = widths[min(i + 1, len(widths) - 1)]
+            level.block = nn.ModuleList(
+                ResnetBlock(width if j else in_width, width) for j in range(c.num_res_blocks + 1)
+            )
+            if i > 0:
+                level.upsample = Upsample(width)
+            self.up.append(level)
+        self.norm_out = Normalize(widths[0])
+        self.conv_out = conv3x3(widths[0], c.out_channels)
+        # Latent pixels an output pixel can see through `forward_up` (one per 3x3 conv at its
+        # resolution, summed over levels) rounded up: the margin tiles need to be exact.
+        self.halo = 4 * c.num_res_blocks + 6
+
+    def forward_mid(self, z: Tensor) -> Tensor:
+        return self.mid(self.conv_in(z))
+
+    def forward_up(self, h: Tensor) -> Tensor:
+        for level in reversed(self.up):
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class TileStats:
+    """Image-wide GroupNorm statistics for tiled decoding, gathered from each tile's own core.
+
+    While gathering, tiles normalize with their local statistics and add (count, sum, sum of
+    squares) over their cores, which partition the image. Once `frozen`, every tile normalizes
+    with the merged values, so all tiles compute one function and their cores join without seams.
+    """
+
+    def __init__(self):
+        self.sums: dict[Normalize, Tensor] = {}
+        self.frozen = False
+        self.tile_height = 1  # latent pixels
+        self.core = (slice(None), slice(None))  # latent pixels, relative to the tile
+
+    def __call__(self, norm: Normalize, groups: Tensor) -> tuple[Tensor, Tensor]:
+        if self.frozen:
+            n, total, squares = self.sums[norm]
+            mean = total / n
+            return mean.to(groups.dtype), (squares / n - mean**2).to(groups.dtype)
+        s = groups.shape[-2] // self.tile_height  # this layer's pixels per latent pixel
+        rows, cols = (slice(r.start * s, r.stop * s) for r in self.core)
+        core = groups[..., rows, cols]
+        var, mean = torch.var_mean(core.float(), dim=(2, 3, 4), correction=0, keepdim=True)
+        n = core[0, 0].numel()
+        sums = torch.stack([torch.full_like(mean, n), n * mean, n * (var + mean**2)]).double()
+        self.sums[norm] = self.sums.get(norm, 0) + sums
+        var, mean = torch.var_mean(groups, dim=(2, 3, 4), correction=0, keepdim=True)
+        return mean, var
+
+
+def decode_tiled(
+    decoder: Decoder, h: Tensor, tile_size: int, stats: TileStats | None = None
+) -> Tensor:
+    """`decoder.forward_up(h)` on `tile_size`-square cores widened by `decoder.halo`.
+
+    Runs twice, gathering GroupNorm statistics and then rendering, unless `stats` is frozen.
+    """
+    height, width = h.shape[-2:]
+    halo = decoder.halo
+    spans = [
+        [
+            (i, min(i + tile_size, n), max(i - halo, 0), min(i + tile_size + halo, n))
+            for i in range(0, n, tile_size)
+        ]
+        for n in (height, width)
+    ]
+    stats = stats or TileStats()
+    norms = [m for m in decoder.modules() if isinstance(m, Normalize)]
+    for norm in norms:
+        norm.stats = stats
+    out = None
+    try:
+        for render in (True,) if stats.frozen else (False, True):
+            stats.frozen = render
+            for y0, y1, ty0, ty1 in spans[0]:
+                for x0, x1, tx0, tx1 in spans[1]:
+                    stats.tile_height = ty1 - ty0
+                    stats.core = (slice(y0 - ty0, y1 - ty0), slice(x0 - tx0, x1 - tx0))
+                    tile = decoder.forward_up(h[..., ty0:ty1, tx0:tx1])
+                    if render:
+                        s = tile.shape[-2] // (ty1 - ty0)
+                        if out is None:
+                            out = tile.new_empty(*tile.shape[:2], height * s, width * s)
+                        rows, cols = (slice(r.start * s, r.stop * s) for r in stats.core)
+                        out[..., y0 * s : y1 * s, x0 * s : x1 * s] = tile[..., rows, cols]
+    finally:
+        for norm in norms:
+            norm.stats = None
+    return out
+
+
+class AutoEncoder(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.downscale = 2 ** (len(config.ch_mult) - 1)
+
+    def encode_moments(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        """image [B, 3, H, W] in [-1, 1] -> (mean, logvar) of the posterior, [B, 16, H/8, W/8] each."""
+        height, width = image.shape[-2:] if image.ndim == 4 else (None, None)
+        if height is None or height % self.downscale or width % self.downscale:
+            raise ValueError(
+                f"image of shape {tuple(image.shape)}: expected [B, C, H, W] with height {height} "
+                f"and width {width} multiples of {self.downscale}"
+            )
+        moments = self.encoder(image.to(self.encoder.conv_in.weight.dtype))
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def encode(self, image: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Latent in the MMDiT format: the posterior mean, or a sample from it when given a generator."""
+        mean, logvar = self.encode_moments(image)
+        if generator is None:
+            return to_latent_format(mean)
+        noise = torch.randn(mean.shape, generator=generator, device=generator.device)
+        return to_latent_format(mean + torch.exp(0.5 * logvar) * noise.to(mean))
+
+    def decode(self, latent: Tensor, tile_size: int | None = None) -> Tensor:
+        """MMDiT-format latent -> image in [-1, 1] (not clamped).
+
+        `tile_size` (latent pixels) bounds memory: the mid block, attention included, still sees
+        the whole latent, and the upsampling path runs on tiles that share GroupNorm statistics.
+        """
+        if tile_size is not None and tile_size < 1:
+            raise ValueError(f"tile_size={tile_size} must be a positive number of latent pixels")
+        z = from_latent_format(latent.to(self.decoder.conv_in.weight.dtype))
+        h = self.decoder.forward_mid(z)
+        if tile_size is None or tile_size >= max(h.shape[-2:]):
+            return self.decoder.forward_up(h)
+        return decode_tiled(self.decoder, h, tile_size)

@@ -1,0 +1,90 @@
+"""Training the SD3 16-channel autoencoder from scratch (for small models; SD3 itself reuses a
+pretrained one), and fitting its latents to the MMDiT's fixed latent format.
+
+The loss is the KL-regularised reconstruction of the LDM autoencoder (Rombach et al. 2022) without
+its perceptual and adversarial terms: L1 + MSE on pixels plus a small KL to N(0, 1).
+"""
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from sd3.models.vae import SCALE, AutoEncoder
+
+
+def reconstruction_loss(vae: AutoEncoder, images: Tensor, generator: torch.Generator, kl_weight: float) -> Tensor:
+    mean, logvar = vae.encode_moments(images)
+    noise = torch.randn(mean.shape, generator=generator)
+    z = mean + torch.exp(0.5 * logvar) * noise
+    recon = vae.decoder.forward_up(vae.decoder.forward_mid(z))
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+    return F.l1_loss(recon, images) + F.mse_loss(recon, images) + kl_weight * kl
+
+
+def _forever(loader: DataLoader) -> Iterator:
+    while True:
+        yield from loader
+
+
+def train_autoencoder(
+    vae: AutoEncoder,
+    dataset: Dataset,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    kl_weight: float = 1e-4,
+    seed: int = 0,
+    bf16: bool = True,
+) -> list[float]:
+    """Train `vae` in place on (image, caption) items; returns the loss per step."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    vae.train().requires_grad_(True)
+    losses = []
+    batches = _forever(loader)
+    with tqdm(range(steps), desc="autoencoder", unit="step") as bar:
+        for _ in bar:
+            images, _captions = next(batches)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = reconstruction_loss(vae, images, generator, kl_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    vae.eval().requires_grad_(False)
+    return losses
+
+
+@torch.no_grad()
+def fit_latent_format(vae: AutoEncoder, images: Tensor) -> tuple[Tensor, Tensor]:
+    """Rescale the encoder's output and the decoder's input per channel so that the latents of
+    `images` in the MMDiT format, (z − SHIFT)·SCALE, have unit standard deviation. Only a scale
+    (no offset) is moved, because the decoder's zero-padded first conv absorbs a scale exactly:
+    reconstructions are unchanged.
+
+    Returns the channel means and stds of z before the change.
+    """
+    mean, _ = vae.encode_moments(images)
+    mu = mean.mean(dim=(0, 2, 3))
+    sigma = mean.std(dim=(0, 2, 3)).clamp_min(1e-6)
+    a = 1 / (SCALE * sigma)  # z' = a z
+    out = vae.encoder.conv_out  # 2 * z_channels outputs: mean, then logvar
+    n = a.numel()
+    out.weight[:n] *= a[:, None, None, None]
+    out.bias[:n] *= a
+    out.bias[n:] += 2 * torch.log(a)  # the posterior's std scales with its mean
+    vae.decoder.conv_in.weight /= a[None, :, None, None]
+    return mu, sigma
