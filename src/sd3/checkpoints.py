@@ -195,6 +195,7 @@ class Component:
     name: str
     files: list[Path]
     tensors: dict[str, LazyTensor] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)  # the safetensors header's __metadata__
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -248,7 +249,7 @@ def open_file(path: str | Path, role: str | None = None) -> dict[str, Component]
     for key in file.tensors:
         for name, prefix in SINGLE_FILE_PREFIXES.items():
             if key.startswith(prefix):
-                comp = found.setdefault(name, Component(name, [file.path]))
+                comp = found.setdefault(name, Component(name, [file.path], metadata=file.metadata))
                 comp.tensors[key[len(prefix) :]] = from_file(file, key)
                 break
         else:
@@ -274,7 +275,7 @@ def open_file(path: str | Path, role: str | None = None) -> dict[str, Component]
                 f"{file.path}: unknown model: its {len(rest)} tensors are not an SD3 MMDiT, VAE, "
                 f"CLIP-L, CLIP-G or T5-XXL (first keys: {rest[:3]})"
             )
-        found[kind] = Component(kind, [file.path], tensors)
+        found[kind] = Component(kind, [file.path], tensors, file.metadata)
     if role is not None and role not in found:
         raise CheckpointError(
             f"{file.path}: expected a {role} file, but it holds {', '.join(found)}"

@@ -1,4 +1,4 @@
-"""The `sd3` command line: generate, inspect."""
+"""The `sd3` command line: generate, inspect, train, eval."""
 
 import argparse
 import json
@@ -12,6 +12,7 @@ from PIL import Image, PngImagePlugin
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from . import evaluation
 from .checkpoints import COMPONENTS, find_components, infer_config
 from .models.vae import from_latent_format
 from .pipeline import Pipeline, Settings, load_image
@@ -19,38 +20,63 @@ from .presets import detect_model
 from .sampling import SAMPLERS, SkipLayerGuidance
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "default" / "sd3_shapes.safetensors"
 OPTION_OF = {"clip_l": "--clip-l", "clip_g": "--clip-g", "t5xxl": "--t5xxl", "vae": "--vae"}
 
 
 # --- generate --------------------------------------------------------------------------------
 
 
-def add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", nargs="?", help="what to draw")
-    p.add_argument("--model", help="Stability single file (.safetensors) or diffusers folder")
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model files and how to sample them: shared by generate and eval."""
+    p.add_argument(
+        "--model",
+        help="Stability single file (.safetensors) or diffusers folder (default: the bundled shapes model)",
+    )
     p.add_argument("--clip-l", help="CLIP-L file (if not bundled in --model)")
     p.add_argument("--clip-g", help="CLIP-G file (if not bundled in --model)")
-    p.add_argument("--t5xxl", help="T5-XXL file (optional: without it T5's part of the context is zeros)")
+    p.add_argument(
+        "--t5xxl", help="T5-XXL file (optional: without it T5's part of the context is zeros)"
+    )
     p.add_argument("--vae", help="VAE file (if not bundled in --model)")
+    p.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="compute dtype (default: bf16 where native)"
+    )
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--negative", help="negative prompt (default: empty)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's preset)")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 turns it off)")
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), help="sampler (default: the model's preset)")
+    p.add_argument(
+        "--sampler", choices=sorted(SAMPLERS), help="sampler (default: the model's preset)"
+    )
     p.add_argument("--shift", type=float, help="flow schedule shift (default: the model's preset)")
-    p.add_argument("--seed", type=int, help="seed; image i of a batch uses seed + i (default: 0)")
     p.add_argument("--width", type=int, help="multiple of 16 (default: the model's preset)")
     p.add_argument("--height", type=int, help="multiple of 16 (default: the model's preset)")
-    p.add_argument("--batch", type=int, help="number of images (default: 1)")
-    p.add_argument("--init-image", help="image file for img2img")
-    p.add_argument("--denoise", type=float, help="img2img strength in (0, 1] (default 0.6 with --init-image)")
+    p.add_argument(
+        "--no-t5", action="store_true", default=None, help="leave T5 out (zeros in its place)"
+    )
+    p.add_argument(
+        "--t5-length", type=int, help="fixed T5 token length (default: 77..256 by prompt)"
+    )
     p.add_argument("--slg-scale", type=float, help="skip-layer guidance scale (0 turns it off)")
     p.add_argument("--slg-layers", help="comma-separated joint blocks to skip, e.g. 7,8,9")
-    p.add_argument("--slg-start", type=float, help="skip-layer guidance starts after this fraction of steps")
-    p.add_argument("--slg-end", type=float, help="skip-layer guidance ends at this fraction of steps")
-    p.add_argument("--no-t5", action="store_true", default=None, help="leave T5 out (zeros in its place)")
-    p.add_argument("--t5-length", type=int, help="fixed T5 token length (default: 77..256 by prompt)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: bf16 where native)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument(
+        "--slg-start", type=float, help="skip-layer guidance starts after this fraction of steps"
+    )
+    p.add_argument(
+        "--slg-end", type=float, help="skip-layer guidance ends at this fraction of steps"
+    )
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", nargs="?", help="what to draw")
+    add_model_arguments(p)
+    p.add_argument("--seed", type=int, help="seed; image i of a batch uses seed + i (default: 0)")
+    p.add_argument("--batch", type=int, help="number of images (default: 1)")
+    p.add_argument("--init-image", help="image file for img2img")
+    p.add_argument(
+        "--denoise", type=float, help="img2img strength in (0, 1] (default 0.6 with --init-image)"
+    )
     p.add_argument("--out", help="output PNG (default: sd3_SEED.png); never overwritten")
     p.add_argument("--save-latent", help="also write the final latent (what the VAE decodes) here")
     p.add_argument("--from-png", help="re-run the settings stored in a PNG made by sd3")
@@ -60,7 +86,9 @@ def parse_layers(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise ValueError(f"--slg-layers {text!r} must be comma-separated block numbers, e.g. 7,8,9") from None
+        raise ValueError(
+            f"--slg-layers {text!r} must be comma-separated block numbers, e.g. 7,8,9"
+        ) from None
 
 
 def stored_run(path: str) -> dict:
@@ -77,24 +105,25 @@ def stored_run(path: str) -> dict:
 
 def resolve_settings(args: argparse.Namespace, pipe: Pipeline, stored: dict | None) -> Settings:
     """The preset, then the PNG's settings, then what was given on the command line."""
-    s = Settings.from_dict(stored["settings"]) if stored else pipe.settings(args.prompt or "")
+    prompt = getattr(args, "prompt", None)
+    s = Settings.from_dict(stored["settings"]) if stored else pipe.settings(prompt or "")
     given = {
-        "prompt": args.prompt,
+        "prompt": prompt,
         "negative_prompt": args.negative,
         "steps": args.steps,
         "cfg": args.cfg,
         "sampler": args.sampler,
         "shift": args.shift,
-        "seed": args.seed,
+        "seed": getattr(args, "seed", None),
         "width": args.width,
         "height": args.height,
-        "num_images": args.batch,
-        "denoise": args.denoise,
+        "num_images": getattr(args, "batch", None),
+        "denoise": getattr(args, "denoise", None),
         "t5_length": args.t5_length,
         "use_t5": False if args.no_t5 else None,
     }
     s = replace(s, **{k: v for k, v in given.items() if v is not None})
-    if args.init_image and args.denoise is None and not stored:
+    if getattr(args, "init_image", None) and args.denoise is None and not stored:
         s = replace(s, denoise=0.6)
     slg_given = [args.slg_scale, args.slg_layers, args.slg_start, args.slg_end]
     if any(v is not None for v in slg_given):
@@ -110,8 +139,6 @@ def resolve_settings(args: argparse.Namespace, pipe: Pipeline, stored: dict | No
         )
     if s.slg is not None and s.slg.scale == 0:
         s = replace(s, slg=None)
-    if not s.prompt and not stored:
-        raise ValueError("give a prompt (or --from-png FILE)")
     return s
 
 
@@ -119,7 +146,11 @@ def output_paths(out: str | None, seed: int, n: int) -> list[Path]:
     """Where the images go. A given --out must not exist; default names step around existing files."""
     if out is not None:
         base = Path(out)
-        paths = [base] if n == 1 else [base.with_name(f"{base.stem}-{i}{base.suffix}") for i in range(n)]
+        paths = (
+            [base]
+            if n == 1
+            else [base.with_name(f"{base.stem}-{i}{base.suffix}") for i in range(n)]
+        )
         for path in paths:
             if path.exists():
                 raise FileExistsError(f"--out {path} exists already; sd3 never overwrites a file")
@@ -156,18 +187,22 @@ def a1111_parameters(s: Settings, model: str) -> str:
     return f"{s.prompt}\nNegative prompt: {s.negative_prompt}\n" + ", ".join(fields)
 
 
-def run_generate(args: argparse.Namespace) -> int:
-    stored = stored_run(args.from_png) if args.from_png else None
+def model_files(args: argparse.Namespace, stored: dict | None = None) -> dict:
+    """The files to load: stored ones (from a PNG), replaced by those given, else the bundled model."""
     files = dict(stored["files"]) if stored else {}
     for key in ("model", "clip_l", "clip_g", "t5xxl", "vae", "init_image", "dtype"):
-        if getattr(args, key) is not None:
+        if getattr(args, key, None) is not None:
             files[key] = getattr(args, key)
     if files.get("model") is None:
-        raise ValueError("give --model FILE_OR_FOLDER (a Stability .safetensors file or a diffusers folder)")
-    init_image = load_image(files["init_image"]) if files.get("init_image") else None
-    if args.save_latent and Path(args.save_latent).exists():
-        raise FileExistsError(f"--save-latent {args.save_latent} exists already; sd3 never overwrites a file")
+        if not DEFAULT_MODEL.is_file():
+            raise ValueError(
+                "give --model FILE_OR_FOLDER (a Stability .safetensors file or a diffusers folder)"
+            )
+        files["model"] = str(DEFAULT_MODEL)
+    return files
 
+
+def load_pipeline(files: dict, device: str) -> Pipeline:
     started = time.perf_counter()
     pipe = Pipeline.from_single_file(
         files["model"],
@@ -176,19 +211,36 @@ def run_generate(args: argparse.Namespace) -> int:
         t5xxl=files.get("t5xxl"),
         vae=files.get("vae"),
         dtype=DTYPES[files["dtype"]] if files.get("dtype") else None,
-        device=args.device,
+        device=device,
     )
+    dtype_name = {v: k for k, v in DTYPES.items()}[pipe.dtype]
+    files["dtype"] = dtype_name
+    print(
+        f"{pipe.preset.name}, {dtype_name} on {pipe.device}, loaded in {time.perf_counter() - started:.1f}s",
+        file=sys.stderr,
+    )
+    return pipe
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    stored = stored_run(args.from_png) if args.from_png else None
+    if not args.prompt and not stored:
+        raise ValueError("give a prompt (or --from-png FILE)")
+    files = model_files(args, stored)
+    init_image = load_image(files["init_image"]) if files.get("init_image") else None
+    if args.save_latent and Path(args.save_latent).exists():
+        raise FileExistsError(
+            f"--save-latent {args.save_latent} exists already; sd3 never overwrites a file"
+        )
+    pipe = load_pipeline(files, args.device)
     s = resolve_settings(args, pipe, stored)
     paths = output_paths(args.out, s.seed, s.num_images)
-    dtype_name = {v: k for k, v in DTYPES.items()}[pipe.dtype]
-    print(f"{pipe.preset.name}, {dtype_name} on {pipe.device}, loaded in {time.perf_counter() - started:.1f}s", file=sys.stderr)
 
     with tqdm(total=s.steps, desc="denoising", unit="step") as bar:
         latents = pipe.sample(s, init_image, callback=lambda *_: bar.update(1))
     images = pipe.decode(latents)
     if args.save_latent:
         save_file({"latent": from_latent_format(latents).contiguous()}, args.save_latent)
-    files["dtype"] = dtype_name
     for i, (image, path) in enumerate(zip(images, paths, strict=True)):
         one = replace(s, seed=s.seed + i, num_images=1)
         info = PngImagePlugin.PngInfo()
@@ -224,12 +276,36 @@ def run_inspect(args: argparse.Namespace) -> int:
         for name, comp in found.items():
             infer_config(comp)  # raises a clear error if the tensors do not fit together
             dtypes = "/".join(comp.stored_dtypes)
-            print(f"  {name:<7} {comp.num_params / 1e6:10.1f} M params  {dtypes:<14} {len(comp.tensors)} tensors")
+            print(
+                f"  {name:<7} {comp.num_params / 1e6:10.1f} M params  {dtypes:<14} {len(comp.tensors)} tensors"
+            )
     missing = [name for name in COMPONENTS if name not in found_all]
     for name in missing:
         need = "optional" if name == "t5xxl" else "required"
         print(f"  {name:<7} missing ({need}: give it with {OPTION_OF.get(name, '--model')})")
     return 0
+
+
+# --- eval ------------------------------------------------------------------------------------
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """The held-out prompt-adherence benchmark of a model (or of the renderer, with --oracle)."""
+    if args.oracle is not None:
+        return evaluation.run(args)
+    pipe = load_pipeline(model_files(args), args.device)
+    base = resolve_settings(args, pipe, None)
+
+    def generate(prompts: list[str], seed: int) -> list[Image.Image]:
+        # All prompts as one batch: image i gets seed + 1000 * seed_index + i, a fixed draw.
+        text = pipe.text_encoders(base.use_t5, base.t5_length)
+        with torch.no_grad():
+            context, pooled = text.encode([*prompts, base.negative_prompt])
+        s = replace(base, seed=1000 * seed, num_images=len(prompts))
+        conditioning = (context[:-1], pooled[:-1], context[-1:], pooled[-1:])
+        return pipe.decode(pipe.sample(s, conditioning=conditioning))
+
+    return evaluation.run(args, generate)
 
 
 # --- entry point -----------------------------------------------------------------------------
@@ -244,6 +320,17 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="what a checkpoint file or folder holds")
     ins.add_argument("paths", nargs="+", help="safetensors files or diffusers folders")
     ins.set_defaults(run=run_inspect)
+    ev = sub.add_parser(
+        "eval", help="GenEval-style prompt-adherence benchmark on held-out shape prompts"
+    )
+    add_model_arguments(ev)
+    evaluation.add_arguments(ev)
+    ev.set_defaults(run=run_eval)
+    from .training import command as train_command  # the trainer's imports only when needed
+
+    tr = sub.add_parser("train", help="rectified-flow training (full, LoRA, torchrun)")
+    train_command.add_arguments(tr)
+    tr.set_defaults(run=train_command.run)
     return parser
 
 

@@ -222,7 +222,7 @@ class Pipeline:
                 k: v for k, v in components.items() if k in ("clip_l", "clip_g", "t5xxl")
             },
             tokenizers=tokenizers,
-            preset=preset_for(mmdit.config, model_name),
+            preset=preset_for(mmdit.config, model_name, components["mmdit"].metadata),
             dtype=dtype,
             device=device,
             low_memory=low_memory,
@@ -320,7 +320,7 @@ class Pipeline:
         p = self.preset
         base = Settings(
             prompt=prompt, steps=p.steps, cfg=p.cfg, sampler=p.sampler, shift=p.shift,
-            width=p.size, height=p.size, slg=p.slg,
+            width=p.size, height=p.size, slg=p.slg, t5_length=p.t5_length,
         )  # fmt: skip
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 

@@ -4,6 +4,7 @@ The values are the published ones (the models' scheduler configs and Stability's
 every one of them can be overridden per call.
 """
 
+import json
 from dataclasses import dataclass
 
 from .models.mmdit import MMDiTConfig
@@ -19,6 +20,7 @@ class Preset:
     sampler: str
     slg: SkipLayerGuidance | None = None
     size: int = 1024
+    t5_length: int | None = None  # None: 77..256 tokens by prompt length, as the reference
 
 
 PRESETS = {
@@ -51,9 +53,16 @@ def detect_model(config: MMDiTConfig, filename: str = "") -> str:
     return "custom"
 
 
-def preset_for(config: MMDiTConfig, filename: str = "") -> Preset:
-    """The preset of a detected model; a custom-size model gets SD3-style defaults at the largest
-    size its positional table allows (up to 1024)."""
+PRESET_METADATA = "sd3_preset"  # a file's own preset, as JSON in its safetensors metadata
+
+
+def preset_for(config: MMDiTConfig, filename: str = "", metadata: dict | None = None) -> Preset:
+    """The preset a file carries in its metadata, else that of the detected model; a custom-size
+    model gets SD3-style defaults at the largest size its positional table allows (up to 1024)."""
+    if metadata and PRESET_METADATA in metadata:
+        fields = json.loads(metadata[PRESET_METADATA])
+        slg = fields.pop("slg", None)
+        return Preset(**fields, slg=SkipLayerGuidance(**slg) if slg else None)
     key = detect_model(config, filename)
     if key in PRESETS:
         return PRESETS[key]
