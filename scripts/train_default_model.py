@@ -1,0 +1,174 @@
+"""Train the bundled default model: a small model in the full SD3.5 architecture, on the procedural
+shapes dataset, on a CPU, with sd3's own trainer.
+
+    python scripts/train_default_model.py --out runs/default
+
+Stages (each resumable by re-running the same command):
+1. the 16-channel VAE, trained on shape scenes (reconstruction + small KL), its latents then scaled
+   to the MMDiT's latent format;
+2. CLIP-L, CLIP-G and T5 with the real tokenizers, small and frozen at their random initialisation
+   (every caption still gets a distinct, deterministic embedding);
+3. an MMDiT-X (RMS qk-norm, attn2 in the first blocks) trained with the rectified-flow objective and
+   logit-normal timestep sampling, EMA weights exported in the official single-file layout (fp16).
+
+The result goes to `--export` (by default the package's `assets/default/sd3_shapes.safetensors`),
+with a preset in its metadata, and the stage times and loss curve to `--out/record.json`.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sd3.models.clip import CLIPConfig, CLIPTextModel
+from sd3.models.mmdit import MMDiT, MMDiTConfig
+from sd3.models.t5 import T5Config, T5Encoder
+from sd3.models.vae import AutoEncoder, VAEConfig
+from sd3.presets import PRESET_METADATA
+from sd3.text import TextEncoders
+from sd3.training.autoencoder import fit_latent_format, train_autoencoder
+from sd3.training.checkpoint import save_atomic
+from sd3.training.data import encode_latents
+from sd3.training.export import export_single_file
+from sd3.training.fresh import init_mmdit
+from sd3.training.shapes import ShapesDataset
+from sd3.training.trainer import TrainConfig, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_EXPORT = ROOT / "src" / "sd3" / "assets" / "default" / "sd3_shapes.safetensors"
+
+SIZE = 64  # image size: latents 8x8, 16 image tokens
+T5_LENGTH = 32  # captions are short; the preset fixes the T5 length to this
+PRESET = {"name": "sd3 shapes (bundled)", "steps": 20, "cfg": 4.0, "shift": 1.0, "sampler": "euler",
+          "size": SIZE, "t5_length": T5_LENGTH}  # fmt: skip
+
+
+def text_encoders(seed: int) -> dict[str, torch.nn.Module]:
+    torch.manual_seed(seed)
+    width = 64
+    models = {
+        "clip_l": CLIPTextModel(CLIPConfig(width=width, layers=2, heads=1, mlp_width=4 * width)),
+        "clip_g": CLIPTextModel(
+            CLIPConfig(width=width, layers=2, heads=1, mlp_width=4 * width, hidden_act="gelu", project_pooled=True)
+        ),
+        "t5xxl": T5Encoder(T5Config(d_model=width, layers=2, heads=1, d_ff=2 * width)),
+    }
+    for m in models.values():
+        m.eval().requires_grad_(False)
+    return models
+
+
+def mmdit(hidden: int, depth: int, context: int, pooled: int, seed: int) -> MMDiT:
+    torch.manual_seed(seed)
+    config = MMDiTConfig(
+        hidden_size=hidden, depth=depth, mlp_hidden=4 * hidden, pos_embed_max_size=16,
+        context_dim=context, pooled_dim=pooled, qk_norm=True, attn2_layers=tuple(range(depth // 2)),
+    )  # fmt: skip
+    return init_mmdit(MMDiT(config))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="working folder (checkpoints, logs)")
+    p.add_argument("--export", type=Path, default=DEFAULT_EXPORT)
+    p.add_argument("--scenes", type=int, default=40_000, help="training scenes")
+    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=6000, help="MMDiT optimizer steps")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--hidden", type=int, default=192)
+    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--timestep-sampling", default="logit_normal", choices=["uniform", "logit_normal", "mode", "cosmap"])
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    record_path = args.out / "record.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {"command": sys.argv}
+    data = ShapesDataset(size=SIZE, length=args.scenes, seed=args.seed)
+
+    # 1. the autoencoder
+    vae_file = args.out / "vae.safetensors"
+    vae = AutoEncoder(VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1))
+    if vae_file.is_file():
+        vae.load_state_dict(_load(vae_file))
+    else:
+        started = time.perf_counter()
+        losses = train_autoencoder(vae, data, steps=args.vae_steps, batch_size=32, lr=1e-3, seed=args.seed)
+        images = torch.stack([data[i][0] for i in range(512)])
+        fit_latent_format(vae, images)
+        save_atomic(vae_file, {k: v.contiguous() for k, v in vae.state_dict().items()})
+        record["vae"] = {"seconds": round(time.perf_counter() - started), "steps": args.vae_steps,
+                         "loss_first": losses[0], "loss_last_100": sum(losses[-100:]) / 100}  # fmt: skip
+        record_path.write_text(json.dumps(record, indent=1))
+    vae.eval().requires_grad_(False)
+
+    # 2. latents of every scene
+    latent_file = args.out / "latents.safetensors"
+    if latent_file.is_file():
+        stored = _load(latent_file)
+        latents, captions = stored["latents"], json.loads(_meta(latent_file)["captions"])
+    else:
+        started = time.perf_counter()
+        latents, captions = encode_latents(data, vae)
+        save_atomic(latent_file, {"latents": latents.contiguous()}, {"captions": json.dumps(captions)})
+        record["latents_seconds"] = round(time.perf_counter() - started)
+        record_path.write_text(json.dumps(record, indent=1))
+
+    # 3. the MMDiT on frozen random text encoders
+    encoders = text_encoders(args.seed + 1)
+    width = encoders["clip_l"].config.width + encoders["clip_g"].config.width
+    model = mmdit(args.hidden, args.depth, context=width, pooled=width, seed=args.seed + 2)
+    text = TextEncoders(encoders["clip_l"], encoders["clip_g"], encoders["t5xxl"], context_width=width, t5_length=T5_LENGTH)
+    config = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_schedule="cosine", warmup_steps=200,
+        timestep_sampling=args.timestep_sampling, ema_decay=0.999, grad_clip=1.0, text_dropout=0.1,
+        bf16=True, checkpoint_every=250, seed=args.seed,
+    )  # fmt: skip
+    trainer = Trainer(config, model, text, latents, captions, args.out, metadata={"recipe": sys.argv})
+    if trainer.checkpoint_path.is_file():
+        trainer.resume()
+    started = time.perf_counter()
+    step = trainer.train()
+    record.setdefault("mmdit_seconds", 0)
+    record["mmdit_seconds"] += round(time.perf_counter() - started)
+    if step < config.steps:
+        print(f"stopped at step {step}; re-run the same command to continue", file=sys.stderr)
+        record_path.write_text(json.dumps(record, indent=1))
+        return 130
+
+    log = [json.loads(line) for line in (args.out / "log.jsonl").read_text().splitlines()]
+    every = max(1, len(log) // 40)
+    record["loss_curve"] = [
+        [e["step"], round(sum(x["loss"] for x in log[i : i + every]) / len(log[i : i + every]), 4)]
+        for i, e in enumerate(log[::every][:40]) for i in [i * every]
+    ]  # fmt: skip
+    record["mmdit_params"] = sum(p.numel() for p in model.parameters())
+    record_path.write_text(json.dumps(record, indent=1))
+
+    # 4. export: EMA weights, fp16, official layout, with the preset
+    with trainer.ema_weights():
+        args.export.parent.mkdir(parents=True, exist_ok=True)
+        export_single_file(
+            args.export, {"mmdit": model, "vae": vae, **encoders}, "fp16", {PRESET_METADATA: json.dumps(PRESET)}
+        )
+    print(f"exported {args.export} ({args.export.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
+    return 0
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _meta(path: Path) -> dict:
+    from sd3.checkpoints import SafetensorsFile
+
+    return SafetensorsFile(path).metadata
+
+
+if __name__ == "__main__":
+    sys.exit(main())

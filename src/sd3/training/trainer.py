@@ -1,0 +1,451 @@
+"""Training an SD3 MMDiT with the rectified-flow objective (Esser et al. 2024): the loop.
+
+One step: take the global batch for this step (a seeded permutation of the dataset per epoch),
+draw noise, u (-> sigma) and the text-encoder dropout for every sample of it from a generator
+seeded by (seed, step), keep this process's slice, compute `flow_loss` under optional bf16 autocast,
+and take an AdamW step with gradient clipping, then update the EMA. Since all randomness is a
+function of (seed, step, sample), `resume` continues exactly, and N data-parallel processes
+(torchrun, DDP) produce the weights one process would with the same global batch.
+
+Out folder: `checkpoint.safetensors` (trainable weights, EMA, AdamW state; step and config as JSON
+metadata; replaced atomically every `checkpoint_every` steps and at the end or on Ctrl-C) and
+`log.jsonl` (one line per step: loss, lr, grad norm, images/s).
+"""
+
+import json
+import math
+import signal
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+from sd3.models.mmdit import MMDiT
+from sd3.text import CLIP_LENGTH, T5_MIN_LENGTH, TextEncoders
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .conditioning import TextCache, encode_text, t5_length_for, truncation_report
+from .flow import TimestepSampling, flow_loss
+from .lora import DEFAULT_TARGETS, add_lora
+
+CHECKPOINT = "checkpoint.safetensors"
+LOG = "log.jsonl"
+TEXT_CACHE_BYTES = 8 * 2**30  # beyond this, frozen text encoders run every step instead
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 8  # global batch: split over the data-parallel processes
+    lr: float = 1e-4
+    lr_schedule: str = "constant"  # or "cosine" (to 0 at `steps`); both after a linear warmup
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    timestep_sampling: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    shift: float = 1.0
+    ema_decay: float = 0.999  # 0 turns the EMA off
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    text_dropout: float = 0.1  # per encoder and sample (the SD3 paper used 0.464)
+    bf16: bool = False  # bf16 autocast; weights and optimizer state stay float32
+    grad_checkpointing: bool = False
+    train_text_encoders: bool = False
+    lora_rank: int = 0  # > 0: train LoRA adapters only
+    lora_alpha: float | None = None  # None: alpha = rank
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS
+    checkpoint_every: int = 500
+    seed: int = 0
+
+    def __post_init__(self):
+        self.adam_betas = tuple(self.adam_betas)
+        self.lora_targets = tuple(self.lora_targets)
+        positive = ("steps", "batch_size", "checkpoint_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "lora_rank"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(
+                f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}"
+            )
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.text_dropout <= 1:
+            raise ValueError(f"text_dropout must be in [0, 1], got {self.text_dropout}")
+        if self.lora_rank and self.train_text_encoders:
+            raise ValueError("LoRA training (lora_rank > 0) keeps the text encoders frozen")
+        self.sampling()  # validates the timestep sampling and shift
+
+    def sampling(self) -> TimestepSampling:
+        return TimestepSampling(
+            self.timestep_sampling, self.logit_mean, self.logit_std, self.mode_scale, self.shift
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def enable_gradient_checkpointing(mmdit: MMDiT) -> None:
+    """Recompute each joint block's activations in the backward pass instead of storing them.
+    The blocks' `forward` is replaced per instance, so parameter names stay as they are."""
+    for block in mmdit.joint_blocks:
+        if not getattr(block, "checkpointed", False):
+            inner = block.forward
+            block.forward = lambda *args, f=inner: checkpoint(f, *args, use_reentrant=False)
+            block.checkpointed = True
+
+
+class FlowObjective(nn.Module):
+    """The trainable networks and the loss as one module (what DDP wraps). With trainable text
+    encoders the prompts are encoded here, with autograd; otherwise (context, pooled) come cached."""
+
+    def __init__(self, mmdit: MMDiT, text_encoders: TextEncoders | None = None):
+        super().__init__()
+        self.mmdit = mmdit
+        self.text_encoders = text_encoders
+
+    def forward(
+        self,
+        x0: Tensor,
+        noise: Tensor,
+        sigma: Tensor,
+        context: Tensor | None = None,
+        pooled: Tensor | None = None,
+        prompts: list[str] | None = None,
+        keep: Tensor | None = None,
+        t5_length: int = T5_MIN_LENGTH,
+    ) -> Tensor:
+        if prompts is not None:
+            context, pooled = encode_text(self.text_encoders, prompts, t5_length, keep)
+        return flow_loss(self.mmdit, x0, noise, sigma, context, pooled)
+
+
+class Trainer:
+    """Trains `mmdit` (and optionally the text encoders, or LoRA adapters) on VAE latents with
+    captions. Construct it in every process of a torchrun job after `init_process_group`."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        mmdit: MMDiT,
+        text_encoders: TextEncoders,
+        latents: Tensor,
+        captions: list[str],
+        out_dir: str | Path,
+        metadata: dict | None = None,
+        progress: bool = True,
+    ):
+        if len(latents) != len(captions) or len(latents) == 0:
+            raise ValueError(
+                f"need as many captions as latents (>= 1), got {len(captions)} and {len(latents)}"
+            )
+        self.config = c = config
+        self.out_dir = Path(out_dir)
+        self.metadata = metadata or {}
+        self.progress = progress
+        self.rank, self.world = (
+            (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        )
+        if c.batch_size % self.world:
+            raise ValueError(
+                f"batch_size {c.batch_size} must be divisible by the number of processes {self.world}"
+            )
+        self.device = next(mmdit.parameters()).device
+        self.mmdit, self.text_encoders = mmdit, text_encoders
+        self.latents, self.captions = latents, captions
+        self.sampling = c.sampling()
+        self.t5_length = t5_length_for(text_encoders, captions)
+        report = truncation_report(text_encoders, captions, self.t5_length)
+        if report and self.rank == 0:
+            warnings.warn(report, stacklevel=2)
+
+        text_encoders.requires_grad_(c.train_text_encoders)
+        for clip in (text_encoders.clip_l, text_encoders.clip_g):
+            if hasattr(clip, "text_projection") and not clip.config.project_pooled:
+                clip.text_projection.requires_grad_(
+                    False
+                )  # unused (CLIP-L's pooled is unprojected)
+        if c.lora_rank:
+            add_lora(mmdit, c.lora_rank, c.lora_alpha, c.lora_targets)
+            mmdit.to(self.device)
+        else:
+            mmdit.requires_grad_(True)
+            mmdit.pos_embed.requires_grad_(False)  # SD3's fixed sin-cos table
+        if c.grad_checkpointing:
+            enable_gradient_checkpointing(mmdit)
+        # frozen encoders: embed each distinct caption once, unless that would not fit in memory
+        cache_bytes = (
+            4 * len(set(captions)) * (CLIP_LENGTH + self.t5_length) * text_encoders.context_width
+        )
+        self.text_cache = None
+        if not c.train_text_encoders and cache_bytes <= TEXT_CACHE_BYTES:
+            with tqdm(
+                total=len(set(captions)), desc="encoding captions", unit="caption",
+                disable=self.rank != 0 or not progress,
+            ) as bar:  # fmt: skip
+                self.text_cache = TextCache(text_encoders, captions, progress=bar.update)
+            self.rows = self.text_cache.rows(captions)
+        self.objective = FlowObjective(mmdit, text_encoders if self.text_cache is None else None)
+        self.objective.train()
+        self.params = {n: p for n, p in self.objective.named_parameters() if p.requires_grad}
+        self.optimizer = torch.optim.AdamW(
+            self.params.values(), lr=c.lr, betas=c.adam_betas, weight_decay=c.weight_decay
+        )
+        self.ema = {n: p.detach().clone() for n, p in self.params.items()} if c.ema_decay else {}
+        self.model = DistributedDataParallel(self.objective) if self.world > 1 else self.objective
+        self.step = 0  # steps completed
+        self._orders: dict[int, Tensor] = {}
+
+    # --- data and randomness ------------------------------------------------------------
+
+    def order(self, epoch: int) -> Tensor:
+        if epoch not in self._orders:
+            g = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
+            self._orders = {epoch: torch.randperm(len(self.latents), generator=g)}
+        return self._orders[epoch]
+
+    def batch(self, step: int) -> dict:
+        """This process's part of the global batch of `step` (0-based)."""
+        c, n = self.config, len(self.latents)
+        numbers = range(step * c.batch_size, (step + 1) * c.batch_size)
+        indices = torch.stack([self.order(k // n)[k % n] for k in numbers])
+        g = torch.Generator().manual_seed(c.seed * 1_000_003 + step)
+        noise = torch.randn((c.batch_size, *self.latents.shape[1:]), generator=g)
+        sigma = self.sampling(torch.rand(c.batch_size, generator=g))
+        keep = torch.rand(c.batch_size, 3, generator=g) >= c.text_dropout
+        local = slice(
+            self.rank * c.batch_size // self.world, (self.rank + 1) * c.batch_size // self.world
+        )
+        indices, noise, sigma, keep = indices[local], noise[local], sigma[local], keep[local]
+        batch = {
+            "x0": self.latents[indices].to(self.device),
+            "noise": noise.to(self.device),
+            "sigma": sigma.to(self.device),
+        }
+        if self.text_cache is not None:
+            context, pooled = self.text_cache.get(self.rows[indices], keep)
+            batch |= {"context": context.to(self.device), "pooled": pooled.to(self.device)}
+        else:
+            batch |= {
+                "prompts": [self.captions[i] for i in indices.tolist()],
+                "keep": keep,
+                "t5_length": self.t5_length,
+            }
+        return batch
+
+    def lr_at(self, step: int) -> float:
+        c = self.config
+        if step < c.warmup_steps:
+            return c.lr * (step + 1) / (c.warmup_steps + 1)
+        if c.lr_schedule == "cosine":
+            progress = (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps)
+            return c.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return c.lr
+
+    # --- one step ---------------------------------------------------------------------------
+
+    def train_step(self) -> tuple[Tensor, Tensor]:
+        """One optimizer step; returns (loss of this process's samples, gradient norm)."""
+        c = self.config
+        batch = self.batch(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16) if c.bf16 else nullcontext()
+        )
+        with autocast:
+            loss = self.model(**batch)
+        loss.backward()
+        params = list(self.params.values())
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip or math.inf)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if self.ema:
+            # warm-up of the decay (as in many EMA implementations) so early EMAs are not the init
+            decay = min(c.ema_decay, (1 + self.step) / (10 + self.step))
+            torch._foreach_lerp_(list(self.ema.values()), [p.detach() for p in params], 1 - decay)
+        return loss.detach(), grad_norm.detach()
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def train(self) -> int:
+        """Train up to `config.steps`; returns the step reached (less on Ctrl-C)."""
+        c = self.config
+        stop = {"requested": False}
+        restore = self._catch_interrupt(stop)
+        log = open(self.out_dir / LOG, "a") if self.rank == 0 else None
+        bar = tqdm(
+            total=c.steps, initial=self.step, disable=self.rank != 0 or not self.progress,
+            unit="step", dynamic_ncols=True,
+        )  # fmt: skip
+        rate, last = None, time.perf_counter()
+        try:
+            while self.step < c.steps:
+                loss, grad_norm = self.train_step()
+                summary = torch.stack(
+                    [loss.float(), torch.tensor(float(stop["requested"])).to(loss)]
+                )
+                if self.world > 1:  # the mean loss, and whether any process was interrupted
+                    dist.all_reduce(summary)
+                    summary[0] /= self.world
+                now = time.perf_counter()
+                speed = c.batch_size / (now - last)
+                rate = speed if rate is None else 0.9 * rate + 0.1 * speed
+                last = now
+                if log is not None:
+                    stats = {
+                        "step": self.step, "loss": summary[0].item(), "lr": self.lr_at(self.step - 1),
+                        "grad_norm": grad_norm.item(), "images_per_s": round(speed, 3),
+                    }  # fmt: skip
+                    log.write(json.dumps(stats) + "\n")
+                    bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{rate:.1f}", refresh=False)
+                bar.update()
+                if self.step % c.checkpoint_every == 0 or self.step == c.steps or summary[1] > 0:
+                    if log is not None:
+                        log.flush()
+                    self.save()
+                if summary[1] > 0:
+                    if self.rank == 0:
+                        bar.write(f"interrupted: saved step {self.step} to {self.checkpoint_path}")
+                    break
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+            restore()
+        return self.step
+
+    def _catch_interrupt(self, stop: dict):
+        """Ctrl-C (or SIGTERM, as torchrun and schedulers send) finishes the current step, saves
+        and stops; a second one aborts at once (the last checkpoint stays intact)."""
+        signals = (signal.SIGINT, signal.SIGTERM)
+        try:
+            previous = {s: signal.getsignal(s) for s in signals}
+
+            def handler(signum, frame):
+                stop["requested"] = True
+                signal.signal(signum, previous[signum])
+
+            for s in signals:
+                signal.signal(s, handler)
+        except ValueError:  # not the main thread: no handler
+            return lambda: None
+
+        def restore():
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+        return restore
+
+    # --- checkpoints -----------------------------------------------------------------------
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / CHECKPOINT
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        tensors = {f"params.{n}": p.detach() for n, p in self.params.items()}
+        tensors |= {f"ema.{n}": t for n, t in self.ema.items()}
+        names = list(self.params)
+        for i, state in self.optimizer.state_dict()["state"].items():
+            for key, value in state.items():
+                tensors[f"optimizer.{names[i]}.{key}"] = value
+        return tensors
+
+    def save(self) -> None:
+        """Write the checkpoint (process 0; the others wait, so no one runs ahead of a save)."""
+        if self.rank == 0:
+            state = {
+                "step": self.step,
+                "config": asdict(self.config),
+                "world_size": self.world,
+                "metadata": self.metadata,
+            }
+            save_checkpoint(self.checkpoint_path, self.state_tensors(), state)
+        if self.world > 1:
+            dist.barrier()
+
+    def resume(self, path: str | Path | None = None) -> int:
+        """Load a checkpoint written by `save` (default: this out_dir's); returns its step."""
+        path = Path(path) if path is not None else self.checkpoint_path
+        tensors, state = load_checkpoint(path)
+        names = list(self.params)
+        expected = {f"params.{n}" for n in names}
+        found = {k for k in tensors if k.startswith("params.")}
+        if expected != found:
+            raise ValueError(
+                f"{path}: its trainable tensors do not match this run (different model or LoRA/text "
+                f"encoder settings): missing {sorted(expected - found)[:3]}, "
+                f"unexpected {sorted(found - expected)[:3]}"
+            )
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(tensors[f"params.{n}"])
+                if self.ema:
+                    self.ema[n].copy_(tensors.get(f"ema.{n}", tensors[f"params.{n}"]))
+        optim_state = {}
+        for i, n in enumerate(names):
+            entry = {
+                key.removeprefix(f"optimizer.{n}."): t
+                for key, t in tensors.items()
+                if key.startswith(f"optimizer.{n}.")
+            }
+            if entry:
+                optim_state[i] = entry
+        groups = self.optimizer.state_dict()["param_groups"]
+        self.optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
+        self.step = int(state["step"])
+        if self.rank == 0:
+            self._truncate_log()
+        return self.step
+
+    def _truncate_log(self) -> None:
+        """Drop log lines past the checkpoint (steps that will be redone)."""
+        path = self.out_dir / LOG
+        if path.is_file():
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= self.step:
+                        kept.append(line)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    pass  # a line cut short by a kill
+            path.write_text("".join(line + "\n" for line in kept))
+
+    # --- results ---------------------------------------------------------------------------
+
+    @contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """Within this block the trainable parameters hold their EMA (if there is one)."""
+        if not self.ema:
+            yield
+            return
+        backup = {n: p.detach().clone() for n, p in self.params.items()}
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(self.ema[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(backup[n])
