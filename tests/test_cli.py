@@ -138,3 +138,12 @@ def test_inspect(model_file, models, tmp_path, capsys):
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 20)
     assert main(["inspect", str(tmp_path / "junk.safetensors")]) == 2
     assert "junk.safetensors: not a safetensors file" in capsys.readouterr().err
+
+
+def test_eval_runs_a_batch_of_prompts_against_one_negative(model_file, capsys):
+    # one batch of 5 prompts with CFG: the negative prompt's conditioning is shared by all rows
+    argv = ["eval", "--model", str(model_file), "--steps", "2", "--width", "32", "--height", "32"]
+    assert main([*argv, "--dtype", "fp32", "--cfg", "3", "--limit", "5"]) == 0
+    report = capsys.readouterr().out
+    line = next(ln for ln in report.splitlines() if ln.startswith("all images"))
+    assert line.split()[-2] == "5"  # passed / total / accuracy: every image was generated and scored

@@ -181,6 +181,20 @@ def test_cfg_batches_cond_and_uncond():
     assert err < 1e-6
 
 
+def test_cfg_one_negative_serves_a_batch_of_prompts():
+    """`sd3 eval` batches prompts against one negative; each row equals its own single run."""
+    mmdit = FakeMMDiT()
+    context, pooled, neg_context, neg_pooled = conditioning()
+    contexts, pooleds = torch.cat([context, 2 * context]), torch.cat([pooled, -pooled])
+    x = get_noise(0, 2, 32, 32)
+    sigma = torch.tensor(0.5)
+    batched = cfg_denoiser(mmdit, contexts, pooleds, neg_context, neg_pooled, 3.0)(x, sigma, 0)
+    for i in range(2):
+        alone = cfg_denoiser(mmdit, contexts[i : i + 1], pooleds[i : i + 1], neg_context,
+                             neg_pooled, 3.0)(x[i : i + 1], sigma, 0)  # fmt: skip
+        assert max_rel_err(batched[i : i + 1], alone) < 1e-6
+
+
 def test_skip_layer_guidance_window_and_formula():
     mmdit = FakeMMDiT()
     context, pooled, neg_context, neg_pooled = conditioning()

@@ -103,7 +103,7 @@ def cfg_denoiser(
             raise ValueError(
                 f"guidance_scale {guidance_scale} != 1 needs neg_context and neg_pooled"
             )
-        if neg_context.shape != context.shape or neg_pooled.shape != pooled.shape:
+        if neg_context.shape[1:] != context.shape[1:] or neg_pooled.shape[1:] != pooled.shape[1:]:
             raise ValueError(
                 f"negative conditioning {tuple(neg_context.shape)}, {tuple(neg_pooled.shape)} must "
                 f"match the positive {tuple(context.shape)}, {tuple(pooled.shape)}"
