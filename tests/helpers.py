@@ -91,38 +91,93 @@ def save_single_file(path, models: dict[str, torch.nn.Module], dtype=torch.float
     return path
 
 
-def diffusers_mmdit(model):
+def diffusers_mmdit(model, dtype=torch.float32):
     """diffusers' SD3Transformer2DModel holding `model`'s weights, converted by diffusers' own code."""
+    return diffusers_mmdit_from(model.config, model.state_dict(), dtype)
+
+
+def diffusers_mmdit_from(c, state: dict[str, torch.Tensor], dtype=torch.float32):
+    """diffusers' SD3Transformer2DModel for our MMDiTConfig `c` and official-layout `state`."""
     from diffusers import SD3Transformer2DModel
     from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 
-    c = model.config
-    ref = SD3Transformer2DModel(
-        sample_size=c.pos_embed_max_size * 2, patch_size=c.patch_size, in_channels=c.in_channels,
-        num_layers=c.depth, attention_head_dim=64, num_attention_heads=c.num_heads,
-        joint_attention_dim=c.context_dim, caption_projection_dim=c.hidden_size,
-        pooled_projection_dim=c.pooled_dim, out_channels=c.out_channels,
-        pos_embed_max_size=c.pos_embed_max_size, dual_attention_layers=c.attn2_layers,
-        qk_norm="rms_norm" if c.qk_norm else None,
-    )  # fmt: skip
-    sd = {PREFIXES["mmdit"] + k: v.detach().clone().float() for k, v in model.state_dict().items()}
-    ref.load_state_dict(convert_sd3_transformer_checkpoint_to_diffusers(sd), strict=True)
+    with torch.device("meta"):
+        ref = SD3Transformer2DModel(
+            sample_size=c.pos_embed_max_size * 2, patch_size=c.patch_size, in_channels=c.in_channels,
+            num_layers=c.depth, attention_head_dim=64, num_attention_heads=c.num_heads,
+            joint_attention_dim=c.context_dim, caption_projection_dim=c.hidden_size,
+            pooled_projection_dim=c.pooled_dim, out_channels=c.out_channels,
+            pos_embed_max_size=c.pos_embed_max_size, dual_attention_layers=c.attn2_layers,
+            qk_norm="rms_norm" if c.qk_norm else None,
+        )  # fmt: skip
+    sd = {PREFIXES["mmdit"] + k: v.detach().to(dtype) for k, v in state.items()}
+    ref.load_state_dict(
+        convert_sd3_transformer_checkpoint_to_diffusers(sd), strict=True, assign=True
+    )
     return ref.eval()
 
 
-def diffusers_vae(model):
+def diffusers_vae(model, dtype=torch.float32):
     """diffusers' AutoencoderKL holding `model`'s weights, converted by diffusers' own code."""
+    return diffusers_vae_from(model.config, model.state_dict(), dtype)
+
+
+def diffusers_vae_from(c, state: dict[str, torch.Tensor], dtype=torch.float32):
+    """diffusers' AutoencoderKL for our VAEConfig `c` and official-layout `state`."""
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-    c = model.config
     n = len(c.ch_mult)
-    ref = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=[c.ch * m for m in c.ch_mult], layers_per_block=c.num_res_blocks,
-        latent_channels=c.z_channels, use_quant_conv=False, use_post_quant_conv=False,
-        shift_factor=0.0609, scaling_factor=1.5305,
+    with torch.device("meta"):
+        ref = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+            block_out_channels=[c.ch * m for m in c.ch_mult], layers_per_block=c.num_res_blocks,
+            latent_channels=c.z_channels, use_quant_conv=False, use_post_quant_conv=False,
+            shift_factor=0.0609, scaling_factor=1.5305,
+        )  # fmt: skip
+    sd = {PREFIXES["vae"] + k: v.detach().to(dtype) for k, v in state.items()}
+    ref.load_state_dict(convert_ldm_vae_checkpoint(sd, ref.config), strict=True, assign=True)
+    return ref.eval()
+
+
+def transformers_clip(c, state: dict[str, torch.Tensor], with_projection: bool):
+    """transformers' CLIPTextModel(WithProjection) for our CLIPConfig `c`, holding `state`."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    hf_config = CLIPTextConfig(
+        vocab_size=c.vocab_size, hidden_size=c.width, intermediate_size=c.mlp_width,
+        projection_dim=c.width, num_hidden_layers=c.layers, num_attention_heads=c.heads,
+        max_position_embeddings=c.max_positions, hidden_act=c.hidden_act,
+        bos_token_id=c.vocab_size - 2, eos_token_id=c.vocab_size - 1,
     )  # fmt: skip
-    sd = {PREFIXES["vae"] + k: v.detach().clone().float() for k, v in model.state_dict().items()}
-    ref.load_state_dict(convert_ldm_vae_checkpoint(sd, ref.config), strict=True)
+    # not on meta: transformers' CLIP keeps a non-persistent position_ids buffer
+    ref = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(hf_config)
+    if not with_projection:  # transformers 5 names its bare text model without "text_model."
+        state = {
+            k.removeprefix("text_model."): v
+            for k, v in state.items()
+            if k != "text_projection.weight"
+        }
+    ref.load_state_dict(state, assign=True)
+    return ref.eval()
+
+
+def transformers_t5(c, state: dict[str, torch.Tensor]):
+    """transformers' T5 v1.1 encoder for our T5Config `c`, sharing `state`'s tensors (no copies)."""
+    from transformers import T5Config as HFT5Config
+    from transformers import T5EncoderModel
+
+    hf_config = HFT5Config(
+        vocab_size=c.vocab_size, d_model=c.d_model, d_kv=64, d_ff=c.d_ff, num_layers=c.layers,
+        num_heads=c.heads, relative_attention_num_buckets=c.num_buckets,
+        relative_attention_max_distance=c.max_distance, feed_forward_proj="gated-gelu",
+        dropout_rate=0.0, is_encoder_decoder=False,
+    )  # fmt: skip
+    assert hf_config.is_gated_act and hf_config.dense_act_fn == "gelu_new"
+    with torch.device("meta"):
+        ref = T5EncoderModel(hf_config)
+    ref.load_state_dict(
+        {"shared.weight": state["encoder.embed_tokens.weight"], **state}, assign=True
+    )
+    ref.encoder.embed_tokens.weight = ref.shared.weight  # re-tie after assign
     return ref.eval()

@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from helpers import max_rel_err, read_layout
-from transformers import CLIPTextConfig
+from helpers import max_rel_err, read_layout, transformers_clip
 from transformers import CLIPTextModel as HFCLIPTextModel
 from transformers import CLIPTextModelWithProjection as HFCLIPTextModelWithProjection
 
@@ -33,26 +32,7 @@ def build_pair(config: CLIPConfig, hf_cls, seed: int = 0):
     ours = CLIPTextModel(config).eval()
     state = random_state(ours, seed)
     ours.load_state_dict(state)
-    hf_config = CLIPTextConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.width,
-        intermediate_size=config.mlp_width,
-        projection_dim=config.width,
-        num_hidden_layers=config.layers,
-        num_attention_heads=config.heads,
-        max_position_embeddings=config.max_positions,
-        hidden_act=config.hidden_act,
-        bos_token_id=config.vocab_size - 2,
-        eos_token_id=config.vocab_size - 1,
-    )
-    ref = hf_cls(hf_config).eval()
-    if hf_cls is HFCLIPTextModel:  # transformers 5 names its bare text model without "text_model."
-        state = {
-            k.removeprefix("text_model."): v
-            for k, v in state.items()
-            if k != "text_projection.weight"
-        }
-    ref.load_state_dict(state)
+    ref = transformers_clip(config, state, with_projection=hf_cls is HFCLIPTextModelWithProjection)
     return ours, ref
 
 

@@ -2,9 +2,7 @@
 
 import pytest
 import torch
-from helpers import max_rel_err, read_layout
-from transformers import T5Config as HFT5Config
-from transformers import T5EncoderModel
+from helpers import max_rel_err, read_layout, transformers_t5
 from transformers.models.t5.modeling_t5 import T5Attention as HFT5Attention
 
 from sd3.models.t5 import T5Config, T5Encoder, relative_position_bucket
@@ -41,34 +39,9 @@ def build(config: T5Config, state: dict[str, torch.Tensor]) -> T5Encoder:
     return model.eval()
 
 
-def reference(config: T5Config, state: dict[str, torch.Tensor]) -> T5EncoderModel:
-    """transformers' T5 v1.1 encoder sharing the same tensors (no copies: the full-size layer is big)."""
-    hf_config = HFT5Config(
-        vocab_size=config.vocab_size,
-        d_model=config.d_model,
-        d_kv=64,
-        d_ff=config.d_ff,
-        num_layers=config.layers,
-        num_heads=config.heads,
-        relative_attention_num_buckets=config.num_buckets,
-        relative_attention_max_distance=config.max_distance,
-        feed_forward_proj="gated-gelu",
-        dropout_rate=0.0,
-        is_encoder_decoder=False,
-    )
-    assert hf_config.is_gated_act and hf_config.dense_act_fn == "gelu_new"
-    with torch.device("meta"):
-        ref = T5EncoderModel(hf_config)
-    ref.load_state_dict(
-        {"shared.weight": state["encoder.embed_tokens.weight"], **state}, assign=True
-    )
-    ref.encoder.embed_tokens.weight = ref.shared.weight  # re-tie after assign
-    return ref.eval()
-
-
 def compare(config: T5Config, ids: torch.Tensor, seed: int = 0) -> float:
     state = random_state(config, seed)
-    ours, ref = build(config, state), reference(config, state)
+    ours, ref = build(config, state), transformers_t5(config, state)
     with torch.no_grad():
         return max_rel_err(ours(ids), ref(input_ids=ids).last_hidden_state)
 

@@ -10,7 +10,7 @@ from helpers import max_rel_err, tiny_models
 
 from sd3.text import TextEncoders
 from sd3.training.conditioning import TextCache, encode_text, t5_length_for
-from sd3.training.flow import TimestepSampling, flow_loss
+from sd3.training.flow import TimestepSampling, flow_loss, validation_loss
 
 N = 200_000
 
@@ -159,6 +159,19 @@ def test_flow_loss_by_hand():
         (noise[1] - (noise[1] - x0[1])) ** 2
     ).sum()
     assert torch.allclose(loss, expected / x0.numel(), rtol=1e-6)
+
+
+def test_validation_loss_by_hand():
+    """A model predicting x itself: at sigma, x_t - (noise - x0) = (2 - sigma) x0 - (1 - sigma) noise,
+    so the loss at each level is a closed form of the fixed noise draw; batching changes nothing."""
+    x0 = torch.randn(5, 16, 4, 4)
+    context, pooled = torch.zeros(5, 3, 4), torch.zeros(5, 6)
+    losses = validation_loss(lambda x, *_: x, x0, context, pooled, levels=4, seed=3, batch_size=2)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+    for k, loss in enumerate(losses):
+        sigma = (k + 0.5) / 4
+        expected = (((2 - sigma) * x0 - (1 - sigma) * noise) ** 2).mean().item()
+        assert loss == pytest.approx(expected, rel=1e-5)
 
 
 # --- text-encoder dropout ---------------------------------------------------------------------

@@ -1,0 +1,398 @@
+"""sd3 against diffusers (and transformers for the text encoders) on this machine, side by side,
+with the machine's own limits; writes benchmarks/RESULTS.md.
+
+    python benchmarks/run.py [--rows mmdit-512,vae-decode-1024,...] [--repeats 3] [--threads N]
+
+Every row runs ours and the peer in separate worker processes (so each gets its own peak RSS), on
+the same full-size random weights in the official single-file layout, with the same threads and
+dtype (bf16 where the CPU has it). Weights are generated once and cached in `--weights`.
+FLOPs are counted from each of our modules' operations on the meta device (torch's FlopCounterMode,
+attention included), so they cost no compute; "% peak" is achieved FLOP/s as a share of the bf16
+(or fp32) matmul throughput measured at the start of the same run. Row list: `ROWS`.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the peers are built as the parity tests build them
+
+from helpers import (  # noqa: E402
+    diffusers_mmdit_from,
+    diffusers_vae_from,
+    transformers_clip,
+    transformers_t5,
+)
+
+from sd3.checkpoints import find_components, infer_config, load_component  # noqa: E402
+from sd3.models.clip import CLIPConfig, CLIPTextModel  # noqa: E402
+from sd3.models.mmdit import MMDiT, MMDiTConfig  # noqa: E402
+from sd3.models.t5 import T5Config, T5Encoder  # noqa: E402
+from sd3.models.vae import AutoEncoder, VAEConfig  # noqa: E402
+
+MEDIUM = MMDiTConfig(pos_embed_max_size=384, qk_norm=True, attn2_layers=tuple(range(13)))
+LARGE = MMDiTConfig(hidden_size=2432, depth=38, mlp_hidden=9728, qk_norm=True)
+ENCODERS = {
+    "vae": (AutoEncoder, VAEConfig()),
+    "clip_l": (CLIPTextModel, CLIPConfig()),
+    "clip_g": (
+        CLIPTextModel,
+        CLIPConfig(width=1280, layers=32, heads=20, mlp_width=5120, hidden_act="gelu", project_pooled=True),
+    ),
+    "t5xxl": (T5Encoder, T5Config()),
+}  # fmt: skip
+CONTEXT_TOKENS = 154  # 77 CLIP + 77 T5, the reference's prompt length
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    what: str
+    file: str  # the cached weights it needs: "medium" or "large"
+
+
+ROWS = {
+    r.name: r
+    for r in [
+        Row("mmdit-512", "SD3.5 Medium MMDiT forward, 512², batch 1", "medium"),
+        Row("mmdit-1024", "SD3.5 Medium MMDiT forward, 1024², batch 1", "medium"),
+        Row("mmdit-large-1024", "SD3.5 Large MMDiT forward, 1024², batch 1", "large"),
+        Row("vae-decode-1024", "VAE decode, 1024²", "medium"),
+        Row("vae-encode-1024", "VAE encode, 1024²", "medium"),
+        Row("clip", "CLIP-L + CLIP-G encode, 77 tokens", "medium"),
+        Row("t5", "T5-XXL encode, 77 tokens", "medium"),
+        Row("generate-512", "SD3.5 Medium 512², 4 euler steps, CFG 5, text + decode", "medium"),
+    ]
+}
+DEFAULT_ROWS = [n for n in ROWS if n != "mmdit-large-1024"]
+
+
+# --- weights ---------------------------------------------------------------------------------
+
+
+def weights_file(folder: Path, which: str) -> Path:
+    """The cached full-size random checkpoint (official single-file layout, bf16), made once."""
+    path = folder / f"sd35_{which}_random_bf16.safetensors"
+    if path.is_file():
+        return path
+    from sd3.training.export import export_single_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"generating {path} (once) ...", file=sys.stderr)
+    torch.manual_seed(0)
+    config = MEDIUM if which == "medium" else LARGE
+    modules = {"mmdit": random_module(MMDiT, config)}
+    if which == "medium":  # the encoders and VAE, bundled as in sd3.5_medium_incl_clips_t5xxl
+        modules |= {name: random_module(cls, c) for name, (cls, c) in ENCODERS.items()}
+    export_single_file(path, modules, torch.bfloat16)
+    return path
+
+
+def random_module(cls, config) -> torch.nn.Module:
+    """`cls(config)` in bf16 with weights of a scale that keeps activations O(1)."""
+    with torch.device("meta"):
+        module = cls(config)
+    state = {}
+    for k, v in module.state_dict().items():
+        if v.ndim > 1:
+            t = torch.randn(v.shape, dtype=torch.bfloat16) * v[0].numel() ** -0.5
+        else:
+            t = (
+                1 + 0.1 * torch.randn(v.shape)
+                if k.endswith("weight")
+                else 0.02 * torch.randn(v.shape)
+            )
+        state[k] = t.to(torch.bfloat16)
+    if "pos_embed" in state:  # SD3's fixed sin-cos table
+        from sd3.training.fresh import sincos_table
+
+        table = sincos_table(config.pos_embed_max_size, config.hidden_size)
+        state["pos_embed"] = table.reshape(state["pos_embed"].shape).to(torch.bfloat16)
+    module.load_state_dict(state, assign=True)
+    return module
+
+
+# --- one side of one row, in its own process -----------------------------------------------
+
+
+def worker(row: str, side: str, file: Path, repeats: int, dtype: torch.dtype) -> dict:
+    """Build ours or the peer for `row`, time `repeats` calls after a warm-up, and count FLOPs."""
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    fn, flops = build(row, side, file, dtype)
+    load_s = time.perf_counter() - started
+    with torch.no_grad():
+        fn()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"median_s": statistics.median(times), "times": times, "load_s": load_s,
+            "peak_rss_gb": peak_gb, "flops": flops}  # fmt: skip
+
+
+def build(row: str, side: str, file: Path, dtype: torch.dtype) -> tuple[Callable, float]:
+    components = find_components(file)
+    if row.startswith("mmdit"):
+        size = int(row.rsplit("-", 1)[1])
+        comp = components["mmdit"]
+        config = infer_config(comp)
+        x = torch.randn(1, 16, size // 8, size // 8, dtype=dtype)
+        t = torch.tensor([500.0])
+        ctx = torch.randn(1, CONTEXT_TOKENS, config.context_dim, dtype=dtype)
+        y = torch.randn(1, config.pooled_dim, dtype=dtype)
+        flops = count_flops(MMDiT, config, lambda m: m(*meta(x, t, ctx, y)))
+        if side == "ours":
+            model = load_component(comp, dtype)
+            return lambda: model(x, t, ctx, y), flops
+        ref = diffusers_mmdit_from(config, read(comp), dtype)
+        return lambda: ref(
+            hidden_states=x, encoder_hidden_states=ctx, pooled_projections=y, timestep=t,
+            return_dict=False,
+        )[0], flops  # fmt: skip
+    if row.startswith("vae"):
+        comp = components["vae"]
+        config = infer_config(comp)
+        if row.startswith("vae-decode"):
+            z = torch.randn(1, 16, 128, 128, dtype=dtype)
+            flops = count_flops(AutoEncoder, config, lambda m: m.decode(*meta(z)))
+            if side == "ours":
+                vae = load_component(comp, dtype)
+                return lambda: vae.decode(z), flops
+            ref = diffusers_vae_from(config, read(comp), dtype)
+            return lambda: ref.decode(z / 1.5305 + 0.0609).sample, flops
+        image = torch.rand(1, 3, 1024, 1024, dtype=dtype) * 2 - 1
+        flops = count_flops(AutoEncoder, config, lambda m: m.encode(*meta(image)))
+        if side == "ours":
+            vae = load_component(comp, dtype)
+            return lambda: vae.encode(image), flops
+        ref = diffusers_vae_from(config, read(comp), dtype)
+        return lambda: ref.encode(image).latent_dist.mean, flops
+    ids = torch.randint(0, 49406, (1, 77))
+    if row == "clip":
+        comps = [components["clip_l"], components["clip_g"]]
+        configs = [infer_config(c) for c in comps]
+        flops = sum(count_flops(CLIPTextModel, c, lambda m: m(*meta(ids))) for c in configs)
+        if side == "ours":
+            models = [load_component(c, dtype) for c in comps]
+            return lambda: [m(ids) for m in models], flops
+        refs = [
+            transformers_clip(c, read(comp), with_projection=c.project_pooled)
+            for c, comp in zip(configs, comps, strict=True)
+        ]
+        refs = [r.to(dtype) for r in refs]
+        return lambda: [r(ids, output_hidden_states=True) for r in refs], flops
+    if row == "t5":
+        comp = components["t5xxl"]
+        config = infer_config(comp)
+        ids = torch.randint(0, 32000, (1, 77))
+        flops = count_flops(T5Encoder, config, lambda m: m(*meta(ids)))
+        if side == "ours":
+            model = load_component(comp, dtype)
+            return lambda: model(ids), flops
+        ref = transformers_t5(config, read(comp, dtype))
+        return lambda: ref(input_ids=ids).last_hidden_state, flops
+    if row == "generate-512":
+        return build_generation(side, file, components, dtype)
+    raise SystemExit(f"unknown row {row!r}; choose from {list(ROWS)}")
+
+
+def build_generation(side: str, file: Path, components, dtype) -> tuple[Callable, float]:
+    """Tokenize, encode (CLIP-L, CLIP-G, T5), 4 euler steps with CFG 5 (batch 2), decode."""
+    prompt, steps, cfg, size = "a photo of a cat on a red sofa", 4, 5.0, 512
+    configs = {
+        name: infer_config(components[name])
+        for name in ("mmdit", "vae", "clip_l", "clip_g", "t5xxl")
+    }
+    ids = torch.zeros(2, 77, dtype=torch.long)
+    flops = (
+        steps * count_flops(MMDiT, configs["mmdit"], lambda m: m(*meta(
+            torch.zeros(2, 16, size // 8, size // 8, dtype=dtype), torch.ones(2),
+            torch.zeros(2, CONTEXT_TOKENS, 4096, dtype=dtype), torch.zeros(2, 2048, dtype=dtype))))
+        + count_flops(AutoEncoder, configs["vae"], lambda m: m.decode(*meta(torch.zeros(1, 16, 64, 64, dtype=dtype))))
+        + sum(count_flops(CLIPTextModel, configs[n], lambda m: m(*meta(ids))) for n in ("clip_l", "clip_g"))
+        + count_flops(T5Encoder, configs["t5xxl"], lambda m: m(*meta(ids)))
+    )  # fmt: skip
+    if side == "ours":
+        from sd3.pipeline import Pipeline
+
+        pipe = Pipeline.from_single_file(file, dtype=dtype, low_memory=False)
+        return lambda: pipe(
+            prompt, num_inference_steps=steps, guidance_scale=cfg, sampler="euler", shift=3.0,
+            width=size, height=size, seed=0, t5_length=77,
+        ), flops  # fmt: skip
+    pipe = diffusers_pipeline(components, configs, dtype)
+    generator = torch.Generator()
+    return lambda: pipe(
+        prompt, num_inference_steps=steps, guidance_scale=cfg, width=size, height=size,
+        max_sequence_length=77, generator=generator.manual_seed(0),
+    ).images, flops  # fmt: skip
+
+
+def diffusers_pipeline(components, configs, dtype):
+    import gzip
+    import tempfile
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    assets = ROOT / "src" / "sd3" / "assets" / "tokenizers"
+    folder = Path(tempfile.mkdtemp())
+    for sub, names in [("clip", ["vocab.json", "merges.txt"]), ("t5", ["tokenizer.json"])]:
+        for name in names:
+            (folder / name).write_bytes(gzip.decompress((assets / sub / f"{name}.gz").read_bytes()))
+    clip_tokenizer = CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77
+    )
+    clip_g_tokenizer = CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77, pad_token="!"
+    )
+    return StableDiffusion3Pipeline(
+        transformer=diffusers_mmdit_from(configs["mmdit"], read(components["mmdit"]), dtype),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=diffusers_vae_from(configs["vae"], read(components["vae"]), dtype),
+        text_encoder=transformers_clip(configs["clip_l"], read(components["clip_l"]), True).to(dtype),
+        tokenizer=clip_tokenizer,
+        text_encoder_2=transformers_clip(configs["clip_g"], read(components["clip_g"]), True).to(dtype),
+        tokenizer_2=clip_g_tokenizer,
+        text_encoder_3=transformers_t5(configs["t5xxl"], read(components["t5xxl"], dtype)),
+        tokenizer_3=T5TokenizerFast(tokenizer_file=str(folder / "tokenizer.json")),
+    )  # fmt: skip
+
+
+def read(component, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A component's tensors (official names, no prefix), memory-mapped."""
+    return {
+        k: t.read() if dtype is None else t.read().to(dtype) for k, t in component.tensors.items()
+    }
+
+
+def meta(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.to("meta") for t in tensors]
+
+
+def count_flops(cls, config, call: Callable) -> float:
+    """FLOPs of `call(cls(config))` counted on the meta device: no memory, no compute."""
+    with torch.device("meta"):
+        module = cls(config)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        call(module)
+    return float(counter.get_total_flops())
+
+
+# --- the driver ------------------------------------------------------------------------------
+
+
+def matmul_peak(dtype: torch.dtype, repeats: int = 10) -> float:
+    """FLOP/s of the MMDiT's MLP-shaped GEMM (2356x1536 @ 1536x6144): the machine's usable peak."""
+    a = torch.randn(2356, 1536, dtype=dtype)
+    b = torch.randn(1536, 6144, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * 2356 * 1536 * 6144 / min(times)
+
+
+def run_side(row: str, side: str, file: Path, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", row, side, str(file), "--repeats", str(args.repeats),
+           "--threads", str(args.threads), "--dtype", args.dtype]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        return {"error": (done.stderr.strip().splitlines() or ["exit " + str(done.returncode)])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--rows", default=",".join(DEFAULT_ROWS), help=f"comma-separated, of {list(ROWS)}"
+    )
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument(
+        "--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 where native"
+    )
+    p.add_argument(
+        "--weights", type=Path, default=Path.home() / ".cache" / "sd3" / "benchmark-weights"
+    )
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    p.add_argument("--worker", nargs=3, metavar=("ROW", "SIDE", "FILE"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.dtype is None:
+        from sd3.pipeline import default_dtype
+
+        args.dtype = "bf16" if default_dtype(torch.device("cpu")) == torch.bfloat16 else "fp32"
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    if args.worker:
+        row, side, file = args.worker
+        print(json.dumps(worker(row, side, Path(file), args.repeats, dtype)))
+        return
+
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        p.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
+    peak = matmul_peak(dtype)
+    header = (
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{args.threads} threads; torch {torch.__version__}; dtype {args.dtype}; "
+        f"median of {args.repeats} after a warm-up; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
+        f"measured {args.dtype} matmul peak (2356x1536 @ 1536x6144): {peak / 1e9:.0f} GFLOP/s"
+    )
+    print(header)
+    table = [
+        "| row | what | sd3 s | peer s | speed-up | sd3 GFLOP/s (% peak) | peer GFLOP/s (% peak) | sd3 peak RSS GB | peer peak RSS GB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]  # fmt: skip
+    for name in rows:
+        row = ROWS[name]
+        file = weights_file(args.weights, row.file)
+        result = {side: run_side(name, side, file, args) for side in ("ours", "peer")}
+        table.append(format_row(row, result, peak))
+        print(table[-1], flush=True)
+    text = "\n".join(["# sd3 benchmarks", "", header.replace("\n", "  \n"), "",
+                      "Peer: diffusers 0.42 (MMDiT, VAE, pipeline) and transformers 5 (CLIP, T5), "
+                      "same weights, threads and dtype. FLOPs counted on the meta device.", "", *table, ""])  # fmt: skip
+    args.out.write_text(text)
+    print(f"wrote {args.out}")
+
+
+def format_row(row: Row, result: dict, peak: float) -> str:
+    ours, peer = result["ours"], result["peer"]
+    if "error" in ours or "error" in peer:
+        return (
+            f"| {row.name} | {row.what} | error: {ours.get('error', '')} {peer.get('error', '')} |"
+        )
+
+    def rate(r):
+        gflops = r["flops"] / r["median_s"] / 1e9
+        return f"{gflops:.0f} ({100 * gflops * 1e9 / peak:.0f}%)"
+
+    return (
+        f"| {row.name} | {row.what} | {ours['median_s']:.3f} | {peer['median_s']:.3f} | "
+        f"{peer['median_s'] / ours['median_s']:.2f}x | {rate(ours)} | {rate(peer)} | "
+        f"{ours['peak_rss_gb']:.1f} | {peer['peak_rss_gb']:.1f} |"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""The bundled default model (scripts/train_default_model.py): a small model in the full SD3.5
+architecture that `sd3 generate` uses when no --model is given."""
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from sd3.checkpoints import find_components, infer_config
+from sd3.cli import DEFAULT_MODEL, main
+from sd3.evaluation import detect_objects
+from sd3.pipeline import Pipeline
+
+
+def test_bundled_model_is_a_complete_sd35_family():
+    components = find_components(DEFAULT_MODEL)
+    assert set(components) >= {"mmdit", "vae", "clip_l", "clip_g", "t5xxl"}
+    mmdit = infer_config(components["mmdit"])
+    assert mmdit.qk_norm and mmdit.attn2_layers == (0, 1, 2)  # MMDiT-X, as SD3.5 Medium
+    assert (mmdit.hidden_size, mmdit.depth) == (192, 6)
+    assert infer_config(components["clip_g"]).project_pooled
+    assert not infer_config(components["clip_l"]).project_pooled
+    pipe = Pipeline.from_single_file(DEFAULT_MODEL)
+    p = pipe.preset
+    assert (p.size, p.steps, p.cfg, p.sampler, p.t5_length) == (128, 20, 4.0, "euler", 32)
+
+
+def test_generate_without_model_draws_the_named_colour(tmp_path):
+    out = tmp_path / "default.png"
+    assert (
+        main(["generate", "a yellow triangle", "--seed", "3", "--dtype", "fp32", "--out", str(out)])
+        == 0
+    )
+    image = Image.open(out)
+    assert image.size == (128, 128)
+    assert json.loads(image.info["sd3"])["settings"]["prompt"] == "a yellow triangle"
+    found = detect_objects(image.convert("RGB"))  # the eval checker, independent of the model
+    assert "yellow" in {o.colour for o in found}, found
+    assert np.asarray(image).std() > 5  # not a flat image
