@@ -62,6 +62,7 @@ class Row:
     name: str
     what: str
     file: str  # the cached weights it needs: "medium" or "large"
+    max_repeats: int = 10  # long rows are timed fewer times
 
 
 ROWS = {
@@ -69,12 +70,12 @@ ROWS = {
     for r in [
         Row("mmdit-512", "SD3.5 Medium MMDiT forward, 512², batch 1", "medium"),
         Row("mmdit-1024", "SD3.5 Medium MMDiT forward, 1024², batch 1", "medium"),
-        Row("mmdit-large-1024", "SD3.5 Large MMDiT forward, 1024², batch 1", "large"),
+        Row("mmdit-large-1024", "SD3.5 Large MMDiT forward, 1024², batch 1", "large", 1),
         Row("vae-decode-1024", "VAE decode, 1024²", "medium"),
         Row("vae-encode-1024", "VAE encode, 1024²", "medium"),
         Row("clip", "CLIP-L + CLIP-G encode, 77 tokens", "medium"),
         Row("t5", "T5-XXL encode, 77 tokens", "medium"),
-        Row("generate-512", "SD3.5 Medium 512², 4 euler steps, CFG 5, text + decode", "medium"),
+        Row("generate-512", "SD3.5 Medium 512², 4 euler steps, CFG 5, text + decode", "medium", 1),
     ]
 }
 DEFAULT_ROWS = [n for n in ROWS if n != "mmdit-large-1024"]
@@ -141,9 +142,18 @@ def worker(row: str, side: str, file: Path, repeats: int, dtype: torch.dtype) ->
             t = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t)
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak_gb = peak_rss_bytes() / 2**30
     return {"median_s": statistics.median(times), "times": times, "load_s": load_s,
             "peak_rss_gb": peak_gb, "flops": flops}  # fmt: skip
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited across exec
+    from the parent, which may have held the weights it generated)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux
 
 
 def build(row: str, side: str, file: Path, dtype: torch.dtype) -> tuple[Callable, float]:
@@ -156,7 +166,7 @@ def build(row: str, side: str, file: Path, dtype: torch.dtype) -> tuple[Callable
         t = torch.tensor([500.0])
         ctx = torch.randn(1, CONTEXT_TOKENS, config.context_dim, dtype=dtype)
         y = torch.randn(1, config.pooled_dim, dtype=dtype)
-        flops = count_flops(MMDiT, config, lambda m: m(*meta(x, t, ctx, y)))
+        flops = count_flops(MMDiT, config, lambda m: m(*meta(x, t, ctx, y)), dtype)
         if side == "ours":
             model = load_component(comp, dtype)
             return lambda: model(x, t, ctx, y), flops
@@ -170,14 +180,14 @@ def build(row: str, side: str, file: Path, dtype: torch.dtype) -> tuple[Callable
         config = infer_config(comp)
         if row.startswith("vae-decode"):
             z = torch.randn(1, 16, 128, 128, dtype=dtype)
-            flops = count_flops(AutoEncoder, config, lambda m: m.decode(*meta(z)))
+            flops = count_flops(AutoEncoder, config, lambda m: m.decode(*meta(z)), dtype)
             if side == "ours":
                 vae = load_component(comp, dtype)
                 return lambda: vae.decode(z), flops
             ref = diffusers_vae_from(config, read(comp), dtype)
             return lambda: ref.decode(z / 1.5305 + 0.0609).sample, flops
         image = torch.rand(1, 3, 1024, 1024, dtype=dtype) * 2 - 1
-        flops = count_flops(AutoEncoder, config, lambda m: m.encode(*meta(image)))
+        flops = count_flops(AutoEncoder, config, lambda m: m.encode(*meta(image)), dtype)
         if side == "ours":
             vae = load_component(comp, dtype)
             return lambda: vae.encode(image), flops
@@ -187,7 +197,7 @@ def build(row: str, side: str, file: Path, dtype: torch.dtype) -> tuple[Callable
     if row == "clip":
         comps = [components["clip_l"], components["clip_g"]]
         configs = [infer_config(c) for c in comps]
-        flops = sum(count_flops(CLIPTextModel, c, lambda m: m(*meta(ids))) for c in configs)
+        flops = sum(count_flops(CLIPTextModel, c, lambda m: m(*meta(ids)), dtype) for c in configs)
         if side == "ours":
             models = [load_component(c, dtype) for c in comps]
             return lambda: [m(ids) for m in models], flops
@@ -201,7 +211,7 @@ def build(row: str, side: str, file: Path, dtype: torch.dtype) -> tuple[Callable
         comp = components["t5xxl"]
         config = infer_config(comp)
         ids = torch.randint(0, 32000, (1, 77))
-        flops = count_flops(T5Encoder, config, lambda m: m(*meta(ids)))
+        flops = count_flops(T5Encoder, config, lambda m: m(*meta(ids)), dtype)
         if side == "ours":
             model = load_component(comp, dtype)
             return lambda: model(ids), flops
@@ -223,10 +233,10 @@ def build_generation(side: str, file: Path, components, dtype) -> tuple[Callable
     flops = (
         steps * count_flops(MMDiT, configs["mmdit"], lambda m: m(*meta(
             torch.zeros(2, 16, size // 8, size // 8, dtype=dtype), torch.ones(2),
-            torch.zeros(2, CONTEXT_TOKENS, 4096, dtype=dtype), torch.zeros(2, 2048, dtype=dtype))))
-        + count_flops(AutoEncoder, configs["vae"], lambda m: m.decode(*meta(torch.zeros(1, 16, 64, 64, dtype=dtype))))
-        + sum(count_flops(CLIPTextModel, configs[n], lambda m: m(*meta(ids))) for n in ("clip_l", "clip_g"))
-        + count_flops(T5Encoder, configs["t5xxl"], lambda m: m(*meta(ids)))
+            torch.zeros(2, CONTEXT_TOKENS, 4096, dtype=dtype), torch.zeros(2, 2048, dtype=dtype))), dtype)
+        + count_flops(AutoEncoder, configs["vae"], lambda m: m.decode(*meta(torch.zeros(1, 16, 64, 64, dtype=dtype))), dtype)
+        + sum(count_flops(CLIPTextModel, configs[n], lambda m: m(*meta(ids)), dtype) for n in ("clip_l", "clip_g"))
+        + count_flops(T5Encoder, configs["t5xxl"], lambda m: m(*meta(ids)), dtype)
     )  # fmt: skip
     if side == "ours":
         from sd3.pipeline import Pipeline
@@ -286,10 +296,10 @@ def meta(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.to("meta") for t in tensors]
 
 
-def count_flops(cls, config, call: Callable) -> float:
+def count_flops(cls, config, call: Callable, dtype: torch.dtype = torch.bfloat16) -> float:
     """FLOPs of `call(cls(config))` counted on the meta device: no memory, no compute."""
     with torch.device("meta"):
-        module = cls(config)
+        module = cls(config).to(dtype)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         call(module)
     return float(counter.get_total_flops())
@@ -312,7 +322,8 @@ def matmul_peak(dtype: torch.dtype, repeats: int = 10) -> float:
 
 
 def run_side(row: str, side: str, file: Path, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", row, side, str(file), "--repeats", str(args.repeats),
+    repeats = min(args.repeats, ROWS[row].max_repeats)
+    cmd = [sys.executable, __file__, "--worker", row, side, str(file), "--repeats", str(repeats),
            "--threads", str(args.threads), "--dtype", args.dtype]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:

@@ -24,7 +24,17 @@ def model_file(models, tmp_path_factory):
 
 
 def generate(model_file, out, *extra):
-    base = ["generate", "--model", str(model_file), "--steps", "3", "--width", "32", "--height", "48"]
+    base = [
+        "generate",
+        "--model",
+        str(model_file),
+        "--steps",
+        "3",
+        "--width",
+        "32",
+        "--height",
+        "48",
+    ]
     return main([*base, "--dtype", "fp32", "--out", str(out), *extra])
 
 
@@ -34,12 +44,24 @@ def pixels(path):
 
 def test_generate_writes_png_with_metadata_and_latent(model_file, models, tmp_path, capsys):
     out, latent_file = tmp_path / "a.png", tmp_path / "a.safetensors"
-    rc = generate(model_file, out, "a red circle", "--seed", "11", "--cfg", "3.5", "--save-latent", str(latent_file))
+    rc = generate(
+        model_file,
+        out,
+        "a red circle",
+        "--seed",
+        "11",
+        "--cfg",
+        "3.5",
+        "--save-latent",
+        str(latent_file),
+    )
     assert rc == 0, capsys.readouterr().err
     with Image.open(out) as image:
         assert image.size == (32, 48)
         params, stored = image.text["parameters"], json.loads(image.text["sd3"])
-    assert params.startswith("a red circle\nNegative prompt: \nSteps: 3, Sampler: euler, CFG scale: 3.5, Seed: 11")
+    assert params.startswith(
+        "a red circle\nNegative prompt: \nSteps: 3, Sampler: euler, CFG scale: 3.5, Seed: 11"
+    )
     assert "Size: 32x48" in params
     assert stored["settings"]["seed"] == 11 and stored["files"]["model"] == str(model_file)
 
@@ -48,13 +70,17 @@ def test_generate_writes_png_with_metadata_and_latent(model_file, models, tmp_pa
     assert latent.shape == (1, 16, 6, 4)
     with torch.no_grad():
         decoded = models["vae"].decode(to_latent_format(latent))
-    expected = ((decoded[0] / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    expected = (
+        ((decoded[0] / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    )
     assert np.abs(expected.astype(int) - pixels(out).astype(int)).max() <= 1
 
 
 def test_from_png_reproduces_bit_for_bit(model_file, tmp_path):
     first, again, other = tmp_path / "1.png", tmp_path / "2.png", tmp_path / "3.png"
-    assert generate(model_file, first, "two blue squares", "--seed", "5", "--negative", "blurry") == 0
+    assert (
+        generate(model_file, first, "two blue squares", "--seed", "5", "--negative", "blurry") == 0
+    )
     assert main(["generate", "--from-png", str(first), "--out", str(again)]) == 0
     assert np.array_equal(pixels(first), pixels(again))
     with Image.open(first) as a, Image.open(again) as b:
@@ -93,11 +119,16 @@ def test_img2img(model_file, tmp_path):
         (["--cfg", "nan"], "cfg \\(guidance scale\\) must be a finite number"),
         (["--denoise", "1.5", "--init-image", "INIT"], "denoise must be in \\(0, 1\\]"),
         (["--init-image", "nowhere.png"], "nowhere.png: cannot read the image"),
-        (["--clip-g", "nowhere.safetensors"], "clip_g \\(--clip-g\\) nowhere.safetensors: no such file"),
+        (
+            ["--clip-g", "nowhere.safetensors"],
+            "clip_g \\(--clip-g\\) nowhere.safetensors: no such file",
+        ),
         (["--slg-layers", "7,x"], "--slg-layers '7,x' must be comma-separated"),
     ],
 )
-def test_bad_input_one_clear_error_and_nothing_written(model_file, tmp_path, capsys, extra, message):
+def test_bad_input_one_clear_error_and_nothing_written(
+    model_file, tmp_path, capsys, extra, message
+):
     init = tmp_path / "init.png"
     Image.new("RGB", (32, 48)).save(init)
     extra = [str(init) if e == "INIT" else e for e in extra]
@@ -127,7 +158,9 @@ def test_unknown_sampler_is_rejected_by_name(model_file, tmp_path, capsys):
 def test_inspect(model_file, models, tmp_path, capsys):
     assert main(["inspect", str(model_file)]) == 0
     out = capsys.readouterr().out
-    assert "model: custom (depth 3, width 128, pos table 16, RMS qk-norm, attn2 in blocks 0-0)" in out
+    assert (
+        "model: custom (depth 3, width 128, pos table 16, RMS qk-norm, attn2 in blocks 0-0)" in out
+    )
     params = sum(p.numel() for p in models["mmdit"].parameters()) / 1e6
     assert f"mmdit   {params:10.1f} M params  float32" in out
     bare = save_single_file(tmp_path / "bare.safetensors", {"mmdit": models["mmdit"]})
@@ -146,4 +179,6 @@ def test_eval_runs_a_batch_of_prompts_against_one_negative(model_file, capsys):
     assert main([*argv, "--dtype", "fp32", "--cfg", "3", "--limit", "5"]) == 0
     report = capsys.readouterr().out
     line = next(ln for ln in report.splitlines() if ln.startswith("all images"))
-    assert line.split()[-2] == "5"  # passed / total / accuracy: every image was generated and scored
+    assert (
+        line.split()[-2] == "5"
+    )  # passed / total / accuracy: every image was generated and scored

@@ -17,7 +17,9 @@ from tqdm import tqdm
 from sd3.models.vae import SCALE, AutoEncoder
 
 
-def reconstruction_loss(vae: AutoEncoder, images: Tensor, generator: torch.Generator, kl_weight: float) -> Tensor:
+def reconstruction_loss(
+    vae: AutoEncoder, images: Tensor, generator: torch.Generator, kl_weight: float
+) -> Tensor:
     mean, logvar = vae.encode_moments(images)
     noise = torch.randn(mean.shape, generator=generator)
     z = mean + torch.exp(0.5 * logvar) * noise
@@ -46,9 +48,13 @@ def train_autoencoder(
         raise ValueError(f"steps must be >= 1, got {steps}")
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator
+    )
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
     vae.train().requires_grad_(True)
     losses = []
     batches = _forever(loader)
