@@ -380,9 +380,17 @@ def main() -> None:
         result = {side: run_side(name, side, file, args) for side in ("ours", "peer")}
         table.append(format_row(row, result, peak))
         print(table[-1], flush=True)
-    text = "\n".join(["# sd3 benchmarks", "", header.replace("\n", "  \n"), "",
-                      "Peer: diffusers 0.42 (MMDiT, VAE, pipeline) and transformers 5 (CLIP, T5), "
-                      "same weights, threads and dtype. FLOPs counted on the meta device.", "", *table, ""])  # fmt: skip
+    import diffusers
+    import transformers
+
+    peers = (
+        f"Peer: diffusers {diffusers.__version__} (MMDiT, VAE, pipeline) and transformers "
+        f"{transformers.__version__} (CLIP, T5), same weights, threads and dtype. FLOPs counted on "
+        "the meta device."
+    )
+    text = "\n".join(
+        ["# sd3 benchmarks", "", header.replace("\n", "  \n"), "", peers, "", *table, ""]
+    )
     args.out.write_text(text)
     print(f"wrote {args.out}")
 
