@@ -25,6 +25,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -39,6 +40,7 @@ from sd3.training.autoencoder import fit_latent_format, train_autoencoder
 from sd3.training.checkpoint import save_atomic
 from sd3.training.data import encode_latents
 from sd3.training.export import export_single_file
+from sd3.training.flow import SAMPLINGS
 from sd3.training.fresh import init_mmdit
 from sd3.training.shapes import ShapesDataset
 from sd3.training.trainer import TrainConfig, Trainer
@@ -51,6 +53,17 @@ HIRES = 128  # fine-tuning and sampling size: latents 16x16, 64 image tokens
 T5_LENGTH = 32  # captions are short; the preset fixes the T5 length to this
 PRESET = {"name": "sd3 shapes (bundled)", "steps": 20, "cfg": 4.0, "shift": 1.0, "sampler": "euler",
           "size": HIRES, "t5_length": T5_LENGTH}  # fmt: skip
+
+
+class Stage(NamedTuple):
+    """One MMDiT training stage: its image size, working folder, steps, peak lr and warm-up."""
+
+    name: str
+    size: int
+    out: Path
+    steps: int
+    lr: float
+    warmup: int
 
 
 def text_encoders(seed: int) -> dict[str, torch.nn.Module]:
@@ -92,17 +105,13 @@ def main() -> int:
     p.add_argument("--vae-steps", type=int, default=1500)
     p.add_argument("--steps", type=int, default=6000, help="MMDiT optimizer steps at 64x64")
     p.add_argument(
-        "--hires-steps", type=int, default=1500, help="MMDiT fine-tuning steps at 128x128"
+        "--hires-steps", type=int, default=1800, help="MMDiT fine-tuning steps at 128x128"
     )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--hidden", type=int, default=192)
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument(
-        "--timestep-sampling",
-        default="logit_normal",
-        choices=["uniform", "logit_normal", "mode", "cosmap"],
-    )
+    p.add_argument("--timestep-sampling", default="logit_normal", choices=SAMPLINGS)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -140,10 +149,10 @@ def main() -> int:
         t5_length=T5_LENGTH,
     )
     stages = [
-        ("base", SIZE, args.out, args.steps, args.lr, 200),
-        ("hires", HIRES, args.out / "hires", args.hires_steps, args.lr / 2, 100),
+        Stage("base", SIZE, args.out, args.steps, args.lr, 200),
+        Stage("hires", HIRES, args.out / "hires", args.hires_steps, args.lr / 2, 100),
     ]
-    stages = [stage for stage in stages if stage[3] > 0]  # --hires-steps 0: 64x64 only
+    stages = [stage for stage in stages if stage.steps > 0]  # --hires-steps 0: 64x64 only
     for name, size, out, steps, lr, warmup in stages:
         out.mkdir(parents=True, exist_ok=True)
         data = ShapesDataset(size=size, length=args.scenes, seed=args.seed)
@@ -183,7 +192,7 @@ def main() -> int:
         args.export,
         {"mmdit": model, "vae": vae, **encoders},
         "fp16",
-        {PRESET_METADATA: json.dumps({**PRESET, "size": stages[-1][1]})},
+        {PRESET_METADATA: json.dumps({**PRESET, "size": stages[-1].size})},
     )
     print(f"exported {args.export} ({args.export.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
     return 0
