@@ -74,7 +74,8 @@ def test_kernel_reads_strided_views_like_the_mmdit_passes_them():
 
 
 @needs_kernel
-def test_attention_takes_the_kernel_for_bf16_and_sdpa_otherwise():
+def test_attention_takes_the_kernel_for_bf16_and_sdpa_otherwise(monkeypatch):
+    monkeypatch.setenv("SD3_ATTENTION", "kernel")
     q, k, v = qkv(1, 2, 70, 70, seed=3)
     assert torch.equal(attention(q, k, v), flash_attention_cpu(q, k, v))
     for t in (q.float(), k.float(), v.float()):
@@ -92,10 +93,26 @@ def test_attention_takes_the_kernel_for_bf16_and_sdpa_otherwise():
     assert torch.equal(attention(q32, k32, v32), sdpa_attention(q32, k32, v32))
 
 
+@needs_kernel
+def test_auto_choice_takes_sdpa_on_amx_cpus_and_the_kernel_without_amx(monkeypatch):
+    q, k, v = qkv(1, 2, 70, 70, seed=3)
+    monkeypatch.delenv("SD3_ATTENTION", raising=False)
+    monkeypatch.setattr(attention_module, "cpu_has_amx", lambda: True)
+    assert torch.equal(attention(q, k, v), sdpa_attention(q, k, v))
+    monkeypatch.setattr(attention_module, "cpu_has_amx", lambda: False)
+    assert torch.equal(attention(q, k, v), flash_attention_cpu(q, k, v))
+    monkeypatch.setenv("SD3_ATTENTION", "sdpa")
+    assert torch.equal(attention(q, k, v), sdpa_attention(q, k, v))
+    monkeypatch.setenv("SD3_ATTENTION", "fast")
+    with pytest.raises(ValueError, match="SD3_ATTENTION='fast' is not one of auto, kernel, sdpa"):
+        attention(q, k, v)
+
+
 def test_without_a_compiler_attention_falls_back_to_sdpa_with_one_warning(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", "no-such-compiler-sd3")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(attention_module, "_cpu_has_avx512_bf16", lambda: True)
+    monkeypatch.setenv("SD3_ATTENTION", "kernel")
     attention_module._kernel.cache_clear()
     try:
         q, k, v = qkv(1, 2, 40, 40, seed=4)
@@ -133,6 +150,7 @@ def test_mmdit_in_bf16_with_the_kernel_matches_the_sdpa_path(monkeypatch):
 
     if not kernel_available():
         pytest.skip("no AVX-512 BF16 kernel on this machine")
+    monkeypatch.setenv("SD3_ATTENTION", "kernel")
     model = tiny_models(seed=8)["mmdit"].to(torch.bfloat16)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 16, 32, 24, generator=g).bfloat16()

@@ -14,6 +14,7 @@ from PIL import Image
 from torch import Tensor
 
 from .checkpoints import CheckpointError, Component, find_components, load_component
+from .hardware import cpu_has_bf16
 from .models.mmdit import MMDiT
 from .models.vae import AutoEncoder
 from .presets import Preset, preset_for
@@ -27,15 +28,6 @@ from .sampling import (
     noise_latent,
 )
 from .text import TextEncoders, Tokenizers
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX), where bf16 pays off."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def default_dtype(device: str | torch.device = "cpu") -> torch.dtype:

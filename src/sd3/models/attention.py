@@ -8,13 +8,16 @@ flash-attention kernel, `sd3/csrc/attention_avx512bf16.cpp`: it computes Q Kᵀ 
 O(L · 64) scratch per thread. The kernel is plain C++ loaded with ctypes; it is compiled with the
 system C++ compiler on first use (about a second) and cached under `~/.cache/sd3`. Everything
 else, and any machine where the kernel cannot be built, uses `F.scaled_dot_product_attention`.
+
+On CPUs with AMX (Sapphire Rapids and later) the balance turns: torch's SDPA runs its GEMMs on AMX
+tiles and is the faster path (2 cores: SDPA 770 GFLOP/s, the kernel 210), so there the kernel is
+not used. `SD3_ATTENTION=kernel|sdpa` overrides the choice (`auto`, the default, decides by CPU).
 """
 
 import ctypes
 import functools
 import hashlib
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -24,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..hardware import cpu_flags, cpu_has_amx
 
 SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "attention_avx512bf16.cpp"
 CXX_FLAGS = (
@@ -36,10 +41,10 @@ HEAD_DIM = 64  # the only head dim the kernel handles; all SD3 / SD3.5 models us
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(q kᵀ / √d) v for q, k, v of shape [B, heads, L, d]; returns [B, L, heads * d].
 
-    Uses the AVX-512 BF16 kernel for bf16 CPU inputs with d = 64 that need no gradient, and
-    `F.scaled_dot_product_attention` otherwise."""
+    Uses the AVX-512 BF16 kernel for bf16 CPU inputs with d = 64 that need no gradient, on CPUs
+    where it beats SDPA (`kernel_preferred`), and `F.scaled_dot_product_attention` otherwise."""
     _check_shapes(q, k, v)
-    if _kernel_applies(q, k, v) and _kernel() is not None:
+    if _kernel_applies(q, k, v) and kernel_preferred() and _kernel() is not None:
         return flash_attention_cpu(q, k, v)
     return sdpa_attention(q, k, v)
 
@@ -84,6 +89,20 @@ def flash_attention_cpu(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 def kernel_available() -> bool:
     """Whether `flash_attention_cpu` can run here (CPU support plus a built or buildable kernel)."""
     return _kernel() is not None
+
+
+ATTENTION_CHOICES = ("auto", "kernel", "sdpa")
+
+
+def kernel_preferred() -> bool:
+    """Whether bf16 CPU attention should take the kernel: `SD3_ATTENTION` if set, else yes unless
+    the CPU has AMX (where torch's SDPA is faster)."""
+    choice = os.environ.get("SD3_ATTENTION", "auto").strip().lower() or "auto"
+    if choice not in ATTENTION_CHOICES:
+        raise ValueError(f"SD3_ATTENTION={choice!r} is not one of {', '.join(ATTENTION_CHOICES)}")
+    if choice == "auto":
+        return not cpu_has_amx()
+    return choice == "kernel"
 
 
 def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -132,14 +151,7 @@ def _kernel() -> ctypes.CDLL | None:
 
 
 def _cpu_has_avx512_bf16() -> bool:
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return False
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = next((line.split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
-    return "avx512_bf16" in flags and "avx512bw" in flags and "avx512vl" in flags
+    return {"avx512_bf16", "avx512bw", "avx512vl"} <= cpu_flags()
 
 
 def _build() -> Path:
