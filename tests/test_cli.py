@@ -1,6 +1,7 @@
 """`sd3 generate` and `sd3 inspect` end to end on a tiny checkpoint in the official layout."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -55,7 +56,9 @@ def test_generate_writes_png_with_metadata_and_latent(model_file, models, tmp_pa
         "--save-latent",
         str(latent_file),
     )
-    assert rc == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert re.search(r"denoising \d+\.\ds \(\d+\.\d\ds per step\)", err), err
     with Image.open(out) as image:
         assert image.size == (32, 48)
         params, stored = image.text["parameters"], json.loads(image.text["sd3"])

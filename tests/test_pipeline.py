@@ -128,6 +128,26 @@ def test_call_returns_images_and_uses_preset(pipe):
     assert np.array_equal(np.asarray(alone[0]), np.asarray(images[1]))
 
 
+def test_generate_times_each_stage_and_counts_steps_after_encoding(pipe, monkeypatch):
+    import time
+
+    # A clock that advances 1 s per reading: each stage's time is the number of readings it spans.
+    ticks = iter(range(1000))
+    monkeypatch.setattr(time, "perf_counter", lambda: float(next(ticks)))
+    calls = []
+    s = pipe.settings("a red circle", steps=4, width=32, height=32)
+    latents, images = pipe.generate(s, callback=lambda step, total, x, den: calls.append(step))
+    assert calls == [0, 1, 2, 3] and latents.shape == (1, 16, 4, 4) and len(images) == 1
+    t = pipe.timings
+    assert t["text"] == 1.0 and t["decode"] == 1.0  # stages read the clock once each
+    assert t["denoise"] == 1.0 and t["per_step"] == 0.25
+    from sd3.pipeline import describe_timings
+
+    assert describe_timings(t) == (
+        "text encoders 1.0s, denoising 1.0s (0.25s per step), decode 1.0s"
+    )
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

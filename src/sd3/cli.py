@@ -10,12 +10,11 @@ from pathlib import Path
 import torch
 from PIL import Image, PngImagePlugin
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 from . import evaluation
 from .checkpoints import COMPONENTS, find_components, infer_config
 from .models.vae import from_latent_format
-from .pipeline import Pipeline, Settings, load_image
+from .pipeline import Pipeline, Settings, describe_timings, load_image
 from .presets import detect_model
 from .sampling import SAMPLERS, SkipLayerGuidance
 
@@ -236,9 +235,9 @@ def run_generate(args: argparse.Namespace) -> int:
     s = resolve_settings(args, pipe, stored)
     paths = output_paths(args.out, s.seed, s.num_images)
 
-    with tqdm(total=s.steps, desc="denoising", unit="step") as bar:
-        latents = pipe.sample(s, init_image, callback=lambda *_: bar.update(1))
-    images = pipe.decode(latents)
+    pipe.progress = True
+    latents, images = pipe.generate(s, init_image)
+    print(describe_timings(pipe.timings), file=sys.stderr)
     if args.save_latent:
         save_file({"latent": from_latent_format(latents).contiguous()}, args.save_latent)
     for i, (image, path) in enumerate(zip(images, paths, strict=True)):

@@ -5,6 +5,7 @@ prompt -> `text` -> (context, pooled); noise -> `sampling` loop calling the MMDi
 """
 
 import math
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+from tqdm import tqdm
 
 from .checkpoints import CheckpointError, Component, find_components, load_component
 from .hardware import cpu_has_bf16
@@ -157,6 +159,10 @@ class Pipeline:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     low_memory: bool = False  # release the text encoders once the prompt is encoded
     model_name: str = ""
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage of the last call
+    progress: bool = (
+        False  # a tqdm bar over the denoising steps (started after the prompt is encoded)
+    )
     _text: TextEncoders | None = None
 
     @classmethod
@@ -346,7 +352,43 @@ class Pipeline:
         s = replace(s, slg=slg)
         if isinstance(init_image, str | Path):
             init_image = load_image(init_image)
-        return self.decode(self.sample(s, init_image, callback))
+        return self.generate(s, init_image, callback)[1]
+
+    def generate(
+        self, s: Settings, init_image: Image.Image | None = None, callback: Callback | None = None
+    ) -> tuple[Tensor, list[Image.Image]]:
+        """Encode, denoise, decode -> (latents, images); records each stage's seconds in
+        `timings`. The prompt is encoded before the first step, so per-step times are the
+        denoiser's alone."""
+        check_settings(s, self.mmdit, init_image is not None)
+        started = time.perf_counter()
+        conditioning = self.encode_prompt(s)
+        encoded = time.perf_counter()
+        with tqdm(total=s.steps, desc="denoising", unit="step", disable=not self.progress) as bar:
+
+            def step(*args) -> None:
+                bar.update(1)
+                if callback is not None:
+                    callback(*args)
+
+            latents = self.sample(s, init_image, step, conditioning)
+        sampled = time.perf_counter()
+        images = self.decode(latents)
+        self.timings = {
+            "text": encoded - started,
+            "denoise": sampled - encoded,
+            "per_step": (sampled - encoded) / s.steps,
+            "decode": time.perf_counter() - sampled,
+        }
+        return latents, images
+
+
+def describe_timings(timings: dict[str, float]) -> str:
+    """One line: where a generation's time went."""
+    return (
+        f"text encoders {timings['text']:.1f}s, denoising {timings['denoise']:.1f}s "
+        f"({timings['per_step']:.2f}s per step), decode {timings['decode']:.1f}s"
+    )
 
 
 def load_image(path: str | Path) -> Image.Image:
