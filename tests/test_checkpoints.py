@@ -2,6 +2,7 @@
 
 import json
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,6 +99,51 @@ def test_same_dtype_weights_stay_memory_mapped(tmp_path, models):
     base = torch.frombuffer(file._mmap, dtype=torch.uint8).data_ptr()
     assert base <= weight.data_ptr() < base + len(file._mmap)
     assert torch.equal(weight, again)
+
+
+def resident_bytes(path) -> int:
+    """This process's resident bytes of its mappings of `path`, from /proc/self/smaps."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            inside = fields[-1] == str(path)
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def test_converted_weights_leave_no_file_pages_and_release_drops_mapped_ones(tmp_path):
+    # One 16 MB layer stored in fp16: loading it as bf16 converts it and must not keep the file's
+    # pages; loading it as fp16 uses the file in place until the component is released.
+    from sd3.models.clip import CLIPConfig, CLIPTextModel
+
+    config = CLIPConfig(width=64, layers=1, heads=1, mlp_width=128, vocab_size=131072)
+    with torch.device("meta"):
+        model = CLIPTextModel(config)
+    model = model.to_empty(device="cpu")
+    for p_ in model.parameters():
+        torch.nn.init.normal_(p_, std=0.02)
+    path = save_single_file(tmp_path / "clip.safetensors", {"clip_l": model}, dtype=torch.float16)
+    path = path.resolve()
+    table = "text_model.embeddings.token_embedding.weight"
+    expected = model.state_dict()[table].half()
+    size = expected.numel() * 2
+
+    component = find_components(path)["clip_l"]
+    converted = load_component(component, dtype=torch.bfloat16)
+    assert resident_bytes(path) < size / 8
+    assert torch.equal(converted.state_dict()[table], expected.bfloat16())
+
+    component = find_components(path)["clip_l"]
+    in_place = load_component(component, dtype=torch.float16)
+    weight = in_place.state_dict()[table]
+    assert torch.equal(weight, expected)  # touches every page of it
+    assert resident_bytes(path) >= size
+    component.release()
+    assert resident_bytes(path) < size / 8
+    assert torch.equal(weight, expected)  # still readable: the pages fault back in from the file
 
 
 def test_diffusers_folder(tmp_path, models):

@@ -128,6 +128,25 @@ def test_call_returns_images_and_uses_preset(pipe):
     assert np.array_equal(np.asarray(alone[0]), np.asarray(images[1]))
 
 
+def test_low_memory_loads_encoders_first_releases_them_and_draws_the_same(models, tmp_path):
+    path = save_single_file(tmp_path / "m.safetensors", models)
+    eager = Pipeline.from_single_file(path, dtype=torch.float32, low_memory=False)
+    lean = Pipeline.from_single_file(path, dtype=torch.float32, low_memory=True)
+    assert set(eager._modules) == {"mmdit", "vae"} and not lean._modules  # nothing read yet
+    loads, load = [], lean.module
+    lean.module = lambda name: (
+        (loads.append(name) if name not in lean._modules else None) or load(name)
+    )
+    kw = dict(num_inference_steps=2, width=32, height=48, seed=5)
+    images = lean("a red circle above a blue square", **kw)
+    assert loads == ["clip_l", "clip_g", "t5xxl", "mmdit", "vae"]
+    assert set(lean._modules) == {"mmdit", "vae"} and lean._text is None  # encoders dropped
+    expected = eager("a red circle above a blue square", **kw)
+    assert np.array_equal(np.asarray(images[0]), np.asarray(expected[0]))
+    lean("a blue square", **kw)  # the encoders come back for the next prompt
+    assert loads[5:] == ["clip_l", "clip_g", "t5xxl"]
+
+
 def test_generate_times_each_stage_and_counts_steps_after_encoding(pipe, monkeypatch):
     import time
 

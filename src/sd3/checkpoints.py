@@ -155,37 +155,74 @@ class SafetensorsFile:
         )
         return flat.view(info.shape)
 
+    def release(self, key: str) -> None:
+        """Drop the pages of tensor `key` from this process's memory (MADV_DONTNEED). They are
+        clean copy-on-write pages of the file, so a later read faults them in again from the file
+        (or the page cache); only pages wholly inside the tensor are dropped."""
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        info = self.tensors[key]
+        page = mmap.PAGESIZE
+        start = -(-(self.data_start + info.begin) // page) * page
+        end = (self.data_start + info.end) // page * page
+        if end > start:
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+def _nothing() -> None:
+    pass
+
 
 @dataclass
 class LazyTensor:
-    """A tensor not read yet: its shape, stored dtype, where it comes from and how to read it."""
+    """A tensor not read yet: its shape, stored dtype, where it comes from and how to read it.
+    `mapped`: `read()` returns a view of the memory-mapped file (else a new tensor); `release()`
+    drops the file pages it read from this process's memory."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     origin: str
     read: Callable[[], Tensor]
+    mapped: bool = False
+    release: Callable[[], None] = _nothing
 
 
 def from_file(file: SafetensorsFile, key: str) -> LazyTensor:
     info = file.tensors[key]
-    return LazyTensor(info.shape, info.dtype, f"{file.path}:{key}", lambda: file.get(key))
+    return LazyTensor(
+        info.shape, info.dtype, f"{file.path}:{key}", lambda: file.get(key), True,
+        lambda: file.release(key),
+    )  # fmt: skip
+
+
+def derived(
+    t: LazyTensor, shape: tuple[int, ...], read: Callable[[], Tensor], parts=None
+) -> LazyTensor:
+    """A tensor computed from `parts` (default: `t`) when read: a new tensor, not a file view."""
+    parts = parts or [t]
+
+    def release() -> None:
+        for part in parts:
+            part.release()
+
+    return LazyTensor(shape, t.dtype, t.origin, read, False, release)
 
 
 def concat(parts: Sequence[LazyTensor]) -> LazyTensor:
     """Parts stacked along dim 0 (diffusers' separate q, k, v into Stability's fused qkv)."""
     shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
-    return LazyTensor(
-        shape, parts[0].dtype, parts[0].origin, lambda: torch.cat([p.read() for p in parts])
-    )
+    return derived(parts[0], shape, lambda: torch.cat([p.read() for p in parts]), list(parts))
 
 
 def swap_halves(t: LazyTensor) -> LazyTensor:
     """diffusers stores final adaLN modulations as (scale, shift); Stability as (shift, scale)."""
-    return LazyTensor(t.shape, t.dtype, t.origin, lambda: torch.cat(t.read().chunk(2)[::-1]))
+    return derived(t, t.shape, lambda: torch.cat(t.read().chunk(2)[::-1]))
 
 
 def reshaped(t: LazyTensor, shape: tuple[int, ...]) -> LazyTensor:
-    return LazyTensor(shape, t.dtype, t.origin, lambda: t.read().reshape(shape))
+    return LazyTensor(
+        shape, t.dtype, t.origin, lambda: t.read().reshape(shape), t.mapped, t.release
+    )
 
 
 @dataclass
@@ -196,6 +233,12 @@ class Component:
     files: list[Path]
     tensors: dict[str, LazyTensor] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)  # the safetensors header's __metadata__
+
+    def release(self) -> None:
+        """Drop every file page of this component from the process's memory (after its module
+        is gone, or to page it out: a tensor used in place faults back in from the file)."""
+        for t in self.tensors.values():
+            t.release()
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -494,10 +537,9 @@ def infer_config(component: Component):
         ) from None
 
 
-def load_component(
-    component: Component, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-) -> nn.Module:
-    """Build the module for `component` from its tensors, checking every key and shape first."""
+def check_component(component: Component) -> nn.Module:
+    """The module for `component` on the meta device, after checking that its tensors are exactly
+    the module's keys with the module's shapes (no weight is read)."""
     config = infer_config(component)
     with torch.device("meta"):
         module = MODULES[component.name](config)
@@ -522,6 +564,21 @@ def load_component(
                 f"{got[k].origin}: wrong shape {list(got[k].shape)}, expected {list(shape)} "
                 f"for the {component.name} its other tensors describe"
             )
-    state = {k: got[k].read().to(device=device, dtype=dtype) for k in expected}
+    return module
+
+
+def load_component(
+    component: Component, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> nn.Module:
+    """Build the module for `component` from its tensors, checking every key and shape first."""
+    module = check_component(component)
+    expected = module.state_dict()
+    got = component.tensors
+    state = {}
+    for k in expected:  # one tensor at a time, so a conversion never holds two copies of all
+        source = got[k].read()
+        state[k] = source.to(device=device, dtype=dtype)
+        if not (got[k].mapped and state[k] is source):  # converted: the file pages are done with
+            got[k].release()
     module.load_state_dict(state, assign=True)
     return module.eval().requires_grad_(False)

@@ -4,6 +4,7 @@ prompt -> `text` -> (context, pooled); noise -> `sampling` loop calling the MMDi
 (x, sigma, context, pooled) -> latent -> `vae.decode` -> image.
 """
 
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -12,12 +13,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
-from .checkpoints import CheckpointError, Component, find_components, load_component
+from .checkpoints import (
+    CheckpointError,
+    Component,
+    check_component,
+    find_components,
+    infer_config,
+    load_component,
+)
 from .hardware import cpu_has_bf16
-from .models.mmdit import MMDiT
+from .models.mmdit import MMDiT, MMDiTConfig
 from .models.vae import AutoEncoder
 from .presets import Preset, preset_for
 from .sampling import (
@@ -93,9 +101,9 @@ def nearest_multiples(value: int, base: int = 16) -> str:
     return f"{lower} or {lower + base}" if value > base else str(base)
 
 
-def check_settings(s: Settings, mmdit: MMDiT, has_init_image: bool) -> None:
+def check_settings(s: Settings, config: MMDiTConfig, has_init_image: bool) -> None:
     """One clear ValueError, naming the argument, for each impossible setting."""
-    limit = mmdit.config.pos_embed_max_size * mmdit.config.patch_size * 8
+    limit = config.pos_embed_max_size * config.patch_size * 8
     for name, value in (("width", s.width), ("height", s.height)):
         if value < 16 or value % 16:
             raise ValueError(
@@ -120,10 +128,10 @@ def check_settings(s: Settings, mmdit: MMDiT, has_init_image: bool) -> None:
     if s.t5_length is not None and s.t5_length < 1:
         raise ValueError(f"t5_length must be >= 1, got {s.t5_length}")
     if s.slg is not None:
-        bad = [i for i in s.slg.layers if not 0 <= i < mmdit.config.depth]
+        bad = [i for i in s.slg.layers if not 0 <= i < config.depth]
         if bad:
             raise ValueError(
-                f"skip-layer guidance layers {bad} do not exist (the MMDiT has {mmdit.config.depth})"
+                f"skip-layer guidance layers {bad} do not exist (the MMDiT has {config.depth})"
             )
         if not math.isfinite(s.slg.scale) or not 0 <= s.slg.start <= s.slg.end <= 1:
             raise ValueError(
@@ -148,21 +156,25 @@ def to_pil(images: Tensor) -> list[Image.Image]:
 
 @dataclass
 class Pipeline:
-    """The loaded networks and how to run them. Build with `from_single_file` or `from_pretrained`."""
+    """The networks and how to run them. Build with `from_single_file` or `from_pretrained`.
 
-    mmdit: MMDiT
-    vae: AutoEncoder
-    text_components: dict[str, Component]
+    Each network is loaded from its component on first use (`module`). With `low_memory` the
+    order is the one that keeps the peak lowest: the text encoders first, released (modules and
+    file pages) once the prompt is encoded, then the MMDiT, and a tiled VAE decode. Otherwise the
+    MMDiT and VAE load at once and the encoders stay loaded between calls."""
+
+    components: dict[str, Component]
     tokenizers: Tokenizers
     preset: Preset
     dtype: torch.dtype = torch.float32
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    low_memory: bool = False  # release the text encoders once the prompt is encoded
+    low_memory: bool = False
     model_name: str = ""
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage of the last call
     progress: bool = (
-        False  # a tqdm bar over the denoising steps (started after the prompt is encoded)
+        False  # a tqdm bar over the denoising steps, started once the prompt is encoded
     )
+    _modules: dict[str, nn.Module] = field(default_factory=dict)
     _text: TextEncoders | None = None
 
     @classmethod
@@ -197,6 +209,7 @@ class Pipeline:
         low_memory: bool | None = None,
         model_name: str = "",
     ) -> "Pipeline":
+        """`low_memory=None` turns it on when all weights in `dtype` need over 60% of the free memory."""
         for name, option in (
             ("mmdit", "the model file"),
             ("vae", "--vae"),
@@ -206,40 +219,70 @@ class Pipeline:
             if name not in components:
                 where = model_name or "the given files"
                 raise CheckpointError(f"{where}: no {name} found; give it with {option}")
+        for component in components.values():
+            check_component(component)  # every key and shape, before any weight is read
         device = torch.device(device)
         dtype = dtype or default_dtype(device)
         if low_memory is None:
             needed = sum(c.num_params for c in components.values()) * dtype.itemsize
             free = available_memory()
             low_memory = free is not None and needed > 0.6 * free
-        mmdit = load_component(components["mmdit"], dtype, device)
-        return cls(
-            mmdit=mmdit,
-            vae=load_component(components["vae"], dtype, device),
-            text_components={
-                k: v for k, v in components.items() if k in ("clip_l", "clip_g", "t5xxl")
-            },
+        config = infer_config(components["mmdit"])
+        pipe = cls(
+            components=components,
             tokenizers=tokenizers,
-            preset=preset_for(mmdit.config, model_name, components["mmdit"].metadata),
+            preset=preset_for(config, model_name, components["mmdit"].metadata),
             dtype=dtype,
             device=device,
             low_memory=low_memory,
             model_name=model_name,
         )
+        if not low_memory:
+            pipe.module("mmdit"), pipe.module("vae")
+        return pipe
+
+    # --- loading and releasing ------------------------------------------------------------
+
+    def module(self, name: str) -> nn.Module:
+        """The network for component `name` ("mmdit", "vae", "clip_l", ...), loaded on first use."""
+        if name not in self._modules:
+            self._modules[name] = load_component(self.components[name], self.dtype, self.device)
+        return self._modules[name]
+
+    def release(self, *names: str) -> None:
+        """Drop these networks and their file pages from memory; they reload on next use."""
+        for name in names:
+            self._modules.pop(name, None)
+            if name in self.components:
+                self.components[name].release()
+
+    @property
+    def mmdit(self) -> MMDiT:
+        return self.module("mmdit")
+
+    @property
+    def vae(self) -> AutoEncoder:
+        return self.module("vae")
+
+    @functools.cached_property
+    def config(self) -> MMDiTConfig:
+        """The MMDiT's configuration, known without loading it."""
+        return infer_config(self.components["mmdit"])
 
     # --- the three stages ---------------------------------------------------------------
 
     def text_encoders(self, use_t5: bool = True, t5_length: int | None = None) -> TextEncoders:
         """The conditioning stack, loaded on first use (and again after a low-memory release)."""
-        want_t5 = use_t5 and "t5xxl" in self.text_components
+        want_t5 = use_t5 and "t5xxl" in self.components
         if self._text is None or (self._text.t5 is not None) != want_t5:
-            load = lambda name: load_component(self.text_components[name], self.dtype, self.device)  # noqa: E731
+            if not want_t5:
+                self.release("t5xxl")
             self._text = TextEncoders(
-                load("clip_l"),
-                load("clip_g"),
-                load("t5xxl") if want_t5 else None,
+                self.module("clip_l"),
+                self.module("clip_g"),
+                self.module("t5xxl") if want_t5 else None,
                 self.tokenizers,
-                context_width=self.mmdit.config.context_dim,
+                context_width=self.config.context_dim,
             )
         self._text.t5_length = t5_length
         return self._text
@@ -252,6 +295,7 @@ class Pipeline:
             context, pooled = text.encode([s.prompt, s.negative_prompt])
         if self.low_memory:
             self._text = None
+            self.release("clip_l", "clip_g", "t5xxl")
         return context[:1], pooled[:1], context[1:], pooled[1:]
 
     def velocity(
@@ -271,7 +315,7 @@ class Pipeline:
         conditioning: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
     ) -> Tensor:
         """The final latents [N, 16, H/8, W/8] in the MMDiT's latent format."""
-        check_settings(s, self.mmdit, init_image is not None)
+        check_settings(s, self.config, init_image is not None)
         context, pooled, neg_context, neg_pooled = conditioning or self.encode_prompt(s)
         sigmas = get_sigmas(s.steps, s.shift, s.denoise).to(self.device)
         x = get_noise(s.seed, s.num_images, s.height, s.width).to(self.device)
@@ -301,7 +345,9 @@ class Pipeline:
 
     def decode(self, latents: Tensor, tile_size: int | None = None) -> list[Image.Image]:
         """Latents -> PIL images; large images decode in tiles unless `tile_size` says otherwise."""
-        if tile_size is None and latents.shape[-1] * latents.shape[-2] > 128 * 128:
+        if tile_size is None and latents.shape[-1] * latents.shape[-2] > (
+            64 * 64 if self.low_memory else 128 * 128
+        ):
             tile_size = 64
         with torch.no_grad():
             return [
@@ -360,7 +406,7 @@ class Pipeline:
         """Encode, denoise, decode -> (latents, images); records each stage's seconds in
         `timings`. The prompt is encoded before the first step, so per-step times are the
         denoiser's alone."""
-        check_settings(s, self.mmdit, init_image is not None)
+        check_settings(s, self.config, init_image is not None)
         started = time.perf_counter()
         conditioning = self.encode_prompt(s)
         encoded = time.perf_counter()
