@@ -63,6 +63,8 @@ class Row:
     what: str
     file: str  # the cached weights it needs: "medium" or "large"
     max_repeats: int = 10  # long rows are timed fewer times
+    warmup: bool = True  # False: the one timed run is the first (rows that measure memory)
+    peer: bool = True  # False where the peer cannot run here (said in `what`)
 
 
 ROWS = {
@@ -76,54 +78,81 @@ ROWS = {
         Row("clip", "CLIP-L + CLIP-G encode, 77 tokens", "medium"),
         Row("t5", "T5-XXL encode, 77 tokens", "medium"),
         Row("generate-512", "SD3.5 Medium 512², 4 euler steps, CFG 5, text + decode", "medium", 1),
+        Row(
+            "generate-large-1024",
+            "SD3.5 Large 1024², 2 euler steps, CFG 4.5, all three "
+            "encoders, low-memory mode (diffusers not run: its 27 GB of weights exceed this machine)",
+            "large",
+            1,
+            warmup=False,
+            peer=False,
+        ),
     ]
 }
-DEFAULT_ROWS = [n for n in ROWS if n != "mmdit-large-1024"]
+DEFAULT_ROWS = [n for n in ROWS if "large" not in n]
 
 
 # --- weights ---------------------------------------------------------------------------------
 
 
 def weights_file(folder: Path, which: str) -> Path:
-    """The cached full-size random checkpoint (official single-file layout, bf16), made once."""
+    """The cached full-size random checkpoint (official single-file layout, bf16), made once:
+    "medium" holds the SD3.5 Medium MMDiT, VAE and all three encoders (as
+    sd3.5_medium_incl_clips_t5xxlfp8 does), "large" the SD3.5 Large MMDiT alone (as sd3.5_large)."""
     path = folder / f"sd35_{which}_random_bf16.safetensors"
     if path.is_file():
         return path
-    from sd3.training.export import export_single_file
-
     folder.mkdir(parents=True, exist_ok=True)
     print(f"generating {path} (once) ...", file=sys.stderr)
-    torch.manual_seed(0)
-    config = MEDIUM if which == "medium" else LARGE
-    modules = {"mmdit": random_module(MMDiT, config)}
-    if which == "medium":  # the encoders and VAE, bundled as in sd3.5_medium_incl_clips_t5xxl
-        modules |= {name: random_module(cls, c) for name, (cls, c) in ENCODERS.items()}
-    export_single_file(path, modules, torch.bfloat16)
+    modules = {"mmdit": (MMDiT, MEDIUM if which == "medium" else LARGE)}
+    if which == "medium":
+        modules |= ENCODERS
+    write_random_checkpoint(path, modules)
     return path
 
 
-def random_module(cls, config) -> torch.nn.Module:
-    """`cls(config)` in bf16 with weights of a scale that keeps activations O(1)."""
-    with torch.device("meta"):
-        module = cls(config)
-    state = {}
-    for k, v in module.state_dict().items():
-        if v.ndim > 1:
-            t = torch.randn(v.shape, dtype=torch.bfloat16) * v[0].numel() ** -0.5
-        else:
-            t = (
-                1 + 0.1 * torch.randn(v.shape)
-                if k.endswith("weight")
-                else 0.02 * torch.randn(v.shape)
-            )
-        state[k] = t.to(torch.bfloat16)
-    if "pos_embed" in state:  # SD3's fixed sin-cos table
-        from sd3.training.fresh import sincos_table
+def write_random_checkpoint(path: Path, modules: dict) -> None:
+    """Random bf16 weights for {component: (class, config)}, streamed to `path` one tensor at a
+    time (an 8B model never sits in memory), at scales that keep activations O(1); written to a
+    temporary name and renamed."""
+    from sd3.checkpoints import SINGLE_FILE_PREFIXES
+    from sd3.training.fresh import sincos_table
 
-        table = sincos_table(config.pos_embed_max_size, config.hidden_size)
-        state["pos_embed"] = table.reshape(state["pos_embed"].shape).to(torch.bfloat16)
-    module.load_state_dict(state, assign=True)
-    return module
+    shapes = {}
+    for name, (cls, config) in modules.items():
+        with torch.device("meta"):
+            state = cls(config).state_dict()
+        shapes |= {
+            SINGLE_FILE_PREFIXES[name] + k: (tuple(v.shape), config) for k, v in state.items()
+        }
+    header, offset = {}, 0
+    for key, (shape, _) in shapes.items():
+        size = 2 * int(torch.Size(shape).numel())
+        header[key] = {
+            "dtype": "BF16",
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    generator = torch.Generator().manual_seed(0)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        for key, (shape, config) in shapes.items():
+            if key.endswith("pos_embed"):  # SD3's fixed sin-cos table
+                t = sincos_table(config.pos_embed_max_size, config.hidden_size).reshape(shape)
+            elif len(shape) > 1:
+                t = torch.randn(shape, generator=generator) * (
+                    torch.Size(shape[1:]).numel() ** -0.5
+                )
+            elif key.endswith("weight"):
+                t = 1 + 0.1 * torch.randn(shape, generator=generator)
+            else:
+                t = 0.02 * torch.randn(shape, generator=generator)
+            f.write(t.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+    os.replace(tmp, path)
 
 
 # --- one side of one row, in its own process -----------------------------------------------
@@ -136,15 +165,17 @@ def worker(row: str, side: str, file: Path, repeats: int, dtype: torch.dtype) ->
     fn, flops = build(row, side, file, dtype)
     load_s = time.perf_counter() - started
     with torch.no_grad():
-        fn()
+        if ROWS[row].warmup:
+            fn()
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
-            fn()
+            out = fn()
             times.append(time.perf_counter() - t)
     peak_gb = peak_rss_bytes() / 2**30
+    stages = out if isinstance(out, dict) else None  # a generation's Pipeline.timings
     return {"median_s": statistics.median(times), "times": times, "load_s": load_s,
-            "peak_rss_gb": peak_gb, "flops": flops}  # fmt: skip
+            "peak_rss_gb": peak_gb, "flops": flops, "stages": stages}  # fmt: skip
 
 
 def peak_rss_bytes() -> int:
@@ -219,12 +250,22 @@ def build(row: str, side: str, file: Path, dtype: torch.dtype) -> tuple[Callable
         return lambda: ref(input_ids=ids).last_hidden_state, flops
     if row == "generate-512":
         return build_generation(side, file, components, dtype)
+    if row == "generate-large-1024":
+        return build_generation(side, file, components, dtype, large=True)
     raise SystemExit(f"unknown row {row!r}; choose from {list(ROWS)}")
 
 
-def build_generation(side: str, file: Path, components, dtype) -> tuple[Callable, float]:
-    """Tokenize, encode (CLIP-L, CLIP-G, T5), 4 euler steps with CFG 5 (batch 2), decode."""
+def build_generation(
+    side: str, file: Path, components, dtype, large: bool = False
+) -> tuple[Callable, float]:
+    """Tokenize, encode (CLIP-L, CLIP-G, T5), euler steps with CFG (batch 2), decode: SD3.5 Medium
+    at 512² with 4 steps, or (`large`) the SD3.5 Large MMDiT of `file` with the medium file's
+    encoders and VAE at 1024² with 2 steps, in low-memory mode."""
     prompt, steps, cfg, size = "a photo of a cat on a red sofa", 4, 5.0, 512
+    medium = file.with_name("sd35_medium_random_bf16.safetensors")
+    if large:
+        steps, cfg, size = 2, 4.5, 1024
+        components = find_components(file, clip_l=medium, clip_g=medium, t5xxl=medium, vae=medium)
     configs = {
         name: infer_config(components[name])
         for name in ("mmdit", "vae", "clip_l", "clip_g", "t5xxl")
@@ -234,18 +275,22 @@ def build_generation(side: str, file: Path, components, dtype) -> tuple[Callable
         steps * count_flops(MMDiT, configs["mmdit"], lambda m: m(*meta(
             torch.zeros(2, 16, size // 8, size // 8, dtype=dtype), torch.ones(2),
             torch.zeros(2, CONTEXT_TOKENS, 4096, dtype=dtype), torch.zeros(2, 2048, dtype=dtype))), dtype)
-        + count_flops(AutoEncoder, configs["vae"], lambda m: m.decode(*meta(torch.zeros(1, 16, 64, 64, dtype=dtype))), dtype)
+        + count_flops(AutoEncoder, configs["vae"], lambda m: m.decode(*meta(torch.zeros(1, 16, size // 8, size // 8, dtype=dtype))), dtype)
         + sum(count_flops(CLIPTextModel, configs[n], lambda m: m(*meta(ids)), dtype) for n in ("clip_l", "clip_g"))
         + count_flops(T5Encoder, configs["t5xxl"], lambda m: m(*meta(ids)), dtype)
     )  # fmt: skip
     if side == "ours":
         from sd3.pipeline import Pipeline
 
-        pipe = Pipeline.from_single_file(file, dtype=dtype, low_memory=False)
-        return lambda: pipe(
+        if large:
+            pipe = Pipeline.from_single_file(file, clip_l=medium, clip_g=medium, t5xxl=medium,
+                                             vae=medium, dtype=dtype, low_memory=True)  # fmt: skip
+        else:
+            pipe = Pipeline.from_single_file(file, dtype=dtype, low_memory=False)
+        return lambda: (pipe(
             prompt, num_inference_steps=steps, guidance_scale=cfg, sampler="euler", shift=3.0,
             width=size, height=size, seed=0, t5_length=77,
-        ), flops  # fmt: skip
+        ), dict(pipe.timings))[1], flops  # fmt: skip
     pipe = diffusers_pipeline(components, configs, dtype)
     generator = torch.Generator()
     return lambda: pipe(
@@ -376,8 +421,10 @@ def main() -> None:
     ]  # fmt: skip
     for name in rows:
         row = ROWS[name]
+        weights_file(args.weights, "medium")  # every row's encoders and VAE
         file = weights_file(args.weights, row.file)
-        result = {side: run_side(name, side, file, args) for side in ("ours", "peer")}
+        sides = ("ours", "peer") if row.peer else ("ours",)
+        result = {side: run_side(name, side, file, args) for side in sides}
         table.append(format_row(row, result, peak))
         print(table[-1], flush=True)
     import diffusers
@@ -396,21 +443,30 @@ def main() -> None:
 
 
 def format_row(row: Row, result: dict, peak: float) -> str:
-    ours, peer = result["ours"], result["peer"]
+    ours, peer = result["ours"], result.get("peer")
+    if not row.peer and "error" not in ours:
+        per_step = ours["stages"]["per_step"] if ours.get("stages") else None
+        return (
+            f"| {row.name} | {row.what} | {ours['median_s']:.3f}"
+            + (f" ({per_step:.1f} per step)" if per_step else "")
+            + f" | – | – | {rate_of(ours, peak)} | – | {ours['peak_rss_gb']:.1f} | – |"
+        )
     if "error" in ours or "error" in peer:
         return (
             f"| {row.name} | {row.what} | error: {ours.get('error', '')} {peer.get('error', '')} |"
         )
 
-    def rate(r):
-        gflops = r["flops"] / r["median_s"] / 1e9
-        return f"{gflops:.0f} ({100 * gflops * 1e9 / peak:.0f}%)"
-
+    per_step = f" ({ours['stages']['per_step']:.2f} per step)" if ours.get("stages") else ""
     return (
-        f"| {row.name} | {row.what} | {ours['median_s']:.3f} | {peer['median_s']:.3f} | "
-        f"{peer['median_s'] / ours['median_s']:.2f}x | {rate(ours)} | {rate(peer)} | "
+        f"| {row.name} | {row.what} | {ours['median_s']:.3f}{per_step} | {peer['median_s']:.3f} | "
+        f"{peer['median_s'] / ours['median_s']:.2f}x | {rate_of(ours, peak)} | {rate_of(peer, peak)} | "
         f"{ours['peak_rss_gb']:.1f} | {peer['peak_rss_gb']:.1f} |"
     )
+
+
+def rate_of(r: dict, peak: float) -> str:
+    gflops = r["flops"] / r["median_s"] / 1e9
+    return f"{gflops:.0f} ({100 * gflops * 1e9 / peak:.0f}%)"
 
 
 if __name__ == "__main__":

@@ -89,11 +89,18 @@ def test_two_processes_match_one(model_file, data_dir, tmp_path, variant):
     b, state = load_checkpoint(two / "checkpoint.safetensors")
     assert state["world_size"] == 2 and a.keys() == b.keys()
     # relative to the largest moment: some entries (CLIP's k_proj bias) are pure rounding noise
+    # Token-embedding gradients sum over every occurrence of a token (T5's pad token fills most of
+    # each sample), in an order that depends on the split, so they carry more rounding: measured
+    # 8e-6 on a Sapphire Rapids-class CPU, 3e-7 for every other tensor.
     keys = [k for k in a if k.endswith(".exp_avg")]
     scale = max(a[k].abs().max().item() for k in keys)
-    moments = max((b[k] - a[k]).abs().max().item() for k in keys) / scale
-    print(f"AdamW first moments: max abs diff / max abs value {moments:.1e}")
-    assert moments < 5e-6
+    for embeddings, bound in ((False, 5e-6), (True, 3e-5)):
+        group = [k for k in keys if ("embed_tokens" in k or "token_embedding" in k) == embeddings]
+        moments = max(((b[k] - a[k]).abs().max().item() for k in group), default=0.0) / scale
+        print(
+            f"AdamW first moments{' (token embeddings)' * embeddings}: max abs diff / max abs value {moments:.1e}"
+        )
+        assert moments < bound
     if not variant:
         worst = max((b[k] - a[k]).abs().max().item() for k in a if k.startswith("params."))
         initial = {f"params.mmdit.{k}": v for k, v in tiny_models()["mmdit"].state_dict().items()}
