@@ -93,6 +93,15 @@ def test_from_png_reproduces_bit_for_bit(model_file, tmp_path):
     assert not np.array_equal(pixels(first), pixels(other))
 
 
+def test_low_memory_mode_draws_the_same_picture(model_file, tmp_path, capsys):
+    plain, lean = tmp_path / "plain.png", tmp_path / "lean.png"
+    assert generate(model_file, plain, "a red circle", "--no-low-memory") == 0
+    assert "low-memory mode" not in capsys.readouterr().err
+    assert generate(model_file, lean, "a red circle", "--low-memory") == 0
+    assert "low-memory mode" in capsys.readouterr().err
+    assert np.array_equal(pixels(plain), pixels(lean))
+
+
 def test_batch_writes_one_file_per_seed(model_file, tmp_path):
     out = tmp_path / "b.png"
     assert generate(model_file, out, "a cat", "--seed", "2", "--batch", "2") == 0

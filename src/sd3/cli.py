@@ -42,6 +42,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "--dtype", choices=sorted(DTYPES), help="compute dtype (default: bf16 where native)"
     )
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument(
+        "--low-memory",
+        action=argparse.BooleanOptionalAction,
+        help="load the text encoders first and release them before the MMDiT loads, and decode "
+        "in tiles (default: on when the weights need over 60%% of the free memory)",
+    )
     p.add_argument("--negative", help="negative prompt (default: empty)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's preset)")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 turns it off)")
@@ -201,7 +207,7 @@ def model_files(args: argparse.Namespace, stored: dict | None = None) -> dict:
     return files
 
 
-def load_pipeline(files: dict, device: str) -> Pipeline:
+def load_pipeline(files: dict, device: str, low_memory: bool | None = None) -> Pipeline:
     started = time.perf_counter()
     pipe = Pipeline.from_single_file(
         files["model"],
@@ -211,11 +217,13 @@ def load_pipeline(files: dict, device: str) -> Pipeline:
         vae=files.get("vae"),
         dtype=DTYPES[files["dtype"]] if files.get("dtype") else None,
         device=device,
+        low_memory=low_memory,
     )
     dtype_name = {v: k for k, v in DTYPES.items()}[pipe.dtype]
     files["dtype"] = dtype_name
     print(
-        f"{pipe.preset.name}, {dtype_name} on {pipe.device}, loaded in {time.perf_counter() - started:.1f}s",
+        f"{pipe.preset.name}, {dtype_name} on {pipe.device}"
+        f"{', low-memory mode' if pipe.low_memory else ''}, loaded in {time.perf_counter() - started:.1f}s",
         file=sys.stderr,
     )
     return pipe
@@ -231,7 +239,7 @@ def run_generate(args: argparse.Namespace) -> int:
         raise FileExistsError(
             f"--save-latent {args.save_latent} exists already; sd3 never overwrites a file"
         )
-    pipe = load_pipeline(files, args.device)
+    pipe = load_pipeline(files, args.device, args.low_memory)
     s = resolve_settings(args, pipe, stored)
     paths = output_paths(args.out, s.seed, s.num_images)
 
@@ -292,7 +300,7 @@ def run_eval(args: argparse.Namespace) -> int:
     """The held-out prompt-adherence benchmark of a model (or of the renderer, with --oracle)."""
     if args.oracle is not None:
         return evaluation.run(args)
-    pipe = load_pipeline(model_files(args), args.device)
+    pipe = load_pipeline(model_files(args), args.device, args.low_memory)
     base = resolve_settings(args, pipe, None)
 
     def generate(prompts: list[str], seed: int) -> list[Image.Image]:
