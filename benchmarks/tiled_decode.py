@@ -94,7 +94,10 @@ def main() -> None:
                "--tile", str(args.tile), "--threads", str(args.threads)]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
-            raise SystemExit(f"{mode}: {done.stderr.strip().splitlines()[-1]}")
+            why = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+            if done.returncode in (-9, 137):
+                why = "killed (out of memory?)"
+            raise SystemExit(f"{mode}: {why}")
         results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
         images[mode] = np.load(out).astype(np.int16)
     print(f"VAE decode {args.size}², {torch.get_num_threads()} threads, torch {torch.__version__}")

@@ -126,11 +126,18 @@ class AttnBlock(nn.Module):
         self.norm = Normalize(channels)
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
 
+    # Queries per SDPA call: at head dim 512 torch's CPU SDPA forms the full score matrix, which
+    # at 2048² (65,536 latent pixels) would be 16 GB; in chunks it is at most 2^26 scores.
+    max_scores = 2**26
+
     def forward(self, x: Tensor) -> Tensor:
         h = self.norm(x)
         q, k, v = (p(h).flatten(2).transpose(1, 2)[:, None] for p in (self.q, self.k, self.v))
-        h = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).view_as(x)
-        return x + self.proj_out(h)
+        chunk = max(1, self.max_scores // k.shape[2])
+        h = torch.cat(
+            [F.scaled_dot_product_attention(qc, k, v) for qc in q.split(chunk, dim=2)], dim=2
+        )
+        return x + self.proj_out(h[:, 0].transpose(1, 2).reshape(x.shape))
 
 
 class Downsample(nn.Module):

@@ -1,4 +1,4 @@
-// Flash attention for CPUs with AVX-512 BF16 (vdpbf16ps), head dim 64, no mask.
+// Flash attention for CPUs with AVX-512 BF16 (vdpbf16ps) or AMX (tdpbf16ps), head dim 64, no mask.
 //
 // Used by sd3/models/attention.py through ctypes: plain C ABI, no torch headers, so it builds in
 // seconds with any g++/clang++. One task = (batch, head, block of BLOCK_Q query rows); tasks are
@@ -10,6 +10,11 @@
 //   O = O * a + P V               bf16 x bf16 -> fp32 (vdpbf16ps, V packed in key pairs)
 // with a = exp2((m - m') * scale * log2 e). Extra memory per thread: K and V of one head (packed)
 // and O(BLOCK_Q * BLOCK_K) scratch.
+//
+// Two entry points share the packing and the softmax: sd3_attention_bf16 computes both products
+// with vdpbf16ps in zmm registers; sd3_attention_amx (built when the compiler knows AMX) computes
+// them on AMX tiles, 16 query rows at a time. The packed K and V layouts are exactly the VNNI
+// layouts AMX's B operand wants, so both paths read the same buffers.
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -20,6 +25,11 @@
 
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+
+#ifdef __AMX_BF16__
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 namespace {
@@ -156,6 +166,41 @@ struct Scratch {
   float m[BLOCK_Q], l[BLOCK_Q], alpha[BLOCK_Q], blockmax[BLOCK_Q];
 };
 
+// P = exp2((S - m') * scale * log2 e) as bf16 for the block's first n keys (0 up to n_pad), the
+// new running maxima m' and sums l, and each row's rescale factor alpha for O.
+inline void softmax_rows(Scratch& w, int64_t rows_pad, int64_t n, int64_t n_pad, float scale_log2) {
+    for (int64_t r = 0; r < rows_pad; ++r) {
+      const float m_new = std::max(w.m[r], w.blockmax[r]);
+      w.alpha[r] = exp2f((w.m[r] - m_new) * scale_log2);  // 0 on the first block (m = -inf)
+      w.m[r] = m_new;
+      const __m512 c = _mm512_set1_ps(scale_log2), mc = _mm512_set1_ps(m_new * scale_log2);
+      __m512 sum = _mm512_setzero_ps();
+      const float* s = w.s + r * BLOCK_K;
+      uint16_t* p = w.p + r * BLOCK_K;
+      for (int64_t j = 0; j < n_pad; j += 16) {
+        __m512 e = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), c, mc));
+        const int64_t valid = std::clamp<int64_t>(n - j, 0, 16);
+        e = _mm512_maskz_mov_ps(__mmask16((1u << valid) - 1), e);
+        sum = _mm512_add_ps(sum, e);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), (__m256i)_mm512_cvtneps_pbh(e));
+      }
+      w.l[r] = w.l[r] * w.alpha[r] + _mm512_reduce_add_ps(sum);
+    }
+
+}
+
+// out rows i0 .. i0 + rows = O / l, as bf16.
+inline void write_rows(const Scratch& w, int64_t rows, int64_t i0, uint16_t* out, int64_t out_row) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m512 inv = _mm512_set1_ps(1.f / w.l[r]);
+    uint16_t* dst = out + (i0 + r) * out_row;
+    for (int c = 0; c < 4; ++c) {
+      __m512 x = _mm512_mul_ps(_mm512_loadu_ps(w.o + r * D + c * 16), inv);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c * 16), (__m256i)_mm512_cvtneps_pbh(x));
+    }
+  }
+}
+
 void attend_block(const View& q, int64_t b, int64_t h, int64_t i0, int64_t Lq, int64_t Lk,
                   float scale_log2, Scratch& w, uint16_t* out, int64_t out_row) {
   const int64_t rows = std::min<int64_t>(BLOCK_Q, Lq - i0);
@@ -177,23 +222,7 @@ void attend_block(const View& q, int64_t b, int64_t h, int64_t i0, int64_t Lq, i
         qk_tile(w.q + r * DP, w.kp + (j0 + jt) * DP, w.s + r * BLOCK_K + jt, BLOCK_K,
                 int(n - jt), w.blockmax + r);
 
-    for (int64_t r = 0; r < rows_pad; ++r) {
-      const float m_new = std::max(w.m[r], w.blockmax[r]);
-      w.alpha[r] = exp2f((w.m[r] - m_new) * scale_log2);  // 0 on the first block (m = -inf)
-      w.m[r] = m_new;
-      const __m512 c = _mm512_set1_ps(scale_log2), mc = _mm512_set1_ps(m_new * scale_log2);
-      __m512 sum = _mm512_setzero_ps();
-      const float* s = w.s + r * BLOCK_K;
-      uint16_t* p = w.p + r * BLOCK_K;
-      for (int64_t j = 0; j < n_pad; j += 16) {
-        __m512 e = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), c, mc));
-        const int64_t valid = std::clamp<int64_t>(n - j, 0, 16);
-        e = _mm512_maskz_mov_ps(__mmask16((1u << valid) - 1), e);
-        sum = _mm512_add_ps(sum, e);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), (__m256i)_mm512_cvtneps_pbh(e));
-      }
-      w.l[r] = w.l[r] * w.alpha[r] + _mm512_reduce_add_ps(sum);
-    }
+    softmax_rows(w, rows_pad, n, n_pad, scale_log2);
 
     const int64_t npairs = ((n + 15) / 16 * 16) / 2;  // V and P are zero beyond n
     for (int64_t r = 0; r < rows_pad; r += R)
@@ -201,26 +230,132 @@ void attend_block(const View& q, int64_t b, int64_t h, int64_t i0, int64_t Lq, i
               w.vp + j0 * D, npairs, w.alpha + r, w.o + r * D);
   }
 
-  for (int64_t r = 0; r < rows; ++r) {
-    const __m512 inv = _mm512_set1_ps(1.f / w.l[r]);
-    uint16_t* dst = out + (i0 + r) * out_row;
-    for (int c = 0; c < 4; ++c) {
-      __m512 x = _mm512_mul_ps(_mm512_loadu_ps(w.o + r * D + c * 16), inv);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c * 16), (__m256i)_mm512_cvtneps_pbh(x));
-    }
-  }
+  write_rows(w, rows, i0, out, out_row);
 }
 
-}  // namespace
+#ifdef __AMX_BF16__
+// AMX: 8 tile registers of 16 rows x 64 bytes. Q K^T: tiles 0-3 accumulate S for 64 keys, 4-5 hold
+// the row group's Q (d 0-31, 32-63), 6-7 take K. P V: tiles 0-3 accumulate O's four 16-wide d
+// chunks (loaded from O after the alpha rescale), 4 takes P, 5-6 take V.
+struct TileConfig {
+  uint8_t palette_id, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
 
-extern "C" {
+void load_tile_config() {
+  TileConfig cfg{};
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
 
-// q, k, v: [B, H, L, 64] bf16 with element strides (sb, sh, sl) each and unit stride in d.
-// out: [B, Lq, H * 64] bf16, contiguous.
-void sd3_attention_bf16(const uint16_t* q, int64_t qsb, int64_t qsh, int64_t qsl,
-                        const uint16_t* k, int64_t ksb, int64_t ksh, int64_t ksl,
-                        const uint16_t* v, int64_t vsb, int64_t vsh, int64_t vsl, uint16_t* out,
-                        int64_t B, int64_t H, int64_t Lq, int64_t Lk, float scale, int num_threads) {
+void attend_block_amx(const View& q, int64_t b, int64_t h, int64_t i0, int64_t Lq, int64_t Lk,
+                      float scale_log2, Scratch& w, uint16_t* out, int64_t out_row) {
+  const int64_t rows = std::min<int64_t>(BLOCK_Q, Lq - i0);
+  const int64_t rows_pad = (rows + 15) / 16 * 16;
+  for (int64_t r = 0; r < rows_pad; ++r) {
+    if (r < rows) memcpy(w.q + r * DP, q.row(b, h, i0 + r), D * 2);
+    else memset(w.q + r * DP, 0, D * 2);
+    w.m[r] = -INFINITY;
+    w.l[r] = 0.f;
+  }
+  memset(w.o, 0, sizeof(float) * rows_pad * D);
+  constexpr int S_STRIDE = BLOCK_K * 4, P_STRIDE = BLOCK_K * 2, O_STRIDE = D * 4;
+
+  for (int64_t j0 = 0; j0 < Lk; j0 += BLOCK_K) {
+    const int64_t n = std::min<int64_t>(BLOCK_K, Lk - j0);
+    const int64_t n_pad = (n + 63) / 64 * 64;
+    for (int64_t r = 0; r < rows_pad; r += 16) {
+      const uint16_t* qr = reinterpret_cast<const uint16_t*>(w.q + r * DP);
+      _tile_loadd(4, qr, D * 2);
+      _tile_loadd(5, qr + 32, D * 2);
+      float* s = w.s + r * BLOCK_K;
+      for (int64_t jt = 0; jt < n_pad; jt += 64) {
+        const uint32_t* kb = w.kp + (j0 + jt) * DP;  // 16-key blocks of [dp][16 keys] dwords
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        _tile_loadd(6, kb, 64);
+        _tile_loadd(7, kb + 256, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(0, 5, 7);
+        _tile_loadd(6, kb + 16 * DP, 64);
+        _tile_loadd(7, kb + 16 * DP + 256, 64);
+        _tile_dpbf16ps(1, 4, 6);
+        _tile_dpbf16ps(1, 5, 7);
+        _tile_loadd(6, kb + 32 * DP, 64);
+        _tile_loadd(7, kb + 32 * DP + 256, 64);
+        _tile_dpbf16ps(2, 4, 6);
+        _tile_dpbf16ps(2, 5, 7);
+        _tile_loadd(6, kb + 48 * DP, 64);
+        _tile_loadd(7, kb + 48 * DP + 256, 64);
+        _tile_dpbf16ps(3, 4, 6);
+        _tile_dpbf16ps(3, 5, 7);
+        _tile_stored(0, s + jt, S_STRIDE);
+        _tile_stored(1, s + jt + 16, S_STRIDE);
+        _tile_stored(2, s + jt + 32, S_STRIDE);
+        _tile_stored(3, s + jt + 48, S_STRIDE);
+      }
+    }
+    for (int64_t r = 0; r < rows_pad; ++r) {  // row maxima over the valid keys
+      const float* s = w.s + r * BLOCK_K;
+      __m512 mx = _mm512_set1_ps(-INFINITY);
+      for (int64_t j = 0; j < n; j += 16) {
+        const int64_t valid = std::min<int64_t>(n - j, 16);
+        mx = _mm512_mask_max_ps(mx, __mmask16((1u << valid) - 1), mx, _mm512_loadu_ps(s + j));
+      }
+      w.blockmax[r] = _mm512_reduce_max_ps(mx);
+    }
+
+    softmax_rows(w, rows_pad, n, n_pad, scale_log2);
+
+    const int64_t n32 = (n + 31) / 32 * 32;  // P and V are zero beyond n
+    for (int64_t r = 0; r < rows_pad; r += 16) {
+      float* o = w.o + r * D;
+      for (int rr = 0; rr < 16; ++rr) {
+        const __m512 a = _mm512_set1_ps(w.alpha[r + rr]);
+        for (int c = 0; c < 4; ++c)
+          _mm512_storeu_ps(o + rr * D + c * 16, _mm512_mul_ps(_mm512_loadu_ps(o + rr * D + c * 16), a));
+      }
+      _tile_loadd(0, o, O_STRIDE);
+      _tile_loadd(1, o + 16, O_STRIDE);
+      _tile_loadd(2, o + 32, O_STRIDE);
+      _tile_loadd(3, o + 48, O_STRIDE);
+      const uint16_t* p = w.p + r * BLOCK_K;
+      for (int64_t k = 0; k < n32; k += 32) {
+        const uint16_t* vb = w.vp + (j0 + k) * D;  // 16 key pairs of [64 d][2] bf16
+        _tile_loadd(4, p + k, P_STRIDE);
+        _tile_loadd(5, vb, 2 * D * 2);
+        _tile_loadd(6, vb + 32, 2 * D * 2);
+        _tile_dpbf16ps(0, 4, 5);
+        _tile_dpbf16ps(1, 4, 6);
+        _tile_loadd(5, vb + 64, 2 * D * 2);
+        _tile_loadd(6, vb + 96, 2 * D * 2);
+        _tile_dpbf16ps(2, 4, 5);
+        _tile_dpbf16ps(3, 4, 6);
+      }
+      _tile_stored(0, o, O_STRIDE);
+      _tile_stored(1, o + 16, O_STRIDE);
+      _tile_stored(2, o + 32, O_STRIDE);
+      _tile_stored(3, o + 48, O_STRIDE);
+    }
+  }
+  write_rows(w, rows, i0, out, out_row);
+}
+#endif  // __AMX_BF16__
+
+using AttendFn = void (*)(const View&, int64_t, int64_t, int64_t, int64_t, int64_t, float, Scratch&,
+                          uint16_t*, int64_t);
+
+void run(const uint16_t* q, int64_t qsb, int64_t qsh, int64_t qsl, const uint16_t* k, int64_t ksb,
+         int64_t ksh, int64_t ksl, const uint16_t* v, int64_t vsb, int64_t vsh, int64_t vsl,
+         uint16_t* out, int64_t B, int64_t H, int64_t Lq, int64_t Lk, float scale, int num_threads,
+         AttendFn attend, bool tiles) {
   const View qv{q, qsb, qsh, qsl}, kv{k, ksb, ksh, ksl}, vv{v, vsb, vsh, vsl};
   const int64_t q_blocks = (Lq + BLOCK_Q - 1) / BLOCK_Q;
   const int64_t tasks = B * H * q_blocks;
@@ -234,6 +369,9 @@ void sd3_attention_bf16(const uint16_t* q, int64_t qsb, int64_t qsh, int64_t qsl
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
 #else
     const int t = 0, nt = 1;
+#endif
+#ifdef __AMX_BF16__
+    if (tiles) load_tile_config();
 #endif
     const int64_t begin = tasks * t / nt, end = tasks * (t + 1) / nt;
     Scratch w;
@@ -251,11 +389,52 @@ void sd3_attention_bf16(const uint16_t* q, int64_t qsb, int64_t qsh, int64_t qsl
         pack_v(vv, b, h, Lk, Lpad, w.vp);
         packed = bh;
       }
-      attend_block(qv, b, h, (task % q_blocks) * BLOCK_Q, Lq, Lk, scale_log2, w,
-                   out + b * Lq * H * D + h * D, H * D);
+      attend(qv, b, h, (task % q_blocks) * BLOCK_Q, Lq, Lk, scale_log2, w,
+             out + b * Lq * H * D + h * D, H * D);
     }
     free(w.kp); free(w.vp); free(w.q); free(w.s); free(w.p); free(w.o);
+#ifdef __AMX_BF16__
+    if (tiles) _tile_release();
+#endif
   }
+}
+
+}  // namespace
+
+extern "C" {
+
+// q, k, v: [B, H, L, 64] bf16 with element strides (sb, sh, sl) each and unit stride in d.
+// out: [B, Lq, H * 64] bf16, contiguous.
+void sd3_attention_bf16(const uint16_t* q, int64_t qsb, int64_t qsh, int64_t qsl,
+                        const uint16_t* k, int64_t ksb, int64_t ksh, int64_t ksl,
+                        const uint16_t* v, int64_t vsb, int64_t vsh, int64_t vsl, uint16_t* out,
+                        int64_t B, int64_t H, int64_t Lq, int64_t Lk, float scale, int num_threads) {
+  run(q, qsb, qsh, qsl, k, ksb, ksh, ksl, v, vsb, vsh, vsl, out, B, H, Lq, Lk, scale, num_threads,
+      attend_block, false);
+}
+
+// 1 when the AMX entry point can run: built with AMX and the kernel grants this process the tile
+// state (Linux arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA); 0 otherwise.
+int sd3_amx_init() {
+#ifdef __AMX_BF16__
+  constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+  return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 1 : 0;
+#else
+  return 0;
+#endif
+}
+
+// As sd3_attention_bf16, on AMX tiles. Call only after sd3_amx_init() returned 1.
+void sd3_attention_amx(const uint16_t* q, int64_t qsb, int64_t qsh, int64_t qsl,
+                       const uint16_t* k, int64_t ksb, int64_t ksh, int64_t ksl,
+                       const uint16_t* v, int64_t vsb, int64_t vsh, int64_t vsl, uint16_t* out,
+                       int64_t B, int64_t H, int64_t Lq, int64_t Lk, float scale, int num_threads) {
+#ifdef __AMX_BF16__
+  run(q, qsb, qsh, qsl, k, ksb, ksh, ksl, v, vsb, vsh, vsl, out, B, H, Lq, Lk, scale, num_threads,
+      attend_block_amx, true);
+#else
+  abort();
+#endif
 }
 
 }  // extern "C"
