@@ -1,4 +1,5 @@
-"""Attention: the AVX-512 BF16 CPU kernel against fp32 SDPA, and its fallbacks."""
+"""Attention: the CPU flash-attention kernel (AMX and AVX-512 BF16) against fp32 SDPA, and its
+fallbacks. Each kernel test runs for every instruction set this machine has."""
 
 import pytest
 import torch
@@ -9,10 +10,15 @@ from sd3.models.attention import (
     attention,
     flash_attention_cpu,
     kernel_available,
+    kernels_available,
     sdpa_attention,
 )
 
-needs_kernel = pytest.mark.skipif(not kernel_available(), reason="no AVX-512 BF16 kernel here")
+needs_kernel = pytest.mark.skipif(not kernel_available(), reason="no bf16 attention kernel here")
+ISAS = [
+    pytest.param(isa, marks=pytest.mark.skipif(isa not in kernels_available(), reason=f"no {isa}"))
+    for isa in ("amx", "avx512")
+]
 
 
 def qkv(B: int, H: int, Lq: int, Lk: int, seed: int, scale: float = 1.0):
@@ -31,7 +37,7 @@ def bf16_error_bound(ref: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return 1.01 * 2**-9 * (ref.abs() + vmax.transpose(1, 2).flatten(2)) + 1e-6
 
 
-@needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize(
     "B, H, Lq, Lk, scale",
     [
@@ -43,31 +49,32 @@ def bf16_error_bound(ref: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         (1, 2, 5, 700, 1.0),  # fewer queries than keys
     ],
 )
-def test_kernel_matches_fp32_sdpa_within_bf16_rounding(B, H, Lq, Lk, scale):
+def test_kernel_matches_fp32_sdpa_within_bf16_rounding(isa, B, H, Lq, Lk, scale):
     q, k, v = qkv(B, H, Lq, Lk, seed=Lq + Lk, scale=scale)
     ref = sdpa_attention(q.float(), k.float(), v.float())
-    ours = flash_attention_cpu(q, k, v)
+    ours = flash_attention_cpu(q, k, v, isa)
     assert ours.shape == (B, Lq, H * 64) and ours.dtype == torch.bfloat16
     err = (ours.float() - ref).abs()
     worst = (err / bf16_error_bound(ref, v)).max().item()
     torch_bf16_err = max_rel_err(sdpa_attention(q, k, v), ref)
     print(
-        f"L={Lq}x{Lk}: max abs {err.max().item():.2e}, max rel {max_rel_err(ours, ref):.2e} "
+        f"{isa} L={Lq}x{Lk}: max abs {err.max().item():.2e}, max rel {max_rel_err(ours, ref):.2e} "
         f"(torch bf16 SDPA {torch_bf16_err:.2e}), worst error / bf16 bound {worst:.2f}"
     )
     assert worst <= 1.0
     assert max_rel_err(ours, ref) <= 4e-3  # 2^-8: a bf16 ulp at the output's largest magnitude
 
 
-@needs_kernel
-def test_kernel_reads_strided_views_like_the_mmdit_passes_them():
+@pytest.mark.parametrize("isa", ISAS)
+def test_kernel_reads_strided_views_like_the_mmdit_passes_them(isa):
     # MMDiT: qkv(x).view(B, L, 3, H, 64).permute(2, 0, 3, 1, 4): q, k, v are strided views
     g = torch.Generator().manual_seed(1)
     qkv_proj = torch.randn(2, 150, 3, 4, 64, generator=g).bfloat16()
     q, k, v = qkv_proj.permute(2, 0, 3, 1, 4)
     assert not q.is_contiguous()
-    ours = flash_attention_cpu(q, k, v)
-    assert torch.equal(ours, flash_attention_cpu(q.contiguous(), k.contiguous(), v.contiguous()))
+    ours = flash_attention_cpu(q, k, v, isa)
+    contiguous = (q.contiguous(), k.contiguous(), v.contiguous())
+    assert torch.equal(ours, flash_attention_cpu(*contiguous, isa))
     err = max_rel_err(ours, sdpa_attention(q.float(), k.float(), v.float()))
     print(f"strided views: max rel err {err:.2e}")
     assert err <= 4e-3
@@ -75,9 +82,12 @@ def test_kernel_reads_strided_views_like_the_mmdit_passes_them():
 
 @needs_kernel
 def test_attention_takes_the_kernel_for_bf16_and_sdpa_otherwise(monkeypatch):
-    monkeypatch.setenv("SD3_ATTENTION", "kernel")
+    monkeypatch.delenv("SD3_ATTENTION", raising=False)
     q, k, v = qkv(1, 2, 70, 70, seed=3)
-    assert torch.equal(attention(q, k, v), flash_attention_cpu(q, k, v))
+    assert attention_module.kernel_choice() != "sdpa" or not attention_module.cpu_has_amx()
+    fast = attention_module.kernel_choice()
+    if fast != "sdpa":
+        assert torch.equal(attention(q, k, v), flash_attention_cpu(q, k, v, fast))
     for t in (q.float(), k.float(), v.float()):
         t.requires_grad_(True)
     qf, kf, vf = q.float(), k.float(), v.float()
@@ -94,17 +104,32 @@ def test_attention_takes_the_kernel_for_bf16_and_sdpa_otherwise(monkeypatch):
 
 
 @needs_kernel
-def test_auto_choice_takes_sdpa_on_amx_cpus_and_the_kernel_without_amx(monkeypatch):
+def test_choice_is_amx_where_it_runs_avx512_only_without_amx_and_can_be_forced(monkeypatch):
     q, k, v = qkv(1, 2, 70, 70, seed=3)
     monkeypatch.delenv("SD3_ATTENTION", raising=False)
+    available = kernels_available()
+    expected = (
+        "amx" if "amx" in available else "sdpa" if attention_module.cpu_has_amx() else "avx512"
+    )
+    assert attention_module.kernel_choice() == expected
+    # an AMX CPU whose kernel lacks the AMX path: SDPA beats the AVX-512 kernel there
+    monkeypatch.setattr(attention_module, "kernels_available", lambda: ("avx512",))
     monkeypatch.setattr(attention_module, "cpu_has_amx", lambda: True)
+    assert attention_module.kernel_choice() == "sdpa"
     assert torch.equal(attention(q, k, v), sdpa_attention(q, k, v))
     monkeypatch.setattr(attention_module, "cpu_has_amx", lambda: False)
-    assert torch.equal(attention(q, k, v), flash_attention_cpu(q, k, v))
+    assert attention_module.kernel_choice() == "avx512"
+    assert torch.equal(attention(q, k, v), flash_attention_cpu(q, k, v, "avx512"))
     monkeypatch.setenv("SD3_ATTENTION", "sdpa")
     assert torch.equal(attention(q, k, v), sdpa_attention(q, k, v))
+    monkeypatch.setenv("SD3_ATTENTION", "amx")  # not available (as patched): SDPA, one warning
+    attention_module._warn_once.cache_clear()
+    with pytest.warns(RuntimeWarning, match="SD3_ATTENTION=amx cannot run on this machine"):
+        assert torch.equal(attention(q, k, v), sdpa_attention(q, k, v))
     monkeypatch.setenv("SD3_ATTENTION", "fast")
-    with pytest.raises(ValueError, match="SD3_ATTENTION='fast' is not one of auto, kernel, sdpa"):
+    with pytest.raises(
+        ValueError, match="SD3_ATTENTION='fast' is not one of auto, amx, avx512, sdpa"
+    ):
         attention(q, k, v)
 
 
@@ -112,8 +137,9 @@ def test_without_a_compiler_attention_falls_back_to_sdpa_with_one_warning(monkey
     monkeypatch.setenv("CXX", "no-such-compiler-sd3")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(attention_module, "_cpu_has_avx512_bf16", lambda: True)
-    monkeypatch.setenv("SD3_ATTENTION", "kernel")
+    monkeypatch.delenv("SD3_ATTENTION", raising=False)
     attention_module._kernel.cache_clear()
+    attention_module._warn_once.cache_clear()
     try:
         q, k, v = qkv(1, 2, 40, 40, seed=4)
         with pytest.warns(RuntimeWarning, match="using torch SDPA") as record:
@@ -142,15 +168,13 @@ def test_impossible_shapes_raise_value_errors():
         flash_attention_cpu(q[..., :32], k[..., :32], v[..., :32])
 
 
-def test_mmdit_in_bf16_with_the_kernel_matches_the_sdpa_path(monkeypatch):
+@pytest.mark.parametrize("isa", ISAS)
+def test_mmdit_in_bf16_with_the_kernel_matches_the_sdpa_path(monkeypatch, isa):
     from helpers import tiny_models
 
     import sd3.models.mmdit as mmdit_module
-    from sd3.models.attention import kernel_available, sdpa_attention
 
-    if not kernel_available():
-        pytest.skip("no AVX-512 BF16 kernel on this machine")
-    monkeypatch.setenv("SD3_ATTENTION", "kernel")
+    monkeypatch.setenv("SD3_ATTENTION", isa)
     model = tiny_models(seed=8)["mmdit"].to(torch.bfloat16)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 16, 32, 24, generator=g).bfloat16()
@@ -162,5 +186,5 @@ def test_mmdit_in_bf16_with_the_kernel_matches_the_sdpa_path(monkeypatch):
         monkeypatch.setattr(mmdit_module, "attention", sdpa_attention)
         plain = model(x, t, context, pooled)
     err = max_rel_err(fast, plain)
-    print(f"bf16 MMDiT, kernel vs SDPA: max rel err {err:.2e}")
+    print(f"bf16 MMDiT, {isa} kernel vs SDPA: max rel err {err:.2e}")
     assert err < 2e-2

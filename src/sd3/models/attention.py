@@ -1,17 +1,20 @@
 """Scaled dot-product attention for the MMDiT's joint attention, softmax(Q Kᵀ / √d) V.
 
-With torch's CPU SDPA, attention is about a quarter of a bf16 MMDiT step at 512² and half at
-1024², and SDPA runs bf16 at a third of what bf16 GEMMs reach on the same cores. So on CPUs with AVX-512 BF16 (Zen 4,
-Cooper Lake, Sapphire Rapids and later) bf16 attention with head dim 64 goes through a small
-flash-attention kernel, `sd3/csrc/attention_avx512bf16.cpp`: it computes Q Kᵀ and P V with
-`vdpbf16ps` (bf16 products, fp32 sums), keeps the online softmax in fp32 and needs only
-O(L · 64) scratch per thread. The kernel is plain C++ loaded with ctypes; it is compiled with the
-system C++ compiler on first use (about a second) and cached under `~/.cache/sd3`. Everything
-else, and any machine where the kernel cannot be built, uses `F.scaled_dot_product_attention`.
+Attention is the part of an MMDiT step that torch's CPU kernels run furthest from the machine's
+matmul peak: at 1024² it is most of a step. So bf16 attention with head dim 64 goes through a
+small flash-attention kernel, `sd3/csrc/flash_attention_cpu.cpp`, with the online softmax in
+fp32 and O(L · 64) scratch per thread, in one of two instruction sets:
 
-On CPUs with AMX (Sapphire Rapids and later) the balance turns: torch's SDPA runs its GEMMs on AMX
-tiles and is the faster path (2 cores: SDPA 770 GFLOP/s, the kernel 210), so there the kernel is
-not used. `SD3_ATTENTION=kernel|sdpa` overrides the choice (`auto`, the default, decides by CPU).
+- `amx`: Q Kᵀ and P V on AMX tiles (`tdpbf16ps`; Sapphire Rapids and later). On 2 cores:
+  about 1,100 GFLOP/s at the MMDiT's shapes, 1.45-1.8x torch's SDPA (which uses AMX too).
+- `avx512`: the same with `vdpbf16ps` in zmm registers (AVX-512 BF16: Zen 4, Cooper Lake).
+  2.4x SDPA on Zen 4; on AMX CPUs it is slower than SDPA, so it is not chosen there.
+
+`SD3_ATTENTION=auto|amx|avx512|sdpa` overrides the choice (`auto`: the fastest the CPU has).
+The kernel is plain C++ loaded with ctypes, compiled with the system C++ compiler on first use
+(a few seconds; a compiler without AMX support builds it without the AMX path) and cached under
+`~/.cache/sd3`. Everything else (other dtypes, head dims, gradients, GPUs), and any machine where
+the kernel cannot be built, uses `F.scaled_dot_product_attention`.
 """
 
 import ctypes
@@ -30,23 +33,45 @@ from torch import Tensor
 
 from ..hardware import cpu_flags, cpu_has_amx
 
-SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "attention_avx512bf16.cpp"
+SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "flash_attention_cpu.cpp"
 CXX_FLAGS = (
     "-O3 -std=c++17 -shared -fPIC -fopenmp "
     "-mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16 -mfma"
 ).split()
+AMX_FLAGS = ["-mamx-tile", "-mamx-bf16"]
 HEAD_DIM = 64  # the only head dim the kernel handles; all SD3 / SD3.5 models use it
+CHOICES = ("auto", "amx", "avx512", "sdpa")
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(q kᵀ / √d) v for q, k, v of shape [B, heads, L, d]; returns [B, L, heads * d].
 
-    Uses the AVX-512 BF16 kernel for bf16 CPU inputs with d = 64 that need no gradient, on CPUs
-    where it beats SDPA (`kernel_preferred`), and `F.scaled_dot_product_attention` otherwise."""
+    bf16 CPU inputs with d = 64 that need no gradient take the kernel (see `kernel_choice`),
+    all others `F.scaled_dot_product_attention`."""
     _check_shapes(q, k, v)
-    if _kernel_applies(q, k, v) and kernel_preferred() and _kernel() is not None:
-        return flash_attention_cpu(q, k, v)
+    if _kernel_applies(q, k, v):
+        isa = kernel_choice()
+        if isa != "sdpa":
+            return flash_attention_cpu(q, k, v, isa)
     return sdpa_attention(q, k, v)
+
+
+def kernel_choice() -> str:
+    """ "amx", "avx512" or "sdpa": `SD3_ATTENTION` if set, else the fastest this CPU runs (the
+    AVX-512 kernel only where there is no AMX). A requested kernel this machine cannot run falls
+    back to SDPA, with one warning."""
+    choice = os.environ.get("SD3_ATTENTION", "auto").strip().lower() or "auto"
+    if choice not in CHOICES:
+        raise ValueError(f"SD3_ATTENTION={choice!r} is not one of {', '.join(CHOICES)}")
+    available = kernels_available()
+    if choice == "auto":
+        if "amx" in available:
+            return "amx"
+        return "avx512" if "avx512" in available and not cpu_has_amx() else "sdpa"
+    if choice != "sdpa" and choice not in available:
+        _warn_once(f"sd3: SD3_ATTENTION={choice} cannot run on this machine; using torch SDPA")
+        return "sdpa"
+    return choice
 
 
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -54,9 +79,10 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
 
 
-def flash_attention_cpu(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """The AVX-512 BF16 kernel: bf16 CPU q, k, v of shape [B, heads, L, 64] with any strides
-    (the MMDiT's permuted views of its qkv projection need no copy) -> [B, L, heads * 64] bf16."""
+def flash_attention_cpu(q: Tensor, k: Tensor, v: Tensor, isa: str | None = None) -> Tensor:
+    """The kernel (`isa` "amx" or "avx512"; default: the fastest available) on bf16 CPU q, k, v of
+    shape [B, heads, L, 64] with any strides (the MMDiT's permuted views of its qkv projection need
+    no copy) -> [B, L, heads * 64] bf16."""
     _check_shapes(q, k, v)
     if not all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in (q, k, v)):
         raise ValueError(
@@ -71,38 +97,35 @@ def flash_attention_cpu(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         raise ValueError(
             f"flash_attention_cpu needs at least one query and key, got q {tuple(q.shape)}, k {tuple(k.shape)}"
         )
-    lib = _kernel()
-    if lib is None:
-        raise RuntimeError("the AVX-512 BF16 attention kernel is not available on this machine")
+    if isa not in (None, "amx", "avx512"):
+        raise ValueError(f"isa must be 'amx' or 'avx512', got {isa!r}")
+    available = kernels_available()
+    isa = isa or ("amx" if "amx" in available else "avx512")
+    if isa not in available:
+        raise RuntimeError(f"the {isa} attention kernel is not available on this machine")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     B, H, L, D = q.shape
     out = torch.empty(B, L, H * D, dtype=torch.bfloat16)
     args = []
     for t in (q, k, v):
         args += [t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)]
-    lib.sd3_attention_bf16(
-        *args, out.data_ptr(), B, H, L, k.shape[2], D**-0.5, torch.get_num_threads()
-    )
+    lib = _kernel()
+    fn = lib.sd3_attention_amx if isa == "amx" else lib.sd3_attention_bf16
+    fn(*args, out.data_ptr(), B, H, L, k.shape[2], D**-0.5, torch.get_num_threads())
     return out
+
+
+def kernels_available() -> tuple[str, ...]:
+    """The kernels that can run here: ("amx", "avx512"), ("avx512",) or ()."""
+    lib = _kernel()
+    if lib is None:
+        return ()
+    return ("amx", "avx512") if _amx_ready(lib) else ("avx512",)
 
 
 def kernel_available() -> bool:
     """Whether `flash_attention_cpu` can run here (CPU support plus a built or buildable kernel)."""
-    return _kernel() is not None
-
-
-ATTENTION_CHOICES = ("auto", "kernel", "sdpa")
-
-
-def kernel_preferred() -> bool:
-    """Whether bf16 CPU attention should take the kernel: `SD3_ATTENTION` if set, else yes unless
-    the CPU has AMX (where torch's SDPA is faster)."""
-    choice = os.environ.get("SD3_ATTENTION", "auto").strip().lower() or "auto"
-    if choice not in ATTENTION_CHOICES:
-        raise ValueError(f"SD3_ATTENTION={choice!r} is not one of {', '.join(ATTENTION_CHOICES)}")
-    if choice == "auto":
-        return not cpu_has_amx()
-    return choice == "kernel"
+    return bool(kernels_available())
 
 
 def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -136,18 +159,27 @@ def _kernel() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(str(_build()))
     except (OSError, RuntimeError) as e:
-        warnings.warn(
-            f"sd3: using torch SDPA for attention, the bf16 kernel is unavailable: {e}",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        _warn_once(f"sd3: using torch SDPA for attention, the bf16 kernel is unavailable: {e}")
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     tensor = [ptr, i64, i64, i64]  # data, strides of batch, head and token
     shapes = [i64, i64, i64, i64]  # B, H, Lq, Lk
-    lib.sd3_attention_bf16.argtypes = [*tensor * 3, ptr, *shapes, ctypes.c_float, ctypes.c_int]
-    lib.sd3_attention_bf16.restype = None
+    for fn in (lib.sd3_attention_bf16, lib.sd3_attention_amx):
+        fn.argtypes = [*tensor * 3, ptr, *shapes, ctypes.c_float, ctypes.c_int]
+        fn.restype = None
+    lib.sd3_amx_init.argtypes, lib.sd3_amx_init.restype = [], ctypes.c_int
     return lib
+
+
+@functools.cache
+def _amx_ready(lib: ctypes.CDLL) -> bool:
+    """The CPU has AMX, the kernel was built with it, and Linux grants this process the tiles."""
+    return cpu_has_amx() and lib.sd3_amx_init() == 1
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def _cpu_has_avx512_bf16() -> bool:
@@ -155,14 +187,15 @@ def _cpu_has_avx512_bf16() -> bool:
 
 
 def _build() -> Path:
-    """Path of the compiled kernel, keyed by source, compiler and flags; builds it when missing."""
+    """Path of the compiled kernel, keyed by source, compiler and flags; builds it when missing,
+    with the AMX path if the compiler supports it."""
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         raise RuntimeError(f"no C++ compiler ({cxx!r}) to build it")
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([cxx, *CXX_FLAGS]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + " ".join([cxx, *CXX_FLAGS, *AMX_FLAGS]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sd3"
-    lib = cache / f"attention_avx512bf16-{key}.so"
+    lib = cache / f"flash_attention_cpu-{key}.so"
     if lib.exists():
         return lib
     cache.mkdir(parents=True, exist_ok=True)
@@ -170,10 +203,13 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
     try:
-        result = subprocess.run(
-            [cxx, *CXX_FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True
-        )
-        if result.returncode != 0:
+        for flags in ([*CXX_FLAGS, *AMX_FLAGS], CXX_FLAGS):
+            result = subprocess.run(
+                [cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True
+            )
+            if result.returncode == 0:
+                break
+        else:
             first_error = next(
                 (line for line in result.stderr.splitlines() if "error" in line),
                 result.stderr.strip(),
