@@ -53,17 +53,21 @@ def worker(mode: str, size: int, tile: int, out: Path) -> dict:
     latent = torch.randn(
         1, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(0)
     ).to(dtype)
+    tile_size = tile if mode == "sd3 tiled" else None
     if mode.startswith("sd3"):
-        vae = load_component(component, dtype)
-        decode = lambda: vae.decode(
-            latent, tile_size=tile if "tiled" in mode and "un" not in mode else None
-        )  # noqa: E731
+        model = vae = load_component(component, dtype)
+
+        def decode():
+            return vae.decode(latent, tile_size=tile_size)
     else:
-        ref = diffusers_vae_from(infer_config(component), read(component), dtype)
+        model = ref = diffusers_vae_from(infer_config(component), read(component), dtype)
         ref.enable_tiling()
-        decode = lambda: ref.decode(latent / 1.5305 + 0.0609).sample  # noqa: E731
+
+        def decode():
+            return ref.decode(latent / 1.5305 + 0.0609).sample
+
     # touch every weight once so "before" counts them all
-    for p in (vae if mode.startswith("sd3") else ref).parameters():
+    for p in model.parameters():
         p.sum()
     before = rss("VmRSS")
     start = time.perf_counter()

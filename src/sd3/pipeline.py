@@ -171,9 +171,8 @@ class Pipeline:
     low_memory: bool = False
     model_name: str = ""
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage of the last call
-    progress: bool = (
-        False  # a tqdm bar over the denoising steps, started once the prompt is encoded
-    )
+    # a tqdm bar over the denoising steps, started once the prompt is encoded
+    progress: bool = False
     _modules: dict[str, nn.Module] = field(default_factory=dict)
     _text: TextEncoders | None = None
 
@@ -238,7 +237,8 @@ class Pipeline:
             model_name=model_name,
         )
         if not low_memory:
-            pipe.module("mmdit"), pipe.module("vae")
+            pipe.module("mmdit")
+            pipe.module("vae")
         return pipe
 
     # --- loading and releasing ------------------------------------------------------------

@@ -12,10 +12,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import attention
+from .fused import linear
 
 HEAD_DIM = 64
 
@@ -105,7 +105,9 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden, kernel_size=patch, stride=patch)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # contiguous tokens: else every later elementwise op keeps the conv's channels-first layout
+        # and each LayerNorm and linear copies it back
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 class RMSNorm(nn.Module):
@@ -140,7 +142,8 @@ class SelfAttention(nn.Module):
     def pre_attention(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x [B, L, dim] -> q, k, v each [B, heads, L, HEAD_DIM]."""
         B, L, _ = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, HEAD_DIM).permute(2, 0, 3, 1, 4)
+        qkv = linear(x, self.qkv).view(B, L, 3, self.num_heads, HEAD_DIM)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
         if hasattr(self, "ln_q"):
             q, k = self.ln_q(q), self.ln_k(k)
         return q, k, v
@@ -153,7 +156,7 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return linear(linear(x, self.fc1, "gelu_tanh"), self.fc2)
 
 
 class DismantledBlock(nn.Module):
@@ -192,9 +195,9 @@ class DismantledBlock(nn.Module):
     def post_attention(
         self, x: Tensor, attn: Tensor, attn2: Tensor | None, mods: Sequence[Tensor]
     ) -> Tensor:
-        x = x + mods[2].unsqueeze(1) * self.attn.proj(attn)
+        x = x + mods[2].unsqueeze(1) * linear(attn, self.attn.proj)
         if attn2 is not None:
-            x = x + mods[8].unsqueeze(1) * self.attn2.proj(attn2)
+            x = x + mods[8].unsqueeze(1) * linear(attn2, self.attn2.proj)
         return x + mods[5].unsqueeze(1) * self.mlp(modulate(self.norm2(x), mods[3], mods[4]))
 
 
