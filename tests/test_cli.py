@@ -110,7 +110,11 @@ def test_batch_writes_one_file_per_seed(model_file, tmp_path):
         assert json.loads(image.text["sd3"])["settings"]["seed"] == 3
     alone = tmp_path / "alone.png"
     assert generate(model_file, alone, "a cat", "--seed", "3") == 0
-    assert np.array_equal(pixels(second), pixels(alone))
+    # The same image: a batch of 2 runs the MMDiT's GEMMs at twice the rows, whose fp32 sums may
+    # round differently (latents within 2e-5), so a pixel may land one level off.
+    diff = np.abs(pixels(second).astype(int) - pixels(alone).astype(int))
+    print(f"batch image vs alone: max pixel difference {diff.max()}, {np.mean(diff > 0):.1%} differ")
+    assert diff.max() <= 1 and np.mean(diff > 0) < 0.02
 
 
 def test_img2img(model_file, tmp_path):

