@@ -113,7 +113,9 @@ def test_batch_writes_one_file_per_seed(model_file, tmp_path):
     # The same image: a batch of 2 runs the MMDiT's GEMMs at twice the rows, whose fp32 sums may
     # round differently (latents within 2e-5), so a pixel may land one level off.
     diff = np.abs(pixels(second).astype(int) - pixels(alone).astype(int))
-    print(f"batch image vs alone: max pixel difference {diff.max()}, {np.mean(diff > 0):.1%} differ")
+    print(
+        f"batch image vs alone: max pixel difference {diff.max()}, {np.mean(diff > 0):.1%} differ"
+    )
     assert diff.max() <= 1 and np.mean(diff > 0) < 0.02
 
 
