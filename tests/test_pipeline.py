@@ -140,11 +140,11 @@ def test_low_memory_loads_encoders_first_releases_them_and_draws_the_same(models
     kw = dict(num_inference_steps=2, width=32, height=48, seed=5)
     images = lean("a red circle above a blue square", **kw)
     assert loads == ["clip_l", "clip_g", "t5xxl", "mmdit", "vae"]
-    assert set(lean._modules) == {"mmdit", "vae"} and lean._text is None  # encoders dropped
+    assert set(lean._modules) == {"vae"} and lean._text is None  # encoders and MMDiT dropped
     expected = eager("a red circle above a blue square", **kw)
     assert np.array_equal(np.asarray(images[0]), np.asarray(expected[0]))
-    lean("a blue square", **kw)  # the encoders come back for the next prompt
-    assert loads[5:] == ["clip_l", "clip_g", "t5xxl"]
+    lean("a blue square", **kw)  # everything but the VAE comes back for the next prompt
+    assert loads[5:] == ["clip_l", "clip_g", "t5xxl", "mmdit"]
 
 
 def test_generate_times_each_stage_and_counts_steps_after_encoding(pipe, monkeypatch):

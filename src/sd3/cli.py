@@ -45,8 +45,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--low-memory",
         action=argparse.BooleanOptionalAction,
-        help="load the text encoders first and release them before the MMDiT loads, and decode "
-        "in tiles (default: on when the weights need over 60%% of the free memory)",
+        help="load the text encoders first and release them before the MMDiT loads, and release "
+        "the MMDiT before decoding (default: on when the weights need over 60%% of the free memory)",
     )
     p.add_argument("--negative", help="negative prompt (default: empty)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's preset)")

@@ -160,8 +160,9 @@ class Pipeline:
 
     Each network is loaded from its component on first use (`module`). With `low_memory` the
     order is the one that keeps the peak lowest: the text encoders first, released (modules and
-    file pages) once the prompt is encoded, then the MMDiT, and a tiled VAE decode. Otherwise the
-    MMDiT and VAE load at once and the encoders stay loaded between calls."""
+    file pages) once the prompt is encoded, then the MMDiT, released in turn before the VAE
+    decodes; each call loads them again (from the page cache, when it still holds the files).
+    Otherwise the MMDiT and VAE load at once and the encoders stay loaded between calls."""
 
     components: dict[str, Component]
     tokenizers: Tokenizers
@@ -345,9 +346,7 @@ class Pipeline:
 
     def decode(self, latents: Tensor, tile_size: int | None = None) -> list[Image.Image]:
         """Latents -> PIL images; large images decode in tiles unless `tile_size` says otherwise."""
-        if tile_size is None and latents.shape[-1] * latents.shape[-2] > (
-            64 * 64 if self.low_memory else 128 * 128
-        ):
+        if tile_size is None and latents.shape[-1] * latents.shape[-2] > 128 * 128:
             tile_size = 64
         with torch.no_grad():
             return [
@@ -418,6 +417,8 @@ class Pipeline:
                     callback(*args)
 
             latents = self.sample(s, init_image, step, conditioning)
+        if self.low_memory:
+            self.release("mmdit")
         sampled = time.perf_counter()
         images = self.decode(latents)
         self.timings = {
