@@ -92,10 +92,7 @@ class Normalize(nn.GroupNorm):
     def forward(self, x: Tensor) -> Tensor:
         if self.stats is None:
             return super().forward(x)
-        groups = x.unflatten(1, (self.num_groups, -1))
-        mean, var = self.stats(self, groups)
-        x = ((groups - mean) * torch.rsqrt(var.float() + self.eps).to(x.dtype)).flatten(1, 2)
-        return x * self.weight[:, None, None] + self.bias[:, None, None]
+        return self.stats.normalize(self, x)
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1, padding: int = 1) -> nn.Conv2d:
@@ -246,20 +243,27 @@ class TileStats:
         self.tile_height = 1  # latent pixels
         self.core = (slice(None), slice(None))  # latent pixels, relative to the tile
 
-    def __call__(self, norm: Normalize, groups: Tensor) -> tuple[Tensor, Tensor]:
-        if self.frozen:
-            n, total, squares = self.sums[norm]
-            mean = total / n
-            return mean.to(groups.dtype), (squares / n - mean**2).to(groups.dtype)
-        s = groups.shape[-2] // self.tile_height  # this layer's pixels per latent pixel
-        rows, cols = (slice(r.start * s, r.stop * s) for r in self.core)
-        core = groups[..., rows, cols]
-        var, mean = torch.var_mean(core.float(), dim=(2, 3, 4), correction=0, keepdim=True)
-        n = core[0, 0].numel()
-        sums = torch.stack([torch.full_like(mean, n), n * mean, n * (var + mean**2)]).double()
-        self.sums[norm] = self.sums.get(norm, 0) + sums
-        var, mean = torch.var_mean(groups, dim=(2, 3, 4), correction=0, keepdim=True)
-        return mean, var
+    def normalize(self, norm: Normalize, x: Tensor) -> Tensor:
+        """GroupNorm of tile `x` [B, C, h, w]: while gathering, with the tile's own statistics
+        (adding its core's sums); once frozen, with the merged ones, as one per-channel scale and
+        shift computed in fp32."""
+        B, C = x.shape[:2]
+        G = norm.num_groups
+        if not self.frozen:
+            s = x.shape[-2] // self.tile_height  # this layer's pixels per latent pixel
+            rows, cols = (slice(r.start * s, r.stop * s) for r in self.core)
+            core = x[..., rows, cols].float()
+            per_channel = torch.stack([core.sum((2, 3)), core.square().sum((2, 3))])  # [2, B, C]
+            sums = per_channel.double().view(2, B, G, C // G).sum(-1)
+            n = torch.full_like(sums[:1], core[0, 0].numel() * (C // G))
+            self.sums[norm] = self.sums.get(norm, 0) + torch.cat([n, sums])
+            return F.group_norm(x, G, norm.weight, norm.bias, norm.eps)
+        n, total, squares = self.sums[norm]  # [B, G] each
+        mean = total / n
+        rstd = torch.rsqrt(squares / n - mean**2 + norm.eps).float().repeat_interleave(C // G, 1)
+        scale = rstd * norm.weight.float()
+        shift = norm.bias.float() - mean.float().repeat_interleave(C // G, 1) * scale
+        return torch.addcmul(shift[..., None, None], x, scale[..., None, None]).to(x.dtype)
 
 
 def decode_tiled(
