@@ -77,6 +77,16 @@ PREFIXES = {
 }
 
 
+def bf16_mmdit_case(seed: int = 8):
+    """A tiny bf16 MMDiT and a batch of inputs for it: (model, (x, timestep, context, pooled))."""
+    model = tiny_models(seed=seed)["mmdit"].to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 32, 24, generator=g).bfloat16()
+    context = torch.randn(2, 40, 256, generator=g).bfloat16()
+    pooled = torch.randn(2, 192, generator=g).bfloat16()
+    return model, (x, torch.tensor([900.0, 30.0]), context, pooled)
+
+
 def save_single_file(path, models: dict[str, torch.nn.Module], dtype=torch.float32, prefixed=True):
     """Write `models` in Stability's single-file layout (or one standalone file if not prefixed)."""
     from safetensors.torch import save_file

@@ -170,21 +170,16 @@ def test_impossible_shapes_raise_value_errors():
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_mmdit_in_bf16_with_the_kernel_matches_the_sdpa_path(monkeypatch, isa):
-    from helpers import tiny_models
+    from helpers import bf16_mmdit_case
 
     import sd3.models.mmdit as mmdit_module
 
     monkeypatch.setenv("SD3_ATTENTION", isa)
-    model = tiny_models(seed=8)["mmdit"].to(torch.bfloat16)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 16, 32, 24, generator=g).bfloat16()
-    context = torch.randn(2, 40, 256, generator=g).bfloat16()
-    pooled = torch.randn(2, 192, generator=g).bfloat16()
-    t = torch.tensor([900.0, 30.0])
+    model, inputs = bf16_mmdit_case()
     with torch.no_grad():
-        fast = model(x, t, context, pooled)
+        fast = model(*inputs)
         monkeypatch.setattr(mmdit_module, "attention", sdpa_attention)
-        plain = model(x, t, context, pooled)
+        plain = model(*inputs)
     err = max_rel_err(fast, plain)
     print(f"bf16 MMDiT, {isa} kernel vs SDPA: max rel err {err:.2e}")
     assert err < 2e-2

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import max_rel_err, tiny_models
+from helpers import bf16_mmdit_case, max_rel_err
 from torch import nn
 
 import sd3.models.fused as fused
@@ -72,16 +72,12 @@ def test_other_cases_take_the_plain_layer():
 
 @needs_onednn
 def test_bf16_mmdit_with_fused_linears_matches_the_plain_path(monkeypatch):
-    model = tiny_models(seed=8)["mmdit"].to(torch.bfloat16)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 16, 32, 24, generator=g).bfloat16()
-    context = torch.randn(2, 40, 256, generator=g).bfloat16()
-    pooled = torch.randn(2, 192, generator=g).bfloat16()
-    t = torch.tensor([900.0, 30.0])
+    model, inputs = bf16_mmdit_case()
     with torch.no_grad():
-        fast = model(x, t, context, pooled)
+        fast = model(*inputs)
         monkeypatch.setattr(fused, "_ONEDNN", False)
-        plain = model(x, t, context, pooled)
+        plain = model(*inputs)
+        x, t, context, pooled = inputs
         reference = model.float()(x.float(), t, context.float(), pooled.float())
     print(
         f"bf16 MMDiT vs fp32: fused {max_rel_err(fast, reference):.2e}, "

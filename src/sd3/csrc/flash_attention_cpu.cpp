@@ -201,10 +201,9 @@ inline void write_rows(const Scratch& w, int64_t rows, int64_t i0, uint16_t* out
   }
 }
 
-void attend_block(const View& q, int64_t b, int64_t h, int64_t i0, int64_t Lq, int64_t Lk,
-                  float scale_log2, Scratch& w, uint16_t* out, int64_t out_row) {
-  const int64_t rows = std::min<int64_t>(BLOCK_Q, Lq - i0);
-  const int64_t rows_pad = (rows + R - 1) / R * R;
+// The block's query rows i0 .. i0 + rows into w.q (zero up to rows_pad), fresh m, l and O.
+inline void start_block(const View& q, int64_t b, int64_t h, int64_t i0, int64_t rows,
+                        int64_t rows_pad, Scratch& w) {
   for (int64_t r = 0; r < rows_pad; ++r) {
     if (r < rows) memcpy(w.q + r * DP, q.row(b, h, i0 + r), D * 2);
     else memset(w.q + r * DP, 0, D * 2);
@@ -212,6 +211,13 @@ void attend_block(const View& q, int64_t b, int64_t h, int64_t i0, int64_t Lq, i
     w.l[r] = 0.f;
   }
   memset(w.o, 0, sizeof(float) * rows_pad * D);
+}
+
+void attend_block(const View& q, int64_t b, int64_t h, int64_t i0, int64_t Lq, int64_t Lk,
+                  float scale_log2, Scratch& w, uint16_t* out, int64_t out_row) {
+  const int64_t rows = std::min<int64_t>(BLOCK_Q, Lq - i0);
+  const int64_t rows_pad = (rows + R - 1) / R * R;
+  start_block(q, b, h, i0, rows, rows_pad, w);
 
   for (int64_t j0 = 0; j0 < Lk; j0 += BLOCK_K) {
     const int64_t n = std::min<int64_t>(BLOCK_K, Lk - j0);
@@ -257,13 +263,7 @@ void attend_block_amx(const View& q, int64_t b, int64_t h, int64_t i0, int64_t L
                       float scale_log2, Scratch& w, uint16_t* out, int64_t out_row) {
   const int64_t rows = std::min<int64_t>(BLOCK_Q, Lq - i0);
   const int64_t rows_pad = (rows + 15) / 16 * 16;
-  for (int64_t r = 0; r < rows_pad; ++r) {
-    if (r < rows) memcpy(w.q + r * DP, q.row(b, h, i0 + r), D * 2);
-    else memset(w.q + r * DP, 0, D * 2);
-    w.m[r] = -INFINITY;
-    w.l[r] = 0.f;
-  }
-  memset(w.o, 0, sizeof(float) * rows_pad * D);
+  start_block(q, b, h, i0, rows, rows_pad, w);
   constexpr int S_STRIDE = BLOCK_K * 4, P_STRIDE = BLOCK_K * 2, O_STRIDE = D * 4;
 
   for (int64_t j0 = 0; j0 < Lk; j0 += BLOCK_K) {
