@@ -138,7 +138,7 @@ def test_without_a_compiler_attention_falls_back_to_sdpa_with_one_warning(monkey
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(attention_module, "_cpu_has_avx512_bf16", lambda: True)
     monkeypatch.delenv("SD3_ATTENTION", raising=False)
-    attention_module._kernel.cache_clear()
+    attention_module.kernel_library.cache_clear()
     attention_module._warn_once.cache_clear()
     try:
         q, k, v = qkv(1, 2, 40, 40, seed=4)
@@ -151,7 +151,7 @@ def test_without_a_compiler_attention_falls_back_to_sdpa_with_one_warning(monkey
         with pytest.raises(RuntimeError, match="not available"):
             flash_attention_cpu(q, k, v)
     finally:
-        attention_module._kernel.cache_clear()
+        attention_module.kernel_library.cache_clear()
 
 
 def test_impossible_shapes_raise_value_errors():

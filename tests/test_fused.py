@@ -1,4 +1,5 @@
-"""oneDNN-fused linear (+ GELU) for bf16 CPU inference, against the plain nn.Linear path."""
+"""Fused ops for bf16 CPU inference against the plain path: oneDNN's linear (+ GELU), and the
+qk RMS-norm kernel writing into the joint sequence."""
 
 import copy
 
@@ -9,9 +10,12 @@ from helpers import bf16_mmdit_case, max_rel_err
 from torch import nn
 
 import sd3.models.fused as fused
-from sd3.models.fused import linear
+from sd3.models.attention import kernel_library
+from sd3.models.fused import joint_heads, linear
+from sd3.models.mmdit import RMSNorm
 
 needs_onednn = pytest.mark.skipif(not fused._ONEDNN, reason="torch without oneDNN")
+needs_kernel = pytest.mark.skipif(kernel_library() is None, reason="no AVX-512 BF16 kernel here")
 
 
 def layer_and_input(n_in=96, n_out=160, tokens=37, seed=0):
@@ -70,12 +74,67 @@ def test_other_cases_take_the_plain_layer():
         linear(x, layer, "relu")
 
 
+def head_views(tokens: int, seed: int, heads: int = 3) -> tuple[torch.Tensor, ...]:
+    """q, k, v [2, heads, tokens, 64] as the MMDiT has them: strided views of one qkv buffer."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = (torch.randn(2, tokens, 3, heads, 64, generator=g) * 3).bfloat16()
+    return tuple(qkv.permute(2, 0, 3, 1, 4))
+
+
+def rms_norm(seed: int) -> RMSNorm:
+    norm = RMSNorm(64).bfloat16()
+    norm.weight.data = (
+        torch.rand(64, generator=torch.Generator().manual_seed(seed)) + 0.5
+    ).bfloat16()
+    return norm
+
+
+@needs_kernel
+def test_joint_heads_kernel_matches_norm_then_cat():
+    (qa, _, va), (qb, _, vb) = head_views(77, seed=1), head_views(301, seed=2)
+    na, nb = rms_norm(3), rms_norm(4)
+    with torch.no_grad():
+        ours = joint_heads([(qa, na), (qb, nb)])
+        plain = torch.cat([na(qa), nb(qb)], dim=2)
+        # hand-derived in float64: x / sqrt(mean(x^2) + eps), rounded to bf16, times the weight
+        exact = torch.cat(
+            [
+                (x.double() * (x.double().pow(2).mean(-1, keepdim=True) + 1e-6).rsqrt())
+                .bfloat16()
+                .double()
+                * n.weight.double()
+                for x, n in ((qa, na), (qb, nb))
+            ],
+            dim=2,
+        )
+    assert ours.shape == (2, 3, 378, 64) and ours.dtype == torch.bfloat16 and ours.is_contiguous()
+    identical = (ours == plain).float().mean().item()
+    rel = ((ours.double() - exact).abs() / exact.abs().clamp_min(1e-30)).max().item()
+    print(f"qk-norm kernel: {identical:.6f} of values bit-identical to the plain path; "
+          f"max rel err vs float64 {rel:.1e}")  # fmt: skip
+    assert identical > 0.999
+    assert rel <= 2**-7  # at most the plain path's two bf16 roundings (2^-8 each)
+    assert torch.equal(joint_heads([(va, None), (vb, None)]), torch.cat([va, vb], dim=2))
+
+
+def test_joint_heads_plain_cases():
+    (qa, _, _), (qb, _, _) = head_views(5, seed=1), head_views(7, seed=2)
+    na, nb = rms_norm(3).float(), rms_norm(4).float()
+    qa32, qb32 = qa.float().requires_grad_(True), qb.float()
+    out = joint_heads([(qa32, na), (qb32, nb)])  # fp32 with autograd: the plain modules
+    assert torch.equal(out, torch.cat([na(qa32), nb(qb32)], dim=2))
+    out.sum().backward()
+    assert qa32.grad is not None and na.weight.grad is not None
+    assert joint_heads([(qb, None)]) is qb  # a lone part without a norm is returned as it is
+
+
 @needs_onednn
-def test_bf16_mmdit_with_fused_linears_matches_the_plain_path(monkeypatch):
+def test_bf16_mmdit_with_fused_ops_matches_the_plain_path(monkeypatch):
     model, inputs = bf16_mmdit_case()
     with torch.no_grad():
         fast = model(*inputs)
         monkeypatch.setattr(fused, "_ONEDNN", False)
+        monkeypatch.setattr(fused, "kernel_library", lambda: None)
         plain = model(*inputs)
         x, t, context, pooled = inputs
         reference = model.float()(x.float(), t, context.float(), pooled.float())

@@ -348,6 +348,28 @@ def test_conditioning_matches_diffusers(encoders, tokenizers, plain_files, promp
     assert (context[:, :77, 192:] == 0).all()  # the CLIP half is zero-padded to the context width
 
 
+def test_clip_length_reads_the_first_positions(encoders, tokenizers, plain_files):
+    """A model that reads n < 77 CLIP positions (the bundled one reads 24) gets diffusers' context
+    with CLIP rows n..76 left out; T5 and the pooled vectors are untouched."""
+    hf, (clip_l, clip_g, t5) = encoders
+    prompts = ["a photo of a cat", "two red circles to the left of a blue square and a tree"]
+    n = 10  # the second prompt's EOS lies beyond position 9
+    ours = TextEncoders(clip_l, clip_g, t5, tokenizers, t5_length=20, clip_length=n)
+    pipe = diffusers_pipe(hf, plain_files)
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"reads 10 CLIP positions.*prompt 1"):
+        context, pooled = ours.encode(prompts)
+    with torch.no_grad():
+        ref_context, ref_pooled = quiet(diffusers_encode, pipe, prompts, 20)
+    assert context.shape == (2, n + 20, 256)
+    ref = torch.cat([ref_context[:, :n], ref_context[:, 77:]], dim=1)
+    err = max(max_rel_err(context, ref), max_rel_err(pooled, ref_pooled))
+    print(f"clip_length {n} vs diffusers' rows: max rel err {err:.2e}")
+    assert err < 1e-6
+    for bad in (1, 78):
+        with pytest.raises(ValueError, match=f"clip_length must be in \\[2, 77\\], got {bad}"):
+            TextEncoders(clip_l, clip_g, t5, tokenizers, clip_length=bad)
+
+
 def test_no_t5_matches_diffusers(encoders, tokenizers, plain_files):
     hf, (clip_l, clip_g, _) = encoders
     prompts = ["a photo of a cat", "snow at night"]

@@ -194,9 +194,13 @@ def test_encode_text_equals_text_encoders(encoders):
     assert max(errs) < 1e-5
 
 
-def test_dropped_encoder_sees_the_empty_prompt(encoders):
+@pytest.mark.parametrize("clip_length", [77, 10])
+def test_dropped_encoder_sees_the_empty_prompt(encoders, clip_length, monkeypatch):
     """The cache's dropout equals encoding with "" for the dropped encoders, and dropping all three
-    gives encode(""), the CFG negative the sampler uses; encode("") is not zeros."""
+    gives encode(""), the CFG negative the sampler uses; encode("") is not zeros. Also for a model
+    that reads fewer CLIP positions (the bundled one)."""
+    monkeypatch.setattr(encoders, "clip_length", clip_length)
+    n = clip_length
     cache = TextCache(encoders, PROMPTS, batch_size=2)
     keep = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 1, 1], [0, 0, 0]], dtype=torch.bool)
     rows = cache.rows(PROMPTS)
@@ -212,7 +216,8 @@ def test_dropped_encoder_sees_the_empty_prompt(encoders):
     # kept encoders are untouched: sample 0 keeps CLIP-L's and T5's parts of its own caption
     own_c, own_p = encoders.encode(PROMPTS[:1])
     wl = encoders.clip_l.config.width
-    assert torch.allclose(context[0, :77, :wl], own_c[0, :77, :wl], atol=1e-5)
-    assert torch.allclose(context[0, 77:], own_c[0, 77:], atol=1e-5)
+    assert context.shape[1] == n + cache.t5_length
+    assert torch.allclose(context[0, :n, :wl], own_c[0, :n, :wl], atol=1e-5)
+    assert torch.allclose(context[0, n:], own_c[0, n:], atol=1e-5)
     assert torch.allclose(pooled[0, :wl], own_p[0, :wl], atol=1e-5)
     assert not torch.allclose(pooled[0, wl:], own_p[0, wl:], atol=1e-3)

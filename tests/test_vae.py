@@ -203,7 +203,8 @@ def test_tiles_are_exact_given_global_stats(config):
         tiled = decode_tiled(vae.decoder, h, tile_size=10, stats=exact)
     err = max_rel_err(tiled, full)
     print(f"tiled decode {config.ch_mult} with the untiled GroupNorm stats: max rel err {err:.2e}")
-    assert err < 1e-5
+    # fp32 rounding only: oneDNN picks convolution algorithms by input size (1.3e-5 on a Zen 5)
+    assert err < 3e-5
 
 
 class PeakMemory(TorchDispatchMode):

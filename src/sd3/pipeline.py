@@ -286,6 +286,7 @@ class Pipeline:
                 context_width=self.config.context_dim,
             )
         self._text.t5_length = t5_length
+        self._text.clip_length = self.preset.clip_length
         return self._text
 
     def encode_prompt(self, s: Settings) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -21,6 +21,7 @@ class Preset:
     slg: SkipLayerGuidance | None = None
     size: int = 1024
     t5_length: int | None = None  # None: 77..256 tokens by prompt length, as the reference
+    clip_length: int = 77  # CLIP positions the model reads (a property of the model, see text.py)
 
 
 PRESETS = {

@@ -8,6 +8,8 @@ Synthesis", fig. 2) conditions the MM-DiT on three frozen text encoders:
 - T5-XXL gives its final hidden states [B, T, 4096].
 
 context = [zero-pad(CLIP-L ‖ CLIP-G, channels) to 4096 ; T5] along the sequence: [B, 77 + T, 4096].
+(A model may read fewer than 77 CLIP positions, `clip_length`: CLIP's attention is causal, so the
+first positions are the same whatever follows. The bundled shapes model reads 24.)
 pooled  = CLIP-L pooled ‖ CLIP-G pooled: [B, 2048], added to the timestep embedding.
 
 Tokenization follows Stability's reference (`sd3_impls`): CLIP takes BOS + at most 75 tokens +
@@ -200,7 +202,8 @@ class TextEncoders(nn.Module):
     `context_width` is the MM-DiT's context width (`context_embedder.weight.shape[1]`, 4096 in the
     official models); it defaults to max(CLIP-L + CLIP-G width, T5 width). Without T5 its
     part of the context is zeros, as in SD3's T5-free mode. `t5_length` fixes the T5 length
-    (see `T5Tokenizer`). Outputs take the dtype and device of CLIP-L. The encoders stay frozen
+    (see `T5Tokenizer`); `clip_length` is how many of CLIP's 77 positions enter the context (77 in
+    the official models). Outputs take the dtype and device of CLIP-L. The encoders stay frozen
     (in SD3 training too), so `encode` runs without autograd.
     """
 
@@ -212,6 +215,7 @@ class TextEncoders(nn.Module):
         tokenizers: Tokenizers | None = None,
         context_width: int | None = None,
         t5_length: int | None = None,
+        clip_length: int = CLIP_LENGTH,
     ):
         super().__init__()
         self.clip_l, self.clip_g, self.t5 = clip_l, clip_g, t5
@@ -227,6 +231,9 @@ class TextEncoders(nn.Module):
         if t5_length is not None and t5_length < 1:
             raise ValueError(f"t5_length must be at least 1, got {t5_length}")
         self.t5_length = t5_length
+        if not 2 <= clip_length <= CLIP_LENGTH:
+            raise ValueError(f"clip_length must be in [2, {CLIP_LENGTH}], got {clip_length}")
+        self.clip_length = clip_length
 
     @torch.no_grad()
     def encode(self, prompts: list[str] | str) -> tuple[Tensor, Tensor]:
@@ -237,15 +244,32 @@ class TextEncoders(nn.Module):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("encode needs at least one prompt")
-        l_hidden, l_pooled = self.clip_l(self.tokenizers.clip_l(prompts).to(_device(self.clip_l)))
+        l_ids = self.tokenizers.clip_l(prompts)
+        l_hidden, l_pooled = self.clip_l(l_ids.to(_device(self.clip_l)))
         g_hidden, g_pooled = self.clip_g(self.tokenizers.clip_g(prompts).to(_device(self.clip_g)))
-        clip = torch.cat([l_hidden, g_hidden.to(l_hidden)], dim=-1)
+        clip = self.clip_context(l_hidden, g_hidden, l_ids, prompts)
         if self.t5 is None:
             t5 = clip.new_zeros(len(prompts), self.t5_length or T5_MIN_LENGTH, self.context_width)
         else:
             t5 = self.t5(self.tokenizers.t5(prompts, self.t5_length).to(_device(self.t5)))
         context = torch.cat([self._widen(clip), self._widen(t5.to(clip))], dim=1)
         return context, torch.cat([l_pooled, g_pooled.to(l_pooled)], dim=-1)
+
+    def clip_context(
+        self, l_hidden: Tensor, g_hidden: Tensor, l_ids: Tensor, prompts: list[str], warn=True
+    ) -> Tensor:
+        """CLIP-L ‖ CLIP-G hidden states [B, clip_length, widths]; warns when a prompt's end
+        (CLIP-L's first EOS) lies beyond the positions the model reads."""
+        n = self.clip_length
+        if warn and n < CLIP_LENGTH:
+            ends = (l_ids == CLIP_L_PAD).int().argmax(dim=1)
+            for i in (ends >= n).nonzero().flatten().tolist():
+                warnings.warn(
+                    f"this model reads {n} CLIP positions ({n - 2} tokens): the rest of prompt "
+                    f"{i} ({prompts[i][:40]!r}...) reaches the context only through T5",
+                    stacklevel=3,
+                )
+        return torch.cat([l_hidden[:, :n], g_hidden[:, :n].to(l_hidden)], dim=-1)
 
     def _widen(self, x: Tensor) -> Tensor:
         return F.pad(x, (0, self.context_width - x.shape[-1]))

@@ -33,7 +33,8 @@ from torch import Tensor
 
 from ..hardware import cpu_flags, cpu_has_amx
 
-SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "flash_attention_cpu.cpp"
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+SOURCES = (CSRC / "flash_attention_cpu.cpp", CSRC / "qk_norm_cpu.cpp")  # one library
 CXX_FLAGS = (
     "-O3 -std=c++17 -shared -fPIC -fopenmp "
     "-mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16 -mfma"
@@ -109,7 +110,7 @@ def flash_attention_cpu(q: Tensor, k: Tensor, v: Tensor, isa: str | None = None)
     args = []
     for t in (q, k, v):
         args += [t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)]
-    lib = _kernel()
+    lib = kernel_library()
     fn = lib.sd3_attention_amx if isa == "amx" else lib.sd3_attention_bf16
     fn(*args, out.data_ptr(), B, H, L, k.shape[2], D**-0.5, torch.get_num_threads())
     return out
@@ -117,7 +118,7 @@ def flash_attention_cpu(q: Tensor, k: Tensor, v: Tensor, isa: str | None = None)
 
 def kernels_available() -> tuple[str, ...]:
     """The kernels that can run here: ("amx", "avx512"), ("avx512",) or ()."""
-    lib = _kernel()
+    lib = kernel_library()
     if lib is None:
         return ()
     return ("amx", "avx512") if _amx_ready(lib) else ("avx512",)
@@ -152,8 +153,8 @@ def _kernel_applies(q: Tensor, k: Tensor, v: Tensor) -> bool:
 
 
 @functools.cache
-def _kernel() -> ctypes.CDLL | None:
-    """Loads the kernel, compiling it into the cache first if needed; None where it cannot run."""
+def kernel_library() -> ctypes.CDLL | None:
+    """Loads the kernels (attention, and the qk-norm of `fused.py`), compiling it into the cache first if needed; None where it cannot run."""
     if not _cpu_has_avx512_bf16():
         return None
     try:
@@ -167,6 +168,9 @@ def _kernel() -> ctypes.CDLL | None:
     for fn in (lib.sd3_attention_bf16, lib.sd3_attention_amx):
         fn.argtypes = [*tensor * 3, ptr, *shapes, ctypes.c_float, ctypes.c_int]
         fn.restype = None
+    norm = lib.sd3_rms_norm_heads  # csrc/qk_norm_cpu.cpp, used by models/fused.py
+    norm.argtypes = [*tensor, ptr, ctypes.c_float, *tensor, i64, i64, i64, ctypes.c_int]
+    norm.restype = None
     lib.sd3_amx_init.argtypes, lib.sd3_amx_init.restype = [], ctypes.c_int
     return lib
 
@@ -192,10 +196,10 @@ def _build() -> Path:
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         raise RuntimeError(f"no C++ compiler ({cxx!r}) to build it")
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in SOURCES)
     key = hashlib.sha256(source + " ".join([cxx, *CXX_FLAGS, *AMX_FLAGS]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sd3"
-    lib = cache / f"flash_attention_cpu-{key}.so"
+    lib = cache / f"sd3_kernels-{key}.so"
     if lib.exists():
         return lib
     cache.mkdir(parents=True, exist_ok=True)
@@ -205,7 +209,7 @@ def _build() -> Path:
     try:
         for flags in ([*CXX_FLAGS, *AMX_FLAGS], CXX_FLAGS):
             result = subprocess.run(
-                [cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True
+                [cxx, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True
             )
             if result.returncode == 0:
                 break

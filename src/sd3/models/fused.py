@@ -1,4 +1,5 @@
-"""Linear layers for bf16 inference on CPUs, fused through oneDNN.
+"""Fused ops for bf16 inference on CPUs: linear layers (through oneDNN) and the MMDiT's qk-norm
+with the joint concatenation (through our kernel).
 
 `nn.Linear` on a CPU runs as addmm: it first fills the output with the broadcast bias, then
 multiplies, and a following GELU reads and writes the whole activation once more. oneDNN's
@@ -10,11 +11,22 @@ and GELU sees the fp32 accumulator instead of its bf16 rounding.
 `linear(x, layer, "gelu_tanh")` takes the fused path for bf16 CPU tensors that need no gradient
 and a plain `nn.Linear` (a LoRA-wrapped layer keeps its own forward); everything else runs the
 layer and the activation as usual.
+
+`joint_heads(parts)` is `torch.cat([norm(x) for x, norm in parts], dim=2)` over [B, H, L, 64]
+head views: SD3.5's RMS qk-norm of each stream, then the joint sequence. The plain module runs
+six elementwise ops over a strided view and the concatenation copies once more; the kernel
+(`csrc/qk_norm_cpu.cpp`) reads each row once and writes it normalised into its slice of the
+joint buffer, with the plain module's arithmetic (fp32 statistics, bf16 rounding, then the
+weight).
 """
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .attention import HEAD_DIM, kernel_library
 
 ACTIVATIONS = {
     None: ("none", ""),
@@ -45,4 +57,41 @@ def _fusable(x: Tensor, layer: nn.Module) -> bool:
         and x.dtype == torch.bfloat16
         and layer.weight.dtype == torch.bfloat16
         and not (torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad))
+    )
+
+
+def joint_heads(parts: Sequence[tuple[Tensor, nn.Module | None]]) -> Tensor:
+    """`torch.cat([norm(x) if norm else x for x, norm in parts], dim=2)` for [B, H, L, 64] views
+    and RMS norms (modules with `weight` [64] and `eps`) or None."""
+    if len(parts) == 1 and parts[0][1] is None:
+        return parts[0][0]
+    if not _norm_fusable(parts):
+        normed = [norm(x) if norm is not None else x for x, norm in parts]
+        return normed[0] if len(normed) == 1 else torch.cat(normed, dim=2)
+    x0 = parts[0][0]
+    B, H, _, D = x0.shape
+    out = torch.empty(B, H, sum(x.shape[2] for x, _ in parts), D, dtype=torch.bfloat16)
+    lib, start = kernel_library(), 0
+    for x, norm in parts:
+        L = x.shape[2]
+        y = out[:, :, start : start + L]
+        lib.sd3_rms_norm_heads(
+            x.data_ptr(), *x.stride()[:3],
+            None if norm is None else norm.weight.data_ptr(), 0.0 if norm is None else norm.eps,
+            y.data_ptr(), *y.stride()[:3], B, H, L, torch.get_num_threads(),
+        )  # fmt: skip
+        start += L
+    return out
+
+
+def _norm_fusable(parts: Sequence[tuple[Tensor, nn.Module | None]]) -> bool:
+    xs = [x for x, _ in parts]
+    weights = [norm.weight for _, norm in parts if norm is not None]
+    return (
+        all(x.device.type == "cpu" and x.dtype == torch.bfloat16 for x in xs)
+        and all(x.ndim == 4 and x.shape[-1] == HEAD_DIM and x.stride(-1) == 1 for x in xs)
+        and all(x.shape[:2] == xs[0].shape[:2] for x in xs)
+        and all(w.dtype == torch.bfloat16 and w.shape == (HEAD_DIM,) for w in weights)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (*xs, *weights)))
+        and kernel_library() is not None
     )

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import attention
-from .fused import linear
+from .fused import joint_heads, linear
 
 HEAD_DIM = 64
 
@@ -139,14 +139,20 @@ class SelfAttention(nn.Module):
         if not pre_only:
             self.proj = nn.Linear(dim, dim)
 
-    def pre_attention(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x [B, L, dim] -> q, k, v each [B, heads, L, HEAD_DIM]."""
+    def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, L, dim] -> q, k, v each [B, heads, L, HEAD_DIM] (views), before the qk-norm."""
         B, L, _ = x.shape
         qkv = linear(x, self.qkv).view(B, L, 3, self.num_heads, HEAD_DIM)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        if hasattr(self, "ln_q"):
-            q, k = self.ln_q(q), self.ln_k(k)
-        return q, k, v
+        return tuple(qkv.permute(2, 0, 3, 1, 4))
+
+    def norms(self) -> tuple[nn.Module | None, nn.Module | None, None]:
+        """The qk-norms to apply to (q, k, v): RMSNorms, or None."""
+        return getattr(self, "ln_q", None), getattr(self, "ln_k", None), None
+
+    def pre_attention(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, L, dim] -> q, k, v each [B, heads, L, HEAD_DIM], qk-normed."""
+        heads = zip(self.heads(x), self.norms(), strict=True)
+        return tuple(t if norm is None else joint_heads([(t, norm)]) for t, norm in heads)
 
 
 class MLP(nn.Module):
@@ -182,11 +188,12 @@ class DismantledBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, self.n_mods * dim))
 
     def pre_attention(self, x: Tensor, c: Tensor):
-        """Returns the q, k, v for the joint attention, the q, k, v for attn2 (or None) and the
+        """Returns the q, k, v heads for the joint attention (before their qk-norm, which
+        `JointBlock` fuses with the concatenation), the q, k, v for attn2 (or None) and the
         modulation kept for `post_attention`."""
         mods = self.adaLN_modulation(c).chunk(self.n_mods, dim=1)
         x_norm = self.norm1(x)
-        qkv = self.attn.pre_attention(modulate(x_norm, mods[0], mods[1]))
+        qkv = self.attn.heads(modulate(x_norm, mods[0], mods[1]))
         qkv2 = (
             self.attn2.pre_attention(modulate(x_norm, mods[6], mods[7])) if len(mods) == 9 else None
         )
@@ -212,7 +219,11 @@ class JointBlock(nn.Module):
     def forward(self, context: Tensor, x: Tensor, c: Tensor) -> tuple[Tensor | None, Tensor]:
         ctx_qkv, _, ctx_mods = self.context_block.pre_attention(context, c)
         x_qkv, x_qkv2, x_mods = self.x_block.pre_attention(x, c)
-        q, k, v = (torch.cat((a, b), dim=2) for a, b in zip(ctx_qkv, x_qkv, strict=True))
+        norms = zip(self.context_block.attn.norms(), self.x_block.attn.norms(), strict=True)
+        q, k, v = (
+            joint_heads([(a, norm_a), (b, norm_b)])
+            for a, b, (norm_a, norm_b) in zip(ctx_qkv, x_qkv, norms, strict=True)
+        )
         attn = attention(q, k, v)
         n_ctx = context.shape[1]
         ctx_attn, x_attn = attn[:, :n_ctx], attn[:, n_ctx:]

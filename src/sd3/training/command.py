@@ -110,6 +110,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument(
         "--grad-checkpointing", action="store_true", help="recompute joint blocks in backward"
     )
+    opt.add_argument(
+        "--compile", action="store_true",
+        help="torch.compile the training step (a minute or two to compile; pays on long runs)",
+    )  # fmt: skip
 
     flow = parser.add_argument_group("rectified flow")
     flow.add_argument("--timestep-sampling", choices=SAMPLINGS, default="logit_normal")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sd3.text import CLIP_LENGTH, T5_MIN_LENGTH, TextEncoders
+from sd3.text import T5_MIN_LENGTH, TextEncoders
 
 CLIP_L, CLIP_G, T5 = 0, 1, 2  # columns of the `keep` masks [B, 3]
 
@@ -37,10 +37,10 @@ def truncation_report(encoders: TextEncoders, captions: list[str], t5_length: in
         return [len(e.ids) for e in tokenizer.encode_batch(unique, add_special_tokens=False)]
 
     notes = []
-    clip = lengths(tok.clip_l.tokenizer)
-    if sum(n > CLIP_LENGTH - 2 for n in clip):
+    clip, room = lengths(tok.clip_l.tokenizer), encoders.clip_length - 2
+    if sum(n > room for n in clip):
         notes.append(
-            f"CLIP keeps {CLIP_LENGTH - 2} tokens: {sum(n > CLIP_LENGTH - 2 for n in clip)} of "
+            f"CLIP keeps {room} tokens: {sum(n > room for n in clip)} of "
             f"{len(unique)} distinct captions are cut (longest {max(clip)})"
         )
     if encoders.t5 is not None:
@@ -69,7 +69,7 @@ def encode_text(
         t5_ids = tok.t5(prompts_for(T5), t5_length) if encoders.t5 is not None else None
     l_hidden, l_pooled = encoders.clip_l(l_ids.to(device))
     g_hidden, g_pooled = encoders.clip_g(g_ids.to(device))
-    clip = torch.cat([l_hidden, g_hidden.to(l_hidden)], dim=-1)
+    clip = encoders.clip_context(l_hidden, g_hidden, l_ids, prompts, warn=False)  # reported once
     if t5_ids is None:
         t5 = clip.new_zeros(len(prompts), t5_length, encoders.context_width)
     else:
@@ -94,6 +94,7 @@ class TextCache:
         progress: Callable[[int], None] | None = None,
     ):
         self.t5_length = t5_length_for(encoders, captions)
+        self.clip_length = encoders.clip_length
         self.clip_widths = (encoders.clip_l.config.width, encoders.clip_g.config.width)
         unique = sorted(set(captions))
         self.row = {caption: i for i, caption in enumerate(unique)}
@@ -120,11 +121,11 @@ class TextCache:
         if keep is None:
             return context, pooled
         wl, wg = self.clip_widths
-        clip_rows = slice(None, CLIP_LENGTH)
+        clip_rows = slice(None, self.clip_length)
         parts = {  # encoder: (its context rows, its context channels, its pooled channels)
             CLIP_L: (clip_rows, slice(None, wl), slice(None, wl)),
             CLIP_G: (clip_rows, slice(wl, wl + wg), slice(wl, None)),
-            T5: (slice(CLIP_LENGTH, None), slice(None), None),
+            T5: (slice(self.clip_length, None), slice(None), None),
         }
         for e, (tokens, channels, pooled_channels) in parts.items():
             part = (slice(None), tokens, channels)

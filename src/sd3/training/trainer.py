@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from sd3.models.mmdit import MMDiT
-from sd3.text import CLIP_LENGTH, T5_MIN_LENGTH, TextEncoders
+from sd3.text import T5_MIN_LENGTH, TextEncoders
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .conditioning import TextCache, encode_text, t5_length_for, truncation_report
@@ -61,6 +61,7 @@ class TrainConfig:
     text_dropout: float = 0.1  # per encoder and sample (the SD3 paper used 0.464)
     bf16: bool = False  # bf16 autocast; weights and optimizer state stay float32
     grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile the loss (forward and backward); same weights
     train_text_encoders: bool = False
     lora_rank: int = 0  # > 0: train LoRA adapters only
     lora_alpha: float | None = None  # None: alpha = rank
@@ -192,9 +193,8 @@ class Trainer:
         if c.grad_checkpointing:
             enable_gradient_checkpointing(mmdit)
         # frozen encoders: embed each distinct caption once, unless that would not fit in memory
-        cache_bytes = (
-            4 * len(set(captions)) * (CLIP_LENGTH + self.t5_length) * text_encoders.context_width
-        )
+        positions = text_encoders.clip_length + self.t5_length
+        cache_bytes = 4 * len(set(captions)) * positions * text_encoders.context_width
         self.text_cache = None
         if not c.train_text_encoders and cache_bytes <= TEXT_CACHE_BYTES:
             with tqdm(
@@ -211,6 +211,8 @@ class Trainer:
         )
         self.ema = {n: p.detach().clone() for n, p in self.params.items()} if c.ema_decay else {}
         self.model = DistributedDataParallel(self.objective) if self.world > 1 else self.objective
+        if c.compile:  # fuses the elementwise ops small models are bound by (1.3x at hidden 192)
+            self.model = torch.compile(self.model)
         self.step = 0  # steps completed
         self._orders: dict[int, Tensor] = {}
 
