@@ -32,14 +32,14 @@ SIZE = 64
 def train(sampling: str, steps: int, base: Path) -> Path:
     out = ROOT / "runs" / f"compare_{sampling}_{steps}"
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("vae.safetensors", "latents.safetensors"):
-        if not (out / name).exists():
+    for name in ("vae.safetensors", "latents.safetensors"):  # the 64² latents, if a run has them
+        if not (out / name).exists() and (base / name).exists():
             shutil.copy(base / name, out / name)
     model = out / "model.safetensors"
     if not model.exists():
         subprocess.run(
             [sys.executable, str(ROOT / "scripts" / "train_default_model.py"), "--out", str(out),
-             "--export", str(model), "--steps", str(steps), "--hires-steps", "0",
+             "--export", str(model), "--base-steps", str(steps), "--steps", "0",
              "--timestep-sampling", sampling],
             check=True,
         )  # fmt: skip
