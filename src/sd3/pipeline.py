@@ -284,9 +284,9 @@ class Pipeline:
                 self.module("t5xxl") if want_t5 else None,
                 self.tokenizers,
                 context_width=self.config.context_dim,
+                clip_length=self.preset.clip_length,
             )
         self._text.t5_length = t5_length
-        self._text.clip_length = self.preset.clip_length
         return self._text
 
     def encode_prompt(self, s: Settings) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -256,7 +256,12 @@ class TextEncoders(nn.Module):
         return context, torch.cat([l_pooled, g_pooled.to(l_pooled)], dim=-1)
 
     def clip_context(
-        self, l_hidden: Tensor, g_hidden: Tensor, l_ids: Tensor, prompts: list[str], warn=True
+        self,
+        l_hidden: Tensor,
+        g_hidden: Tensor,
+        l_ids: Tensor,
+        prompts: list[str],
+        warn: bool = True,
     ) -> Tensor:
         """CLIP-L ‖ CLIP-G hidden states [B, clip_length, widths]; warns when a prompt's end
         (CLIP-L's first EOS) lies beyond the positions the model reads."""
