@@ -114,6 +114,10 @@ def main() -> int:
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--timestep-sampling", default="logit_normal", choices=SAMPLINGS)
+    p.add_argument(
+        "--train-text-encoders", action="store_true",
+        help="train CLIP-L, CLIP-G and T5 with the MMDiT instead of freezing them at random init",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -168,6 +172,7 @@ def main() -> int:
             steps=steps, batch_size=args.batch_size, lr=lr, lr_schedule="cosine", warmup_steps=warmup,
             timestep_sampling=args.timestep_sampling, ema_decay=0.999, grad_clip=1.0, text_dropout=0.1,
             bf16=True, compile=True, checkpoint_every=250, seed=args.seed,
+            train_text_encoders=args.train_text_encoders,
         )  # fmt: skip
         trainer = Trainer(
             config, model, text, latents, captions, out, metadata={"recipe": sys.argv}
@@ -185,9 +190,11 @@ def main() -> int:
             return 130
         record[f"{name}_loss_curve"] = loss_curve(out / "log.jsonl")
         record_path.write_text(json.dumps(record, indent=1))
+        trained = [model, *encoders.values()]
         with trainer.ema_weights():  # the next stage starts from this one's EMA weights
-            ema = {k: v.clone() for k, v in model.state_dict().items()}
-        model.load_state_dict(ema)
+            ema = [{k: v.clone() for k, v in m.state_dict().items()} for m in trained]
+        for m, weights in zip(trained, ema, strict=True):
+            m.load_state_dict(weights)
     record["mmdit_params"] = sum(p.numel() for p in model.parameters())
     record_path.write_text(json.dumps(record, indent=1))
 

@@ -15,6 +15,7 @@ from sd3.checkpoints import CheckpointError, SafetensorsFile
 from sd3.text import TextEncoders
 from sd3.training.checkpoint import load_checkpoint
 from sd3.training.data import ImageCaptionFolder, load_image
+from sd3.training.flow import flow_loss
 from sd3.training.trainer import TrainConfig, Trainer, enable_gradient_checkpointing
 
 CAPTIONS = ["a red circle", "two blue squares", "a green triangle above a red square", "", "a cat"]
@@ -185,13 +186,37 @@ def test_lora_training_changes_only_the_adapters(family, tmp_path):
 
 
 def test_joint_text_encoder_training(family, tmp_path):
-    trainer = make_trainer(family, tmp_path, steps=2, train_text_encoders=True, text_dropout=0.5)
+    """Joint training: the step's loss and the gradients reaching CLIP-L, CLIP-G and T5 are what
+    autograd gives through the sampling path (`TextEncoders.encode`, then the flow loss)."""
+    trainer = make_trainer(family, tmp_path, steps=2, train_text_encoders=True, text_dropout=0)
+    assert trainer.text_cache is None
+    batch = trainer.batch(0)
+    loss = trainer.model(**batch)
+    loss.backward()
+    encoders = {n: p for n, p in trainer.params.items() if n.startswith("text_encoders.")}
+    assert {n.split(".")[1] for n in encoders} == {"clip_l", "clip_g", "t5"}
+    ours = {n: p.grad.clone() for n, p in encoders.items() if p.grad is not None}
+    trainer.optimizer.zero_grad(set_to_none=True)
+
+    prompts = [trainer.captions[i] for i in trainer.order(0)[:4].tolist()]
+    encode = TextEncoders.encode.__wrapped__  # the sampling path, without its torch.no_grad
+    context, pooled = encode(trainer.text_encoders, prompts)
+    ref = flow_loss(trainer.mmdit, batch["x0"], batch["noise"], batch["sigma"], context, pooled)
+    grads = torch.autograd.grad(ref, list(encoders.values()), allow_unused=True)
+    ref_grads = {n: g for n, g in zip(encoders, grads, strict=True) if g is not None}
+    assert ours.keys() == ref_grads.keys()
+    for part in ("clip_l", "clip_g", "t5"):  # each encoder is reached, not only the last layers
+        assert any(n.startswith(f"text_encoders.{part}.") and "embed" in n for n in ours), part
+    err = max(max_rel_err(ours[n], ref_grads[n]) for n in ours)
+    print(f"joint step vs encode + flow_loss: loss {loss.item():.6f} vs {ref.item():.6f}, "
+          f"max rel err of {len(ours)} encoder gradients {err:.2e}")  # fmt: skip
+    assert abs(loss.item() - ref.item()) < 1e-6 * ref.item()
+    assert err < 1e-5
+
     name = "text_encoders.clip_g.text_model.encoder.layers.0.mlp.fc1.weight"
     before = trainer.params[name].detach().clone()
     trainer.train()
-    assert trainer.text_cache is None
     assert not torch.equal(before, trainer.params[name])
-    assert any(n.startswith("text_encoders.t5.") for n in trainer.params)
 
 
 def test_training_reduces_the_loss(family, tmp_path):

@@ -53,25 +53,39 @@ def truncation_report(encoders: TextEncoders, captions: list[str], t5_length: in
     return "; ".join(notes) or None
 
 
-def encode_text(
+def tokenize(
     encoders: TextEncoders, prompts: list[str], t5_length: int, keep: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """(context, pooled) as `TextEncoders.encode` makes them, with autograd (for training the
-    encoders jointly), where encoder e sees "" for the samples with keep[i, e] False."""
+) -> dict[str, Tensor]:
+    """The token ids `embed` takes, where encoder e sees "" for the samples with keep[i, e]
+    False (no T5 ids without a T5 model)."""
 
     def prompts_for(e: int) -> list[str]:
         return [p if keep is None or keep[i, e] else "" for i, p in enumerate(prompts)]
 
-    tok, device = encoders.tokenizers, next(encoders.clip_l.parameters()).device
+    tok = encoders.tokenizers
     with warnings.catch_warnings():  # cut captions are reported once, by `truncation_report`
         warnings.simplefilter("ignore")
-        l_ids, g_ids = tok.clip_l(prompts_for(CLIP_L)), tok.clip_g(prompts_for(CLIP_G))
-        t5_ids = tok.t5(prompts_for(T5), t5_length) if encoders.t5 is not None else None
+        ids = {"l_ids": tok.clip_l(prompts_for(CLIP_L)), "g_ids": tok.clip_g(prompts_for(CLIP_G))}
+        if encoders.t5 is not None:
+            ids["t5_ids"] = tok.t5(prompts_for(T5), t5_length)
+    return ids
+
+
+def embed(
+    encoders: TextEncoders,
+    l_ids: Tensor,
+    g_ids: Tensor,
+    t5_ids: Tensor | None,
+    t5_length: int,
+) -> tuple[Tensor, Tensor]:
+    """(context, pooled) as `TextEncoders.encode` makes them from token ids, with autograd (for
+    training the encoders jointly; free of Python strings, so it compiles as one graph)."""
+    device = next(encoders.clip_l.parameters()).device
     l_hidden, l_pooled = encoders.clip_l(l_ids.to(device))
     g_hidden, g_pooled = encoders.clip_g(g_ids.to(device))
-    clip = encoders.clip_context(l_hidden, g_hidden, l_ids, prompts, warn=False)  # reported once
+    clip = encoders.clip_context(l_hidden, g_hidden, l_ids, [], warn=False)  # reported once
     if t5_ids is None:
-        t5 = clip.new_zeros(len(prompts), t5_length, encoders.context_width)
+        t5 = clip.new_zeros(len(l_ids), t5_length, encoders.context_width)
     else:
         t5 = encoders.t5(t5_ids.to(device))
     width = encoders.context_width
@@ -80,6 +94,15 @@ def encode_text(
         dim=1,
     )
     return context, torch.cat([l_pooled, g_pooled.to(l_pooled)], dim=-1)
+
+
+def encode_text(
+    encoders: TextEncoders, prompts: list[str], t5_length: int, keep: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """(context, pooled) as `TextEncoders.encode` makes them, with autograd, where encoder e sees
+    "" for the samples with keep[i, e] False."""
+    ids = tokenize(encoders, prompts, t5_length, keep)
+    return embed(encoders, ids["l_ids"], ids["g_ids"], ids.get("t5_ids"), t5_length)
 
 
 class TextCache:

@@ -33,7 +33,7 @@ from sd3.models.mmdit import MMDiT
 from sd3.text import T5_MIN_LENGTH, TextEncoders
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .conditioning import TextCache, encode_text, t5_length_for, truncation_report
+from .conditioning import TextCache, embed, t5_length_for, tokenize, truncation_report
 from .flow import TimestepSampling, flow_loss
 from .lora import DEFAULT_TARGETS, add_lora
 
@@ -130,12 +130,13 @@ class FlowObjective(nn.Module):
         sigma: Tensor,
         context: Tensor | None = None,
         pooled: Tensor | None = None,
-        prompts: list[str] | None = None,
-        keep: Tensor | None = None,
+        l_ids: Tensor | None = None,
+        g_ids: Tensor | None = None,
+        t5_ids: Tensor | None = None,
         t5_length: int = T5_MIN_LENGTH,
     ) -> Tensor:
-        if prompts is not None:
-            context, pooled = encode_text(self.text_encoders, prompts, t5_length, keep)
+        if l_ids is not None:
+            context, pooled = embed(self.text_encoders, l_ids, g_ids, t5_ids, t5_length)
         return flow_loss(self.mmdit, x0, noise, sigma, context, pooled)
 
 
@@ -246,11 +247,9 @@ class Trainer:
             context, pooled = self.text_cache.get(self.rows[indices], keep)
             batch |= {"context": context.to(self.device), "pooled": pooled.to(self.device)}
         else:
-            batch |= {
-                "prompts": [self.captions[i] for i in indices.tolist()],
-                "keep": keep,
-                "t5_length": self.t5_length,
-            }
+            prompts = [self.captions[i] for i in indices.tolist()]
+            ids = tokenize(self.text_encoders, prompts, self.t5_length, keep)
+            batch |= {k: v.to(self.device) for k, v in ids.items()} | {"t5_length": self.t5_length}
         return batch
 
     def lr_at(self, step: int) -> float:
