@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from .models.clip import CLIPConfig, CLIPTextModel
 from .models.mmdit import MMDiT, MMDiTConfig
+from .models.quantization import SCALE, quantize_weight, use_int8
 from .models.t5 import T5Config, T5Encoder
 from .models.vae import AutoEncoder, VAEConfig
 
@@ -568,16 +569,28 @@ def check_component(component: Component) -> nn.Module:
 
 
 def load_component(
-    component: Component, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    component: Component,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    int8: bool = False,
 ) -> nn.Module:
-    """Build the module for `component` from its tensors, checking every key and shape first."""
+    """Build the module for `component` from its tensors, checking every key and shape first.
+    `int8`: the MMDiT's or T5's block linears are quantized as they load (`models.quantization`),
+    one tensor at a time, so their full-precision weights are never all in memory."""
     module = check_component(component)
+    quantized = set(use_int8(module, component.name)) if int8 else set()
     expected = module.state_dict()
     got = component.tensors
     state = {}
     for k in expected:  # one tensor at a time, so a conversion never holds two copies of all
+        layer, _, leaf = k.rpartition(".")
+        if layer in quantized and leaf == SCALE:
+            continue  # made with its weight
         source = got[k].read()
-        state[k] = source.to(device=device, dtype=dtype)
+        if layer in quantized and leaf == "weight":
+            state[k], state[f"{layer}.{SCALE}"] = quantize_weight(source.to(device))
+        else:
+            state[k] = source.to(device=device, dtype=dtype)
         if not (got[k].mapped and state[k] is source):  # converted: the file pages are done with
             got[k].release()
     module.load_state_dict(state, assign=True)

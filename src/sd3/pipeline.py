@@ -26,6 +26,7 @@ from .checkpoints import (
 )
 from .hardware import cpu_has_bf16
 from .models.mmdit import MMDiT, MMDiTConfig
+from .models.quantization import INT8_SCOPE
 from .models.vae import AutoEncoder
 from .presets import Preset, preset_for
 from .sampling import (
@@ -170,6 +171,7 @@ class Pipeline:
     dtype: torch.dtype = torch.float32
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     low_memory: bool = False
+    int8: bool = False  # int8 weight-only T5-XXL and MMDiT blocks (`models.quantization`)
     model_name: str = ""
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage of the last call
     # a tqdm bar over the denoising steps, started once the prompt is encoded
@@ -188,13 +190,14 @@ class Pipeline:
         dtype: torch.dtype | None = None,
         device: str | torch.device = "cpu",
         low_memory: bool | None = None,
+        int8: bool = False,
     ) -> "Pipeline":
         """A Stability single file (encoders bundled or given separately) or a diffusers folder."""
         components = find_components(path, clip_l=clip_l, clip_g=clip_g, t5xxl=t5xxl, vae=vae)
         folder = path is not None and Path(path).is_dir()
         tokenizers = Tokenizers.from_folder(path) if folder else Tokenizers.default()
         return cls.from_components(
-            components, tokenizers, dtype, device, low_memory, str(path or "")
+            components, tokenizers, dtype, device, low_memory, str(path or ""), int8
         )
 
     from_pretrained = from_single_file  # a diffusers folder, in diffusers' vocabulary
@@ -208,8 +211,10 @@ class Pipeline:
         device: str | torch.device = "cpu",
         low_memory: bool | None = None,
         model_name: str = "",
+        int8: bool = False,
     ) -> "Pipeline":
-        """`low_memory=None` turns it on when all weights in `dtype` need over 60% of the free memory."""
+        """`low_memory=None` turns it on when all weights in `dtype` (int8 where `int8` quantizes
+        them) need over 60% of the free memory."""
         for name, option in (
             ("mmdit", "the model file"),
             ("vae", "--vae"),
@@ -224,7 +229,10 @@ class Pipeline:
         device = torch.device(device)
         dtype = dtype or default_dtype(device)
         if low_memory is None:
-            needed = sum(c.num_params for c in components.values()) * dtype.itemsize
+            needed = sum(
+                c.num_params * (1 if int8 and name in INT8_SCOPE else dtype.itemsize)
+                for name, c in components.items()
+            )
             free = available_memory()
             low_memory = free is not None and needed > 0.6 * free
         config = infer_config(components["mmdit"])
@@ -235,6 +243,7 @@ class Pipeline:
             dtype=dtype,
             device=device,
             low_memory=low_memory,
+            int8=int8,
             model_name=model_name,
         )
         if not low_memory:
@@ -247,7 +256,10 @@ class Pipeline:
     def module(self, name: str) -> nn.Module:
         """The network for component `name` ("mmdit", "vae", "clip_l", ...), loaded on first use."""
         if name not in self._modules:
-            self._modules[name] = load_component(self.components[name], self.dtype, self.device)
+            int8 = self.int8 and name in INT8_SCOPE
+            self._modules[name] = load_component(
+                self.components[name], self.dtype, self.device, int8
+            )
         return self._modules[name]
 
     def release(self, *names: str) -> None:

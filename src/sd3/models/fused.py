@@ -9,8 +9,8 @@ for a plain linear and 1.3-1.4x for linear + GELU, and it is exact: the GEMM's o
 and GELU sees the fp32 accumulator instead of its bf16 rounding.
 
 `linear(x, layer, "gelu_tanh")` takes the fused path for bf16 CPU tensors that need no gradient
-and a plain `nn.Linear` (a LoRA-wrapped layer keeps its own forward); everything else runs the
-layer and the activation as usual.
+and a plain `nn.Linear` or an `Int8Linear` (its weight converted to bf16 first; a LoRA-wrapped
+layer keeps its own forward); everything else runs the layer and the activation as usual.
 
 `joint_heads(parts)` is `torch.cat([norm(x) for x, norm in parts], dim=2)` over [B, H, L, 64]
 head views: SD3.5's RMS qk-norm of each stream, then the joint sequence. The plain module runs
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import HEAD_DIM, kernel_library
+from .quantization import Int8Linear
 
 ACTIVATIONS = {
     None: ("none", ""),
@@ -42,7 +43,8 @@ def linear(x: Tensor, layer: nn.Module, activation: str | None = None) -> Tensor
         raise ValueError(f"unknown activation {activation!r}; choose one of {list(ACTIVATIONS)}")
     if _fusable(x, layer):
         attr, algorithm = ACTIVATIONS[activation]
-        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, attr, [], algorithm)
+        weight = layer.dequantized(x.dtype) if type(layer) is Int8Linear else layer.weight
+        return torch.ops.mkldnn._linear_pointwise(x, weight, layer.bias, attr, [], algorithm)
     y = layer(x)
     if activation is None:
         return y
@@ -52,10 +54,12 @@ def linear(x: Tensor, layer: nn.Module, activation: str | None = None) -> Tensor
 def _fusable(x: Tensor, layer: nn.Module) -> bool:
     return (
         _ONEDNN
-        and type(layer) is nn.Linear
         and x.device.type == "cpu"
         and x.dtype == torch.bfloat16
-        and layer.weight.dtype == torch.bfloat16
+        and (
+            (type(layer) is nn.Linear and layer.weight.dtype == torch.bfloat16)
+            or (type(layer) is Int8Linear and getattr(layer.bias, "dtype", x.dtype) == x.dtype)
+        )
         and not (torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad))
     )
 

@@ -1,0 +1,130 @@
+"""int8 weight-only mode against bf16 on the same full-size random weights: time, peak memory and
+output error; appends its table to benchmarks/RESULTS.md (or prints it with --no-write).
+
+    python benchmarks/int8.py [--rows t5,mmdit-512,mmdit-1024] [--repeats 3]
+
+Each side of each row runs in its own worker process (its own peak RSS) on the cached weights of
+`run.py`; the error is max |int8 - bf16| / max |bf16| of the two outputs, and the mean relative
+error ‖int8 - bf16‖ / ‖bf16‖, computed in fp32.
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import CONTEXT_TOKENS, ROOT, peak_rss_bytes, weights_file  # noqa: E402
+
+from sd3.checkpoints import find_components, infer_config, load_component  # noqa: E402
+
+ROWS = {
+    "t5": ("T5-XXL encode, 77 tokens", "medium"),
+    "mmdit-512": ("SD3.5 Medium MMDiT forward, 512²", "medium"),
+    "mmdit-1024": ("SD3.5 Medium MMDiT forward, 1024²", "medium"),
+    "mmdit-large-1024": ("SD3.5 Large MMDiT forward, 1024²", "large"),
+}
+
+
+def worker(row: str, int8: bool, file: Path, repeats: int, out: Path) -> dict:
+    torch.manual_seed(0)
+    components = find_components(file)
+    started = time.perf_counter()
+    if row == "t5":
+        model = load_component(components["t5xxl"], torch.bfloat16, int8=int8)
+        inputs = (torch.randint(0, 32000, (1, 77)),)
+    else:
+        size = int(row.rsplit("-", 1)[1])
+        config = infer_config(components["mmdit"])
+        model = load_component(components["mmdit"], torch.bfloat16, int8=int8)
+        inputs = (
+            torch.randn(1, 16, size // 8, size // 8, dtype=torch.bfloat16),
+            torch.tensor([500.0]),
+            torch.randn(1, CONTEXT_TOKENS, config.context_dim, dtype=torch.bfloat16),
+            torch.randn(1, config.pooled_dim, dtype=torch.bfloat16),
+        )
+    load_s = time.perf_counter() - started
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    times = []
+    with torch.no_grad():
+        output = model(*inputs)  # warm-up
+        for _ in range(repeats):
+            t = time.perf_counter()
+            output = model(*inputs)
+            times.append(time.perf_counter() - t)
+    save_file({"output": output.float().contiguous()}, str(out))
+    return {"median_s": statistics.median(times), "load_s": load_s,
+            "peak_rss_gb": peak_rss_bytes() / 2**30, "weights_gb": weight_bytes / 2**30}  # fmt: skip
+
+
+def run_side(row: str, int8: bool, file: Path, args, out: Path) -> dict:
+    cmd = [sys.executable, __file__, "--worker", row, "int8" if int8 else "bf16", str(file),
+           str(out), "--repeats", str(args.repeats), "--threads", str(args.threads)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{row} ({'int8' if int8 else 'bf16'}): {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", default="t5,mmdit-512,mmdit-1024", help=f"of {list(ROWS)}")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument(
+        "--weights", type=Path, default=Path.home() / ".cache" / "sd3" / "benchmark-weights"
+    )
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    p.add_argument("--no-write", action="store_true", help="print the table only")
+    p.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        row, side, file, out = args.worker
+        print(json.dumps(worker(row, side == "int8", Path(file), args.repeats, Path(out))))
+        return
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    if unknown := [r for r in rows if r not in ROWS]:
+        p.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
+    table = [
+        f"## int8 weight-only vs bf16 ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"{args.threads} threads, median of {args.repeats} after a warm-up; `benchmarks/int8.py`)",
+        "",
+        "| row | bf16 s | int8 s | int8 / bf16 time | bf16 weights GB | int8 weights GB | "
+        "bf16 peak RSS GB | int8 peak RSS GB | max rel err | mean rel err |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    print("\n".join(table), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for row in rows:
+            what, which = ROWS[row]
+            weights_file(args.weights, "medium")
+            file = weights_file(args.weights, which)
+            outs = {side: Path(tmp) / f"{row}-{side}.safetensors" for side in ("bf16", "int8")}
+            bf16 = run_side(row, False, file, args, outs["bf16"])
+            int8 = run_side(row, True, file, args, outs["int8"])
+            a, b = (load_file(str(outs[s]))["output"].double() for s in ("bf16", "int8"))
+            max_err = ((b - a).abs().max() / a.abs().max()).item()
+            mean_err = ((b - a).norm() / a.norm()).item()
+            table.append(
+                f"| {what} | {bf16['median_s']:.3f} | {int8['median_s']:.3f} | "
+                f"{int8['median_s'] / bf16['median_s']:.2f} | {bf16['weights_gb']:.2f} | "
+                f"{int8['weights_gb']:.2f} | {bf16['peak_rss_gb']:.1f} | {int8['peak_rss_gb']:.1f} | "
+                f"{max_err:.2e} | {mean_err:.2e} |"
+            )
+            print(table[-1], flush=True)
+    if not args.no_write:
+        with open(args.out, "a") as f:
+            f.write("\n" + "\n".join(table) + "\n")
+        print(f"appended to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

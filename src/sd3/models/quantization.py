@@ -1,0 +1,87 @@
+"""int8 weight-only quantization of the two big networks, T5-XXL and the MMDiT.
+
+Each weight row (one output channel) is stored as int8 with one scale, symmetric: scale = max|w|
+/ 127 and q = round(w / scale), so every weight is off by at most scale / 2 (what torchao calls
+int8 weight-only). Activations stay in the compute dtype: a layer converts its int8 weight to that
+dtype when it runs and multiplies as before, so the saving is memory (a weight takes 1 byte
+instead of 2), not time. Only the linear layers of the repeated blocks are quantized, which
+hold nearly all the weights (the MMDiT's joint blocks, T5's encoder blocks); embeddings, norms
+and the final layer keep the compute dtype.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+INT8_SCOPE = {"mmdit": "joint_blocks.", "t5xxl": "encoder.block."}  # component -> layers prefix
+SCALE = "weight_scale"
+
+
+def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """weight [out, in] -> (int8 [out, in], fp32 scale [out]) with |weight - q * scale| <= scale / 2."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class Int8Linear(nn.Module):
+    """`nn.Linear` with an int8 weight and a per-output-channel fp32 scale (same state-dict key
+    for the weight, plus `weight_scale`); computes in the input's dtype."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer(SCALE, torch.empty(out_features, dtype=torch.float32))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
+
+    def dequantized(self, dtype: torch.dtype) -> Tensor:
+        """The weight in `dtype`: one conversion, then the scale applied in place."""
+        return self.weight.to(dtype).mul_(self.weight_scale.to(dtype)[:, None])
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def linear_layers(module: nn.Module, component: str) -> list[str]:
+    """The names of the `nn.Linear` layers int8 mode quantizes in `component`'s module."""
+    prefix = INT8_SCOPE[component]
+    return [
+        name
+        for name, layer in module.named_modules()
+        if name.startswith(prefix) and type(layer) is nn.Linear
+    ]
+
+
+def use_int8(module: nn.Module, component: str) -> list[str]:
+    """Replace `component`'s quantized linear layers by empty `Int8Linear`s on the same device
+    (typically meta, before loading); returns their names."""
+    names = linear_layers(module, component)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name)
+        layer = getattr(parent, child)
+        with torch.device(layer.weight.device):
+            int8 = Int8Linear(
+                layer.in_features, layer.out_features, layer.bias is not None, layer.weight.dtype
+            )
+        setattr(parent, child, int8)
+    return names
+
+
+def quantize(module: nn.Module, component: str) -> nn.Module:
+    """A loaded `module` with `component`'s linear layers quantized in place."""
+    state = {}
+    for name in linear_layers(module, component):
+        layer = module.get_submodule(name)
+        state[f"{name}.weight"], state[f"{name}.{SCALE}"] = quantize_weight(layer.weight.detach())
+        if layer.bias is not None:
+            state[f"{name}.bias"] = layer.bias.detach()
+    use_int8(module, component)
+    module.load_state_dict(state, strict=False, assign=True)
+    return module

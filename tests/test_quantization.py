@@ -1,0 +1,123 @@
+"""int8 weight-only mode: the rounding by hand, the int8 networks against the plain path on the
+dequantized weights (same numbers), and against transformers / diffusers on the original weights
+(the error int8 costs)."""
+
+import numpy as np
+import pytest
+import torch
+from helpers import diffusers_mmdit, max_rel_err, save_single_file, tiny_models, transformers_t5
+from PIL import Image
+from test_t5 import SMALL, build, random_state
+
+from sd3.checkpoints import find_components, load_component
+from sd3.cli import main
+from sd3.models.quantization import Int8Linear, linear_layers, quantize_weight
+from sd3.pipeline import Pipeline
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny_models(seed=6)
+
+
+@pytest.fixture(scope="module")
+def model_file(models, tmp_path_factory):
+    return save_single_file(tmp_path_factory.mktemp("m") / "tiny.safetensors", models)
+
+
+def test_quantize_weight_by_hand():
+    # scale 1/127; 63.5 rounds to even (64), 31.75 to 32
+    q, scale = quantize_weight(torch.tensor([[1.0, -0.5, 0.25, 0.0], [0.0, 0.0, 0.0, 0.0]]))
+    assert q.dtype == torch.int8 and q.tolist() == [[127, -64, 32, 0], [0, 0, 0, 0]]
+    assert scale[0].item() == pytest.approx(1 / 127, rel=1e-7)
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 96, generator=g) * torch.logspace(-3, 1, 64)[:, None]  # rows of all scales
+    q, scale = quantize_weight(w.bfloat16())
+    w = w.bfloat16().float()
+    err = (w - q.float() * scale[:, None]).abs()
+    assert (err <= scale[:, None] * (0.5 + 1e-5)).all()  # off by at most half a step
+    assert (q.abs().amax(dim=1) == 127).all()  # each row uses the full range
+
+
+def dequantized_state(module: torch.nn.Module, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """The int8 module's state as plain weights in `dtype` (each int8 layer's own dequantization)."""
+    state = {k: v.to(dtype) for k, v in module.state_dict().items() if v.dtype != torch.int8}
+    for name, layer in module.named_modules():
+        if type(layer) is Int8Linear:
+            state[f"{name}.weight"] = layer.dequantized(dtype)
+            del state[f"{name}.weight_scale"]
+    return state
+
+
+def test_int8_t5_equals_plain_path_on_its_weights_and_is_close_to_transformers(tmp_path):
+    """At T5's own init scales (the tiny family's random T5 amplifies any weight change ~13x)."""
+    state = random_state(SMALL, seed=2)
+    path = save_single_file(tmp_path / "t5.safetensors", {"t5xxl": build(SMALL, state)})
+    int8 = load_component(find_components(t5xxl=path)["t5xxl"], torch.float32, int8=True)
+    scope = linear_layers(build(SMALL, state), "t5xxl")
+    assert len(scope) == 2 * 7  # q, k, v, o, wi_0, wi_1, wo in each of the 2 blocks
+    assert all(type(int8.get_submodule(n)) is Int8Linear for n in scope)
+    assert int8.get_submodule(scope[0]).weight.dtype == torch.int8
+
+    ids = torch.randint(0, 1000, (2, 77), generator=torch.Generator().manual_seed(1))
+    plain = build(SMALL, dequantized_state(int8))
+    ref = transformers_t5(SMALL, state)
+    with torch.no_grad():
+        ours = int8(ids)
+        same = max_rel_err(ours, plain(ids))
+        err = max_rel_err(ours, ref(input_ids=ids).last_hidden_state)
+    print(f"int8 T5: vs plain path on dequantized weights {same:.1e}, vs transformers {err:.2e}")
+    assert same < 1e-6
+    assert err < 3e-2  # measured 1.25e-2; weights off by up to 1/254 of their row's max
+
+
+def test_int8_mmdit_bf16_equals_plain_path_and_is_close_to_diffusers(models, model_file):
+    """bf16 compute takes the fused oneDNN path with the int8 weight converted to bf16."""
+    component = find_components(model_file)["mmdit"]
+    int8 = load_component(component, torch.bfloat16, int8=True)
+    n = len(linear_layers(models["mmdit"], "mmdit"))
+    assert sum(type(m) is Int8Linear for m in int8.modules()) == n > 0
+    plain = type(models["mmdit"])(models["mmdit"].config).to(torch.bfloat16)
+    plain.load_state_dict(dequantized_state(int8, torch.bfloat16))
+    ref = diffusers_mmdit(models["mmdit"])
+
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(2, 16, 32, 24, generator=g), torch.randn(2, 40, 256, generator=g)
+    pooled, t = torch.randn(2, 192, generator=g), torch.tensor([900.0, 30.0])
+    with torch.no_grad():
+        ours = int8(x.bfloat16(), t, context.bfloat16(), pooled.bfloat16())
+        same = max_rel_err(
+            ours, plain.eval()(x.bfloat16(), t, context.bfloat16(), pooled.bfloat16())
+        )
+        expected = ref(
+            hidden_states=x, timestep=t, encoder_hidden_states=context, pooled_projections=pooled
+        ).sample
+        bf16 = load_component(component, torch.bfloat16)(
+            x.bfloat16(), t, context.bfloat16(), pooled.bfloat16()
+        )
+    err, bf16_err = max_rel_err(ours, expected), max_rel_err(bf16, expected)
+    print(f"int8 MMDiT (bf16): vs plain path {same:.1e}; vs diffusers fp32 {err:.2e} "
+          f"(bf16 without int8: {bf16_err:.2e})")  # fmt: skip
+    assert same == 0  # the same bf16 weights, the same kernels
+    assert err < 3 * bf16_err + 1e-2  # measured 1.70e-2 vs 1.01e-2
+
+
+def test_pipeline_and_cli_int8(model_file, tmp_path, capsys):
+    kw = dict(num_inference_steps=3, width=32, height=48, seed=2)
+    plain = Pipeline.from_single_file(model_file, dtype=torch.float32)
+    int8 = Pipeline.from_single_file(model_file, dtype=torch.float32, int8=True)
+    assert type(int8.text_encoders().t5.encoder.block[0].layer[1].DenseReluDense.wo) is Int8Linear
+    a = np.asarray(plain("a red circle", **kw)[0], dtype=np.float64)
+    b = np.asarray(int8("a red circle", **kw)[0], dtype=np.float64)
+    print(f"int8 pipeline: mean |pixel difference| {np.abs(a - b).mean():.2f} / 255")
+    assert np.abs(a - b).mean() < 4  # a near-identical picture
+
+    out, again = tmp_path / "int8.png", tmp_path / "again.png"
+    argv = ["generate", "--model", str(model_file), "--steps", "3", "--width", "32"]
+    argv += ["--height", "48", "--dtype", "fp32", "--seed", "2", "a red circle", "--int8"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert "(int8 weights)" in capsys.readouterr().err
+    assert np.array_equal(np.asarray(Image.open(out)), b.astype(np.uint8))
+    assert main(["generate", "--from-png", str(out), "--out", str(again)]) == 0  # int8 is stored
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
