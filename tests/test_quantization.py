@@ -110,14 +110,15 @@ def test_pipeline_and_cli_int8(model_file, tmp_path, capsys):
     assert type(int8.text_encoders().t5.encoder.block[0].layer[1].DenseReluDense.wo) is Int8Linear
     a = np.asarray(plain("a red circle", **kw)[0], dtype=np.float64)
     b = np.asarray(int8("a red circle", **kw)[0], dtype=np.float64)
-    print(f"int8 pipeline: mean |pixel difference| {np.abs(a - b).mean():.2f} / 255")
-    assert np.abs(a - b).mean() < 4  # a near-identical picture
+    difference = np.abs(a - b).mean()
+    assert difference < 4  # a near-identical picture (measured 1.06)
 
     out, again = tmp_path / "int8.png", tmp_path / "again.png"
     argv = ["generate", "--model", str(model_file), "--steps", "3", "--width", "32"]
     argv += ["--height", "48", "--dtype", "fp32", "--seed", "2", "a red circle", "--int8"]
     assert main([*argv, "--out", str(out)]) == 0
     assert "(int8 weights)" in capsys.readouterr().err
+    print(f"int8 pipeline: mean |pixel difference| {difference:.2f} / 255")
     assert np.array_equal(np.asarray(Image.open(out)), b.astype(np.uint8))
     assert main(["generate", "--from-png", str(out), "--out", str(again)]) == 0  # int8 is stored
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
