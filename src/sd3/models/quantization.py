@@ -37,8 +37,9 @@ class Int8Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
 
     def dequantized(self, dtype: torch.dtype) -> Tensor:
-        """The weight in `dtype`: one conversion, then the scale applied in place."""
-        return self.weight.to(dtype).mul_(self.weight_scale.to(dtype)[:, None])
+        """The weight in `dtype`, in one pass (int8 * `dtype` promotes to `dtype`; the same
+        numbers as converting first, since |q| <= 127 is exact in bf16)."""
+        return self.weight * self.weight_scale.to(dtype)[:, None]
 
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
