@@ -55,6 +55,7 @@ ENCODERS = {
     "t5xxl": (T5Encoder, T5Config()),
 }  # fmt: skip
 CONTEXT_TOKENS = 154  # 77 CLIP + 77 T5, the reference's prompt length
+WEIGHTS_NAME = "sd35_{which}_random_bf16_v2.safetensors"  # v2: T5's q at its own init scale
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def weights_file(folder: Path, which: str) -> Path:
     """The cached full-size random checkpoint (official single-file layout, bf16), made once:
     "medium" holds the SD3.5 Medium MMDiT, VAE and all three encoders (as
     sd3.5_medium_incl_clips_t5xxlfp8 does), "large" the SD3.5 Large MMDiT alone (as sd3.5_large)."""
-    path = folder / f"sd35_{which}_random_bf16.safetensors"
+    path = folder / WEIGHTS_NAME.format(which=which)
     if path.is_file():
         return path
     folder.mkdir(parents=True, exist_ok=True)
@@ -113,8 +114,9 @@ def weights_file(folder: Path, which: str) -> Path:
 
 def write_random_checkpoint(path: Path, modules: dict) -> None:
     """Random bf16 weights for {component: (class, config)}, streamed to `path` one tensor at a
-    time (an 8B model never sits in memory), at scales that keep activations O(1); written to a
-    temporary name and renamed."""
+    time (an 8B model never sits in memory), at scales that keep activations O(1) and T5's
+    attention logits O(1) (so an output error, e.g. int8's, is not amplified by a chaotic
+    network); written to a temporary name and renamed."""
     from sd3.checkpoints import SINGLE_FILE_PREFIXES
     from sd3.training.fresh import sincos_table
 
@@ -147,6 +149,8 @@ def write_random_checkpoint(path: Path, modules: dict) -> None:
                 t = torch.randn(shape, generator=generator) * (
                     torch.Size(shape[1:]).numel() ** -0.5
                 )
+                if key.endswith("SelfAttention.q.weight"):  # T5 attention has no 1/sqrt(d): its
+                    t /= 8  # q carries it (d_kv 64), else the random T5 is chaotic
             elif key.endswith("weight"):
                 t = 1 + 0.1 * torch.randn(shape, generator=generator)
             else:
@@ -262,7 +266,7 @@ def build_generation(
     at 512² with 4 steps, or (`large`) the SD3.5 Large MMDiT of `file` with the medium file's
     encoders and VAE at 1024² with 2 steps, in low-memory mode."""
     prompt, steps, cfg, size = "a photo of a cat on a red sofa", 4, 5.0, 512
-    medium = file.with_name("sd35_medium_random_bf16.safetensors")
+    medium = file.with_name(WEIGHTS_NAME.format(which="medium"))
     if large:
         steps, cfg, size = 2, 4.5, 1024
         components = find_components(file, clip_l=medium, clip_g=medium, t5xxl=medium, vae=medium)

@@ -11,6 +11,7 @@ from run import write_random_checkpoint  # noqa: E402
 
 from sd3.checkpoints import find_components, load_component  # noqa: E402
 from sd3.models.mmdit import MMDiT, MMDiTConfig  # noqa: E402
+from sd3.models.t5 import T5Config, T5Encoder  # noqa: E402
 from sd3.models.vae import AutoEncoder, VAEConfig  # noqa: E402
 
 
@@ -19,9 +20,14 @@ def test_streamed_random_checkpoint_loads_with_the_intended_scales(tmp_path):
                         pos_embed_max_size=16, qk_norm=True, attn2_layers=(0,))  # fmt: skip
     vae = VAEConfig(ch=32, ch_mult=(1, 2))
     path = tmp_path / "random.safetensors"
-    write_random_checkpoint(path, {"mmdit": (MMDiT, mmdit), "vae": (AutoEncoder, vae)})
+    t5 = T5Config(d_model=128, layers=1, heads=2, d_ff=256)
+    modules = {"mmdit": (MMDiT, mmdit), "vae": (AutoEncoder, vae), "t5xxl": (T5Encoder, t5)}
+    write_random_checkpoint(path, modules)
     found = find_components(path)
-    assert sorted(found) == ["mmdit", "vae"]
+    assert sorted(found) == ["mmdit", "t5xxl", "vae"]
+    attention = load_component(found["t5xxl"]).encoder.block[0].layer[0].SelfAttention
+    assert abs(attention.k.weight.std().item() * 128**0.5 - 1) < 0.05
+    assert abs(attention.q.weight.std().item() * 128**0.5 * 8 - 1) < 0.05  # T5's 1/sqrt(d_kv)
     model = load_component(found["mmdit"], torch.bfloat16)
     assert model.config == mmdit
     w = model.joint_blocks[0].x_block.mlp.fc1.weight.float()

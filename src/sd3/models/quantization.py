@@ -9,6 +9,8 @@ hold nearly all the weights (the MMDiT's joint blocks, T5's encoder blocks); emb
 and the final layer keep the compute dtype.
 """
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -17,12 +19,30 @@ INT8_SCOPE = {"mmdit": "joint_blocks.", "t5xxl": "encoder.block."}  # component 
 SCALE = "weight_scale"
 
 
-def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """weight [out, in] -> (int8 [out, in], fp32 scale [out]) with |weight - q * scale| <= scale / 2."""
-    w = weight.float()
-    scale = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+def quantize_weight(weight: Tensor, rows: int = 256) -> tuple[Tensor, Tensor]:
+    """weight [out, in] -> (int8 [out, in], fp32 scale [out]) with |weight - q * scale| <= scale / 2.
+    A few rows at a time, so the fp32 temporaries stay small (large ones, freed between tensors
+    of a loading model, fragment the heap and can leave gigabytes resident)."""
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for start in range(0, weight.shape[0], rows):
+        w = weight[start : start + rows].to(torch.float32, copy=True)
+        s = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+        q[start : start + rows] = w.div_(s[:, None]).round_().clamp_(-127, 127)
+        scale[start : start + rows] = s
     return q, scale
+
+
+_buffers = threading.local()
+
+
+def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A per-thread buffer of at least `numel` elements, grown to the largest layer and reused."""
+    buffers = _buffers.__dict__.setdefault("by_kind", {})
+    buffer = buffers.get((dtype, device))
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel]
 
 
 class Int8Linear(nn.Module):
@@ -37,9 +57,15 @@ class Int8Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
 
     def dequantized(self, dtype: torch.dtype) -> Tensor:
-        """The weight in `dtype`, in one pass (int8 * `dtype` promotes to `dtype`; the same
-        numbers as converting first, since |q| <= 127 is exact in bf16)."""
-        return self.weight * self.weight_scale.to(dtype)[:, None]
+        """The weight in `dtype`: converted (exact: |q| <= 127), then scaled in place, two
+        vectorised passes (6x faster than the mixed-dtype int8 * bf16 kernel). Without autograd
+        it is written into this thread's scratch buffer, valid until the next layer's call: a
+        fresh buffer per call costs more in page faults than the conversion itself."""
+        scale = self.weight_scale.to(dtype)[:, None]
+        if torch.is_grad_enabled():  # autograd may keep the weight for the backward pass
+            return self.weight.to(dtype) * scale
+        out = _scratch(self.weight.numel(), dtype, self.weight.device).view(self.weight.shape)
+        return out.copy_(self.weight).mul_(scale)
 
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
