@@ -115,6 +115,7 @@ def main() -> int:
     p.add_argument("--hidden", type=int, default=192)
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=200, help="lr warm-up steps")
     p.add_argument("--timestep-sampling", default="logit_normal", choices=SAMPLINGS)
     p.add_argument(
         "--train-text-encoders", action="store_true",
@@ -158,10 +159,10 @@ def main() -> int:
         clip_length=CLIP_POSITIONS,
     )
     stages = [
-        Stage("base", SIZE, args.out, args.base_steps, args.lr, 200),
-        Stage("hires", HIRES, args.out / "hires", args.steps, args.lr / 2, 100)
+        Stage("base", SIZE, args.out, args.base_steps, args.lr, args.warmup),
+        Stage("hires", HIRES, args.out / "hires", args.steps, args.lr / 2, args.warmup // 2)
         if args.base_steps
-        else Stage("hires", HIRES, args.out / "hires", args.steps, args.lr, 200),
+        else Stage("hires", HIRES, args.out / "hires", args.steps, args.lr, args.warmup),
     ]
     stages = [stage for stage in stages if stage.steps > 0]  # --steps 0: 64x64 only
     for name, size, out, steps, lr, warmup in stages:
