@@ -77,6 +77,8 @@ class Int8Linear(nn.Module):
 
 def linear_layers(module: nn.Module, component: str) -> list[str]:
     """The names of the `nn.Linear` layers int8 mode quantizes in `component`'s module."""
+    if component not in INT8_SCOPE:
+        raise ValueError(f"int8 weights are for {' and '.join(INT8_SCOPE)}, not {component}")
     prefix = INT8_SCOPE[component]
     return [
         name
@@ -99,16 +101,3 @@ def use_int8(module: nn.Module, component: str) -> list[str]:
             )
         setattr(parent, child, int8)
     return names
-
-
-def quantize(module: nn.Module, component: str) -> nn.Module:
-    """A loaded `module` with `component`'s linear layers quantized in place."""
-    state = {}
-    for name in linear_layers(module, component):
-        layer = module.get_submodule(name)
-        state[f"{name}.weight"], state[f"{name}.{SCALE}"] = quantize_weight(layer.weight.detach())
-        if layer.bias is not None:
-            state[f"{name}.bias"] = layer.bias.detach()
-    use_int8(module, component)
-    module.load_state_dict(state, strict=False, assign=True)
-    return module
