@@ -10,9 +10,9 @@ Stages (each resumable by re-running the same command):
    (every caption still gets a distinct, deterministic embedding; `--train-text-encoders` trains
    them with the MMDiT instead, which `scripts/compare_recipes.py text-encoders` found to fit
    better but bind colours worse on held-out prompts, 0.085 vs 0.129 at 1,500 steps). The model
-   reads 24 CLIP positions and 24 T5 tokens (the longest caption is 17 CLIP / 22 T5 tokens): a 48-token context
-   instead of 77 + 32 makes a training step much faster (1.02 -> 0.60 s at 32 context tokens),
-   since at this size the context stream costs more than the 64 image tokens;
+   reads 24 CLIP positions and 24 T5 tokens (the longest caption is 17 CLIP / 22 T5 tokens): a
+   48-token context instead of 77 + 32 makes a training step much faster (1.02 -> 0.60 s at 32
+   context tokens), since at this size the context stream costs more than the 64 image tokens;
 3. an MMDiT-X (RMS qk-norm, attn2 in the first blocks) trained with the rectified-flow objective,
    logit-normal timestep sampling and a compiled training step at 128x128 (16x16 latents, 64 image
    tokens). At 64x64 the 8x latents leave a shape about one latent pixel wide: a VAE round trip of
