@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from sd3.cli import main
 from sd3.models.vae import to_latent_format
+from sd3.pipeline import Pipeline
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +92,18 @@ def test_from_png_reproduces_bit_for_bit(model_file, tmp_path):
     # a setting given on the command line overrides the stored one
     assert main(["generate", "--from-png", str(first), "--out", str(other), "--seed", "6"]) == 0
     assert not np.array_equal(pixels(first), pixels(other))
+
+
+def test_empty_prompt_draws_unconditionally_and_no_prompt_is_an_error(model_file, tmp_path, capsys):
+    out = tmp_path / "empty.png"
+    assert generate(model_file, out, "", "--seed", "3") == 0
+    with Image.open(out) as image:
+        assert json.loads(image.text["sd3"])["settings"]["prompt"] == ""
+    pipe = Pipeline.from_single_file(model_file, dtype=torch.float32)
+    expected = pipe("", num_inference_steps=3, width=32, height=48, seed=3)[0]
+    assert np.array_equal(pixels(out), np.asarray(expected))
+    assert main(["generate", "--model", str(model_file), "--out", str(tmp_path / "x.png")]) == 2
+    assert "give a prompt" in capsys.readouterr().err
 
 
 def test_low_memory_mode_draws_the_same_picture(model_file, tmp_path, capsys):

@@ -237,7 +237,7 @@ def load_pipeline(files: dict, device: str, low_memory: bool | None = None) -> P
 
 def run_generate(args: argparse.Namespace) -> int:
     stored = stored_run(args.from_png) if args.from_png else None
-    if not args.prompt and not stored:
+    if args.prompt is None and not stored:  # "" is a prompt: unconditional, as in diffusers
         raise ValueError("give a prompt (or --from-png FILE)")
     files = model_files(args, stored)
     init_image = load_image(files["init_image"]) if files.get("init_image") else None
