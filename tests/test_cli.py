@@ -10,6 +10,7 @@ from helpers import save_single_file, tiny_models
 from PIL import Image
 from safetensors.torch import load_file
 
+from sd3 import hardware
 from sd3.cli import main
 from sd3.models.vae import to_latent_format
 from sd3.pipeline import Pipeline
@@ -104,6 +105,22 @@ def test_empty_prompt_draws_unconditionally_and_no_prompt_is_an_error(model_file
     assert np.array_equal(pixels(out), np.asarray(expected))
     assert main(["generate", "--model", str(model_file), "--out", str(tmp_path / "x.png")]) == 2
     assert "give a prompt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, warned", [({"avx2", "fma"}, True), ({"avx2", "avx512_bf16"}, False), (set(), False)]
+)
+def test_bf16_on_a_cpu_without_bf16_warns_in_one_line(
+    model_file, tmp_path, capsys, monkeypatch, flags, warned
+):
+    """AVX2-only x86 CPUs emulate bf16 (~100x slower matmuls than fp32): asking for it warns;
+    CPUs with AVX-512 BF16 and unknown ones (flags unread) do not."""
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
+    assert generate(model_file, tmp_path / "w.png", "a red circle", "--dtype", "bf16") == 0
+    err = capsys.readouterr().err
+    expected = "sd3 generate: warning: bf16 on the CPU: this CPU has no bf16 arithmetic"
+    assert (expected in err) == warned
+    assert "Warning" not in err  # not Python's two-line format with the source line
 
 
 def test_low_memory_mode_draws_the_same_picture(model_file, tmp_path, capsys):

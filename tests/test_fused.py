@@ -14,7 +14,9 @@ from sd3.models.attention import kernel_library
 from sd3.models.fused import joint_heads, linear
 from sd3.models.mmdit import RMSNorm
 
-needs_onednn = pytest.mark.skipif(not fused._ONEDNN, reason="torch without oneDNN")
+needs_onednn = pytest.mark.skipif(
+    not fused.onednn_bf16(), reason="no oneDNN bf16 linear on this CPU"
+)
 needs_kernel = pytest.mark.skipif(kernel_library() is None, reason="no AVX-512 BF16 kernel here")
 
 
@@ -133,7 +135,7 @@ def test_bf16_mmdit_with_fused_ops_matches_the_plain_path(monkeypatch):
     model, inputs = bf16_mmdit_case()
     with torch.no_grad():
         fast = model(*inputs)
-        monkeypatch.setattr(fused, "_ONEDNN", False)
+        monkeypatch.setattr(fused, "onednn_bf16", lambda: False)
         monkeypatch.setattr(fused, "kernel_library", lambda: None)
         plain = model(*inputs)
         x, t, context, pooled = inputs

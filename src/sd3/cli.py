@@ -4,6 +4,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -350,7 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        with warnings.catch_warnings():  # one line each, not the source line that raised it
+            warnings.showwarning = lambda message, *_, **__: print(
+                f"sd3 {args.command}: warning: {message}", file=sys.stderr
+            )
+            return args.run(args)
     except (ValueError, FileExistsError, FileNotFoundError) as e:  # CheckpointError is a ValueError
         print(f"sd3 {args.command}: error: {e}", file=sys.stderr)
         return 2

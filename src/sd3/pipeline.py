@@ -24,7 +24,7 @@ from .checkpoints import (
     infer_config,
     load_component,
 )
-from .hardware import cpu_has_bf16
+from .hardware import cpu_has_bf16, warn_if_bf16_is_emulated
 from .models.mmdit import MMDiT, MMDiTConfig
 from .models.quantization import INT8_SCOPE
 from .models.vae import AutoEncoder
@@ -228,6 +228,8 @@ class Pipeline:
             check_component(component)  # every key and shape, before any weight is read
         device = torch.device(device)
         dtype = dtype or default_dtype(device)
+        if dtype == torch.bfloat16 and device.type == "cpu":
+            warn_if_bf16_is_emulated("bf16 on the CPU")
         if low_memory is None:
             needed = sum(
                 c.num_params * (1 if int8 and name in INT8_SCOPE else dtype.itemsize)

@@ -20,6 +20,7 @@ joint buffer, with the plain module's arithmetic (fp32 statistics, bf16 rounding
 weight).
 """
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -34,7 +35,25 @@ ACTIVATIONS = {
     "gelu_tanh": ("gelu", "tanh"),  # the MMDiT's and T5's GELU
     "gelu": ("gelu", "none"),  # exact (erf) GELU: OpenCLIP bigG
 }
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@functools.cache
+def onednn_bf16() -> bool:
+    """oneDNN's fused bf16 linear runs on this CPU: torch has it, and oneDNN can build the
+    primitive (it cannot on CPUs without AVX-512, e.g. AVX2-only ones, where bf16 is not the
+    default dtype either)."""
+    if not (
+        torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    ):
+        return False
+    x = torch.zeros(1, 16, dtype=torch.bfloat16)
+    try:
+        torch.ops.mkldnn._linear_pointwise(
+            x, torch.zeros(16, 16, dtype=torch.bfloat16), None, "none", [], ""
+        )
+    except RuntimeError:
+        return False
+    return True
 
 
 def linear(x: Tensor, layer: nn.Module, activation: str | None = None) -> Tensor:
@@ -53,14 +72,14 @@ def linear(x: Tensor, layer: nn.Module, activation: str | None = None) -> Tensor
 
 def _fusable(x: Tensor, layer: nn.Module) -> bool:
     return (
-        _ONEDNN
-        and x.device.type == "cpu"
+        x.device.type == "cpu"
         and x.dtype == torch.bfloat16
         and (
             (type(layer) is nn.Linear and layer.weight.dtype == torch.bfloat16)
             or (type(layer) is Int8Linear and getattr(layer.bias, "dtype", x.dtype) == x.dtype)
         )
         and not (torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad))
+        and onednn_bf16()
     )
 
 

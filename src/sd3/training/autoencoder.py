@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from sd3.hardware import cpu_has_bf16
 from sd3.models.vae import SCALE, AutoEncoder
 
 
@@ -41,9 +42,12 @@ def train_autoencoder(
     lr: float = 1e-3,
     kl_weight: float = 1e-4,
     seed: int = 0,
-    bf16: bool = True,
+    bf16: bool | None = None,
 ) -> list[float]:
-    """Train `vae` in place on (image, caption) items; returns the loss per step."""
+    """Train `vae` in place on (image, caption) items; returns the loss per step. `bf16`: autocast
+    to bf16; by default where the CPU computes it natively (elsewhere it is emulated, slower)."""
+    if bf16 is None:
+        bf16 = cpu_has_bf16()
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     torch.manual_seed(seed)

@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
+from sd3.hardware import warn_if_bf16_is_emulated
 from sd3.models.mmdit import MMDiT
 from sd3.text import T5_MIN_LENGTH, TextEncoders
 
@@ -171,6 +172,8 @@ class Trainer:
                 f"batch_size {c.batch_size} must be divisible by the number of processes {self.world}"
             )
         self.device = next(mmdit.parameters()).device
+        if c.bf16 and self.device.type == "cpu" and self.rank == 0:
+            warn_if_bf16_is_emulated("bf16 autocast on the CPU")
         self.mmdit, self.text_encoders = mmdit, text_encoders
         self.latents, self.captions = latents, captions
         self.sampling = c.sampling()
