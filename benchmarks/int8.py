@@ -1,11 +1,12 @@
-"""int8 weight-only mode against bf16 on the same full-size random weights: time, peak memory and
-output error; appends its table to benchmarks/RESULTS.md (or prints it with --no-write).
+"""int8 weight-only mode against the plain compute dtype (bf16 where the CPU has it, else fp32) on
+the same full-size random weights: time, peak memory and output error; appends its table to
+benchmarks/RESULTS.md (or prints it with --no-write).
 
     python benchmarks/int8.py [--rows t5,mmdit-512,mmdit-1024] [--repeats 3]
 
 Each side of each row runs in its own worker process (its own peak RSS) on the cached weights of
-`run.py`; the error is max |int8 - bf16| / max |bf16| of the two outputs, and the mean relative
-error ‖int8 - bf16‖ / ‖bf16‖, computed in fp32.
+`run.py`; the error is max |int8 - plain| / max |plain| of the two outputs, and the mean relative
+error ‖int8 - plain‖ / ‖plain‖, computed in fp64.
 """
 
 import argparse
@@ -24,6 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import CONTEXT_TOKENS, ROOT, peak_rss_bytes, weights_file  # noqa: E402
 
 from sd3.checkpoints import find_components, infer_config, load_component  # noqa: E402
+from sd3.pipeline import default_dtype  # noqa: E402
+
+DTYPE = default_dtype()  # the plain side's, and the int8 side's compute dtype
+PLAIN = {torch.bfloat16: "bf16", torch.float32: "fp32"}[DTYPE]
 
 ROWS = {
     "t5": ("T5-XXL encode, 77 tokens", "medium"),
@@ -38,17 +43,17 @@ def worker(row: str, int8: bool, file: Path, repeats: int, out: Path) -> dict:
     components = find_components(file)
     started = time.perf_counter()
     if row == "t5":
-        model = load_component(components["t5xxl"], torch.bfloat16, int8=int8)
+        model = load_component(components["t5xxl"], DTYPE, int8=int8)
         inputs = (torch.randint(0, 32000, (1, 77)),)
     else:
         size = int(row.rsplit("-", 1)[1])
         config = infer_config(components["mmdit"])
-        model = load_component(components["mmdit"], torch.bfloat16, int8=int8)
+        model = load_component(components["mmdit"], DTYPE, int8=int8)
         inputs = (
-            torch.randn(1, 16, size // 8, size // 8, dtype=torch.bfloat16),
+            torch.randn(1, 16, size // 8, size // 8, dtype=DTYPE),
             torch.tensor([500.0]),
-            torch.randn(1, CONTEXT_TOKENS, config.context_dim, dtype=torch.bfloat16),
-            torch.randn(1, config.pooled_dim, dtype=torch.bfloat16),
+            torch.randn(1, CONTEXT_TOKENS, config.context_dim, dtype=DTYPE),
+            torch.randn(1, config.pooled_dim, dtype=DTYPE),
         )
     load_s = time.perf_counter() - started
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -65,11 +70,11 @@ def worker(row: str, int8: bool, file: Path, repeats: int, out: Path) -> dict:
 
 
 def run_side(row: str, int8: bool, file: Path, args, out: Path) -> dict:
-    cmd = [sys.executable, __file__, "--worker", row, "int8" if int8 else "bf16", str(file),
+    cmd = [sys.executable, __file__, "--worker", row, "int8" if int8 else PLAIN, str(file),
            str(out), "--repeats", str(args.repeats), "--threads", str(args.threads)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
-        raise SystemExit(f"{row} ({'int8' if int8 else 'bf16'}): {done.stderr.strip()[-2000:]}")
+        raise SystemExit(f"{row} ({'int8' if int8 else PLAIN}): {done.stderr.strip()[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -94,11 +99,11 @@ def main() -> None:
     if unknown := [r for r in rows if r not in ROWS]:
         p.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
     table = [
-        f"## int8 weight-only vs bf16 ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"## int8 weight-only vs {PLAIN} ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"{args.threads} threads, median of {args.repeats} after a warm-up; `benchmarks/int8.py`)",
         "",
-        "| row | bf16 s | int8 s | int8 / bf16 time | bf16 weights GB | int8 weights GB | "
-        "bf16 peak RSS GB | int8 peak RSS GB | max rel err | mean rel err |",
+        f"| row | {PLAIN} s | int8 s | int8 / {PLAIN} time | {PLAIN} weights GB | int8 weights GB | "
+        f"{PLAIN} peak RSS GB | int8 peak RSS GB | max rel err | mean rel err |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     print("\n".join(table), flush=True)
@@ -107,16 +112,16 @@ def main() -> None:
             what, which = ROWS[row]
             weights_file(args.weights, "medium")
             file = weights_file(args.weights, which)
-            outs = {side: Path(tmp) / f"{row}-{side}.safetensors" for side in ("bf16", "int8")}
-            bf16 = run_side(row, False, file, args, outs["bf16"])
+            outs = {side: Path(tmp) / f"{row}-{side}.safetensors" for side in ("plain", "int8")}
+            plain = run_side(row, False, file, args, outs["plain"])
             int8 = run_side(row, True, file, args, outs["int8"])
-            a, b = (load_file(str(outs[s]))["output"].double() for s in ("bf16", "int8"))
+            a, b = (load_file(str(outs[s]))["output"].double() for s in ("plain", "int8"))
             max_err = ((b - a).abs().max() / a.abs().max()).item()
             mean_err = ((b - a).norm() / a.norm()).item()
             table.append(
-                f"| {what} | {bf16['median_s']:.3f} | {int8['median_s']:.3f} | "
-                f"{int8['median_s'] / bf16['median_s']:.2f} | {bf16['weights_gb']:.2f} | "
-                f"{int8['weights_gb']:.2f} | {bf16['peak_rss_gb']:.1f} | {int8['peak_rss_gb']:.1f} | "
+                f"| {what} | {plain['median_s']:.3f} | {int8['median_s']:.3f} | "
+                f"{int8['median_s'] / plain['median_s']:.2f} | {plain['weights_gb']:.2f} | "
+                f"{int8['weights_gb']:.2f} | {plain['peak_rss_gb']:.1f} | {int8['peak_rss_gb']:.1f} | "
                 f"{max_err:.2e} | {mean_err:.2e} |"
             )
             print(table[-1], flush=True)
