@@ -46,7 +46,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--int8", action="store_true", default=None,
         help="int8 weight-only T5-XXL and MMDiT blocks: about half their memory; T5 up to 1.5x "
-        "slower, the MMDiT about as fast; a small output error (see the README)",
+        "slower, the MMDiT up to 1.2x; a small output error (see the README)",
     )  # fmt: skip
     p.add_argument(
         "--low-memory",
