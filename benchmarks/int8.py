@@ -1,6 +1,7 @@
-"""int8 weight-only mode against the plain compute dtype (bf16 where the CPU has it, else fp32) on
-the same full-size random weights: time, peak memory and output error; appends its table to
-benchmarks/RESULTS.md (or prints it with --no-write).
+"""int8 mode against the plain compute dtype (bf16 where the CPU has it, else fp32) on the same
+full-size random weights: time, peak memory and output error; appends its table to
+benchmarks/RESULTS.md (or prints it with --no-write). In fp32 the MMDiT's int8 layers multiply in
+int8 (`models.quantization`); otherwise int8 is weight-only.
 
     python benchmarks/int8.py [--rows t5,mmdit-512,mmdit-1024] [--repeats 3]
 
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import CONTEXT_TOKENS, ROOT, peak_rss_bytes, weights_file  # noqa: E402
 
 from sd3.checkpoints import find_components, infer_config, load_component  # noqa: E402
+from sd3.models.quantization import Int8Linear  # noqa: E402
 from sd3.pipeline import default_dtype  # noqa: E402
 
 DTYPE = default_dtype()  # the plain side's, and the int8 side's compute dtype
@@ -56,7 +58,7 @@ def worker(row: str, int8: bool, file: Path, repeats: int, out: Path) -> dict:
             torch.randn(1, config.pooled_dim, dtype=DTYPE),
         )
     load_s = time.perf_counter() - started
-    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    int8_gemm = sum(m.packed is not None for m in model.modules() if type(m) is Int8Linear)
     times = []
     with torch.no_grad():
         output = model(*inputs)  # warm-up
@@ -64,9 +66,12 @@ def worker(row: str, int8: bool, file: Path, repeats: int, out: Path) -> dict:
             t = time.perf_counter()
             output = model(*inputs)
             times.append(time.perf_counter() - t)
+    peak_rss = peak_rss_bytes()  # before the state dict, which unpacks packed int8 layers
     save_file({"output": output.float().contiguous()}, str(out))
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     return {"median_s": statistics.median(times), "load_s": load_s,
-            "peak_rss_gb": peak_rss_bytes() / 2**30, "weights_gb": weight_bytes / 2**30}  # fmt: skip
+            "peak_rss_gb": peak_rss / 2**30, "weights_gb": weight_bytes / 2**30,
+            "int8_gemm_layers": int8_gemm}  # fmt: skip
 
 
 def run_side(row: str, int8: bool, file: Path, args, out: Path) -> dict:
@@ -99,12 +104,12 @@ def main() -> None:
     if unknown := [r for r in rows if r not in ROWS]:
         p.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
     table = [
-        f"## int8 weight-only vs {PLAIN} ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"## int8 vs {PLAIN} ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"{args.threads} threads, median of {args.repeats} after a warm-up; `benchmarks/int8.py`)",
         "",
-        f"| row | {PLAIN} s | int8 s | int8 / {PLAIN} time | {PLAIN} weights GB | int8 weights GB | "
+        f"| row | {PLAIN} s | int8 s | int8 / {PLAIN} time | int8 GEMM layers | {PLAIN} weights GB | int8 weights GB | "
         f"{PLAIN} peak RSS GB | int8 peak RSS GB | max rel err | mean rel err |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     print("\n".join(table), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,7 +125,8 @@ def main() -> None:
             mean_err = ((b - a).norm() / a.norm()).item()
             table.append(
                 f"| {what} | {plain['median_s']:.3f} | {int8['median_s']:.3f} | "
-                f"{int8['median_s'] / plain['median_s']:.2f} | {plain['weights_gb']:.2f} | "
+                f"{int8['median_s'] / plain['median_s']:.2f} | {int8['int8_gemm_layers']} | "
+                f"{plain['weights_gb']:.2f} | "
                 f"{int8['weights_gb']:.2f} | {plain['peak_rss_gb']:.1f} | {int8['peak_rss_gb']:.1f} | "
                 f"{max_err:.2e} | {mean_err:.2e} |"
             )

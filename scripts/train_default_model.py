@@ -39,6 +39,7 @@ from typing import NamedTuple
 import torch
 from tqdm import tqdm
 
+from sd3.checkpoints import load_component, open_file
 from sd3.hardware import cpu_has_bf16
 from sd3.models.clip import CLIPConfig, CLIPTextModel
 from sd3.models.mmdit import MMDiT, MMDiTConfig
@@ -127,16 +128,26 @@ def main() -> int:
         help="train CLIP-L, CLIP-G and T5 with the MMDiT instead of freezing them at random init",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--init", type=Path,
+        help="continue from an exported model (e.g. the bundled one): its VAE, frozen text encoders "
+        "and MMDiT weights replace the fresh ones, and stage 1 is skipped",
+    )  # fmt: skip
+    p.add_argument("--data-seed", type=int, help="seed of the training scenes (default: --seed)")
     args = p.parse_args()
+    data_seed = args.seed if args.data_seed is None else args.data_seed
     args.out.mkdir(parents=True, exist_ok=True)
     record_path = args.out / "record.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {"command": sys.argv}
-    data = ShapesDataset(size=SIZE, length=args.scenes, seed=args.seed)
+    data = ShapesDataset(size=SIZE, length=args.scenes, seed=data_seed)
+    init = open_file(args.init) if args.init else None
 
     # 1. the autoencoder
     vae_file = args.out / "vae.safetensors"
     vae = AutoEncoder(VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1))
-    if vae_file.is_file():
+    if init is not None:
+        vae.load_state_dict(load_component(init["vae"]).state_dict())
+    elif vae_file.is_file():
         vae.load_state_dict(_load(vae_file))
     else:
         started = time.perf_counter()
@@ -163,6 +174,9 @@ def main() -> int:
         t5_length=T5_LENGTH,
         clip_length=CLIP_POSITIONS,
     )
+    if init is not None:
+        for name, m in {"mmdit": model, **encoders}.items():
+            m.load_state_dict(load_component(init[name]).state_dict())
     stages = [
         Stage("base", SIZE, args.out, args.base_steps, args.lr, args.warmup),
         Stage("hires", HIRES, args.out / "hires", args.steps, args.lr / 2, args.warmup // 2)
@@ -172,7 +186,7 @@ def main() -> int:
     stages = [stage for stage in stages if stage.steps > 0]  # --steps 0: 64x64 only
     for name, size, out, steps, lr, warmup in stages:
         out.mkdir(parents=True, exist_ok=True)
-        data = ShapesDataset(size=size, length=args.scenes, seed=args.seed)
+        data = ShapesDataset(size=size, length=args.scenes, seed=data_seed)
         latents, captions = scene_latents(
             out / "latents.safetensors", data, vae, record, f"{name}_latents_seconds"
         )

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .models.clip import CLIPConfig, CLIPTextModel
 from .models.mmdit import MMDiT, MMDiTConfig
-from .models.quantization import SCALE, quantize_weight, use_int8
+from .models.quantization import SCALE, pack_for_int8_gemm, quantize_weight, use_int8
 from .models.t5 import T5Config, T5Encoder
 from .models.vae import AutoEncoder, VAEConfig
 
@@ -576,7 +576,8 @@ def load_component(
 ) -> nn.Module:
     """Build the module for `component` from its tensors, checking every key and shape first.
     `int8`: the MMDiT's or T5's block linears are quantized as they load (`models.quantization`),
-    one tensor at a time, so their full-precision weights are never all in memory."""
+    one tensor at a time, so their full-precision weights are never all in memory; an fp32 MMDiT
+    on a CPU then multiplies in int8."""
     module = check_component(component)
     quantized = set(use_int8(module, component.name)) if int8 else set()
     expected = module.state_dict()
@@ -594,4 +595,7 @@ def load_component(
         if not (got[k].mapped and state[k] is source):  # converted: the file pages are done with
             got[k].release()
     module.load_state_dict(state, assign=True)
+    del state  # the module holds the weights alone, so packing frees each int8 weight in turn
+    if int8:
+        pack_for_int8_gemm(module, component.name, dtype, device)
     return module.eval().requires_grad_(False)

@@ -76,7 +76,11 @@ def _fusable(x: Tensor, layer: nn.Module) -> bool:
         and x.dtype == torch.bfloat16
         and (
             (type(layer) is nn.Linear and layer.weight.dtype == torch.bfloat16)
-            or (type(layer) is Int8Linear and getattr(layer.bias, "dtype", x.dtype) == x.dtype)
+            or (
+                type(layer) is Int8Linear
+                and layer.packed is None
+                and getattr(layer.bias, "dtype", x.dtype) == x.dtype
+            )
         )
         and not (torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad))
         and onednn_bf16()
