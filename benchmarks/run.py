@@ -66,6 +66,7 @@ class Row:
     max_repeats: int = 10  # long rows are timed fewer times
     warmup: bool = True  # False: the one timed run is the first (rows that measure memory)
     peer: bool = True  # False where the peer cannot run here (said in `what`)
+    int8: bool = False  # ours loads with int8=True (the peer in the plain dtype)
 
 
 ROWS = {
@@ -74,6 +75,19 @@ ROWS = {
         Row("mmdit-512", "SD3.5 Medium MMDiT forward, 512², batch 1", "medium"),
         Row("mmdit-1024", "SD3.5 Medium MMDiT forward, 1024², batch 1", "medium"),
         Row("mmdit-large-1024", "SD3.5 Large MMDiT forward, 1024², batch 1", "large", 1),
+        Row(
+            "mmdit-512-int8",
+            "SD3.5 Medium MMDiT forward, 512², batch 1, sd3 with --int8 (int8 GEMMs in fp32, "
+            "weight-only in bf16; % of the plain dtype's peak)",
+            "medium",
+            int8=True,
+        ),
+        Row(
+            "mmdit-1024-int8",
+            "SD3.5 Medium MMDiT forward, 1024², batch 1, sd3 with --int8",
+            "medium",
+            int8=True,
+        ),  # fmt: skip
         Row("vae-decode-1024", "VAE decode, 1024²", "medium"),
         Row("vae-encode-1024", "VAE encode, 1024²", "medium"),
         Row("clip", "CLIP-L + CLIP-G encode, 77 tokens", "medium"),
@@ -90,7 +104,7 @@ ROWS = {
         ),
     ]
 }
-DEFAULT_ROWS = [n for n in ROWS if "large" not in n]
+DEFAULT_ROWS = [n for n in ROWS if "large" not in n and n != "mmdit-1024-int8"]
 
 
 # --- weights ---------------------------------------------------------------------------------
@@ -194,7 +208,7 @@ def peak_rss_bytes() -> int:
 def build(row: str, side: str, file: Path, dtype: torch.dtype) -> tuple[Callable, float]:
     components = find_components(file)
     if row.startswith("mmdit"):
-        size = int(row.rsplit("-", 1)[1])
+        size = int(next(part for part in row.split("-") if part.isdigit()))
         comp = components["mmdit"]
         config = infer_config(comp)
         x = torch.randn(1, 16, size // 8, size // 8, dtype=dtype)
@@ -203,7 +217,7 @@ def build(row: str, side: str, file: Path, dtype: torch.dtype) -> tuple[Callable
         y = torch.randn(1, config.pooled_dim, dtype=dtype)
         flops = count_flops(MMDiT, config, lambda m: m(*meta(x, t, ctx, y)), dtype)
         if side == "ours":
-            model = load_component(comp, dtype)
+            model = load_component(comp, dtype, int8=ROWS[row].int8)
             return lambda: model(x, t, ctx, y), flops
         ref = diffusers_mmdit_from(config, read(comp), dtype)
         return lambda: ref(
