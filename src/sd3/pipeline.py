@@ -171,7 +171,7 @@ class Pipeline:
     dtype: torch.dtype = torch.float32
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     low_memory: bool = False
-    int8: bool = False  # int8 weight-only T5-XXL and MMDiT blocks (`models.quantization`)
+    int8: bool = False  # int8 T5-XXL and MMDiT blocks (`models.quantization`)
     model_name: str = ""
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage of the last call
     # a tqdm bar over the denoising steps, started once the prompt is encoded
