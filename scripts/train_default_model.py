@@ -22,8 +22,8 @@ Stages (each resumable by re-running the same command):
    official single-file layout (fp16).
 
 Steps run under bf16 autocast where the CPU computes bf16 (AVX-512 BF16 or AMX: about 81 images/s
-on 2 cores, so the recipe fits in 2 hours) and in fp32 elsewhere (2 AVX2 cores: about 30 images/s,
-so about 4.5 hours).
+on 2 cores, so the recipe fits in 2 hours) and in fp32 elsewhere (2 AVX2 cores: about 55 images/s,
+so about 2.7 hours with the latents).
 
 The result goes to `--export` (by default the package's `assets/default/sd3_shapes.safetensors`),
 with a preset in its metadata, and the stage times and loss curve to `--out/record.json`.

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
 
 from sd3.training.shapes import (
     BACKGROUND,
@@ -250,9 +251,11 @@ def evaluate(
     seeds_per_prompt: int = 1,
     contact_sheet: Path | None = None,
     batch_size: int = 16,
+    progress: bool = False,
 ) -> Report:
     """Generate `seeds_per_prompt` images per prompt, check each, print the report, and optionally
-    save a contact sheet. `generate` gets up to `batch_size` prompts at a time with seed 0, 1, ..."""
+    save a contact sheet. `generate` gets up to `batch_size` prompts at a time with seed 0, 1, ...;
+    `progress` shows a bar over the images with the share passed so far."""
     if not prompts:
         raise ValueError("no prompts to evaluate")
     if seeds_per_prompt < 1 or batch_size < 1:
@@ -260,17 +263,23 @@ def evaluate(
             f"seeds_per_prompt and batch_size must be >= 1, got {seeds_per_prompt}, {batch_size}"
         )
     results, sheet = [], []
-    for seed in range(seeds_per_prompt):
-        for start in range(0, len(prompts), batch_size):
-            batch = prompts[start : start + batch_size]
-            images = generate([p.text for p in batch], seed)
-            if len(images) != len(batch):
-                raise ValueError(f"generate returned {len(images)} images for {len(batch)} prompts")
-            for i, (prompt, image) in enumerate(zip(batch, images, strict=True)):
-                result = check(image, prompt)
-                results.append((start + i, seed, result))
-                if contact_sheet is not None:
-                    sheet.append((image, f"{start + i} s{seed}", result.passed))
+    total = seeds_per_prompt * len(prompts)
+    with tqdm(total=total, desc="eval", unit="image", disable=not progress) as bar:
+        for seed in range(seeds_per_prompt):
+            for start in range(0, len(prompts), batch_size):
+                batch = prompts[start : start + batch_size]
+                images = generate([p.text for p in batch], seed)
+                if len(images) != len(batch):
+                    raise ValueError(
+                        f"generate returned {len(images)} images for {len(batch)} prompts"
+                    )
+                for i, (prompt, image) in enumerate(zip(batch, images, strict=True)):
+                    result = check(image, prompt)
+                    results.append((start + i, seed, result))
+                    if contact_sheet is not None:
+                        sheet.append((image, f"{start + i} s{seed}", result.passed))
+                bar.update(len(batch))
+                bar.set_postfix(passed=f"{sum(r.passed for *_, r in results) / len(results):.3f}")
     counts = {}
     for category in CATEGORIES:
         passed = [r.passed for i, _, r in results if prompts[i].category == category]
@@ -376,5 +385,5 @@ def run(args: argparse.Namespace, generate: Generate | None = None) -> int:
             return 2
         generate = perfect_generator(args.oracle)
     prompts = select_prompts(heldout_prompts(), args.categories, args.limit)
-    evaluate(generate, prompts, args.seeds, args.contact_sheet)
+    evaluate(generate, prompts, args.seeds, args.contact_sheet, progress=True)
     return 0
