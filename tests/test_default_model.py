@@ -28,7 +28,7 @@ def test_bundled_model_is_a_complete_sd35_family():
     assert context.shape == (1, 48, 128) and pooled.shape == (1, 128)
 
 
-def test_generate_without_model_draws_the_named_colour(tmp_path):
+def test_generate_without_model_draws_the_named_colour(tmp_path, capsys):
     out = tmp_path / "default.png"
     assert (
         main(["generate", "a yellow triangle", "--seed", "3", "--dtype", "fp32", "--out", str(out)])
@@ -40,3 +40,12 @@ def test_generate_without_model_draws_the_named_colour(tmp_path):
     found = detect_objects(image.convert("RGB"))  # the eval checker, independent of the model
     assert "yellow" in {o.colour for o in found}, found
     assert np.asarray(image).std() > 5  # not a flat image
+    assert capsys.readouterr().err.startswith("sd3 shapes (bundled), fp32")
+
+
+def test_a_copy_of_the_bundled_file_is_not_called_bundled(tmp_path, capsys):
+    copy = tmp_path / "mine.safetensors"
+    copy.write_bytes(DEFAULT_MODEL.read_bytes())
+    args = ["generate", "a red circle", "--steps", "1", "--model", str(copy)]
+    assert main([*args, "--out", str(tmp_path / "a.png")]) == 0
+    assert capsys.readouterr().err.startswith("sd3 shapes, ")

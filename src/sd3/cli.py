@@ -229,8 +229,9 @@ def load_pipeline(files: dict, device: str, low_memory: bool | None = None) -> P
     )
     dtype_name = {v: k for k, v in DTYPES.items()}[pipe.dtype]
     files["dtype"] = dtype_name
+    bundled = Path(files["model"]).resolve() == DEFAULT_MODEL.resolve()
     print(
-        f"{pipe.preset.name}, {dtype_name}{' (int8 weights)' if pipe.int8 else ''} on {pipe.device}"
+        f"{pipe.preset.name}{' (bundled)' if bundled else ''}, {dtype_name}{' (int8 weights)' if pipe.int8 else ''} on {pipe.device}"
         f"{', low-memory mode' if pipe.low_memory else ''}, loaded in {time.perf_counter() - started:.1f}s",
         file=sys.stderr,
     )
