@@ -138,7 +138,10 @@ def main() -> int:
     data_seed = args.seed if args.data_seed is None else args.data_seed
     args.out.mkdir(parents=True, exist_ok=True)
     record_path = args.out / "record.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {"command": sys.argv}
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    if record.get("command", sys.argv) != sys.argv:  # re-run with other arguments: keep both
+        record.setdefault("earlier_commands", []).append(record["command"])
+    record["command"] = sys.argv
     data = ShapesDataset(size=SIZE, length=args.scenes, seed=data_seed)
     init = open_file(args.init) if args.init else None
 
