@@ -63,7 +63,7 @@ SIZE = 64  # pre-training image size: latents 8x8, 16 image tokens
 HIRES = 128  # fine-tuning and sampling size: latents 16x16, 64 image tokens
 T5_LENGTH = 24  # captions are short: the preset fixes the T5 length ...
 CLIP_POSITIONS = 24  # ... and the CLIP positions the model reads
-PRESET = {"name": "sd3 shapes", "steps": 20, "cfg": 2.5, "shift": 1.0, "sampler": "euler",
+PRESET = {"name": "sd3 shapes", "steps": 20, "cfg": 2.0, "shift": 1.0, "sampler": "euler",
           "size": HIRES, "t5_length": T5_LENGTH, "clip_length": CLIP_POSITIONS}  # fmt: skip
 
 

@@ -22,7 +22,7 @@ def test_bundled_model_is_a_complete_sd35_family():
     assert not infer_config(components["clip_l"]).project_pooled
     pipe = Pipeline.from_single_file(DEFAULT_MODEL)
     p = pipe.preset
-    assert (p.size, p.steps, p.cfg, p.sampler, p.t5_length) == (128, 20, 2.5, "euler", 24)
+    assert (p.size, p.steps, p.cfg, p.sampler, p.t5_length) == (128, 20, 2.0, "euler", 24)
     assert p.clip_length == 24  # the model reads 24 CLIP positions: a 48-token context
     context, pooled = pipe.text_encoders(t5_length=p.t5_length).encode("a red circle")
     assert context.shape == (1, 48, 128) and pooled.shape == (1, 128)
