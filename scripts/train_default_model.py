@@ -53,7 +53,7 @@ from sd3.training.data import encode_latents
 from sd3.training.export import export_single_file
 from sd3.training.flow import SAMPLINGS
 from sd3.training.fresh import init_mmdit
-from sd3.training.shapes import ShapesDataset
+from sd3.training.shapes import ShapesDataset, parse_mix
 from sd3.training.trainer import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,6 +134,11 @@ def main() -> int:
         "and MMDiT weights replace the fresh ones, and stage 1 is skipped",
     )  # fmt: skip
     p.add_argument("--data-seed", type=int, help="seed of the training scenes (default: --seed)")
+    p.add_argument(
+        "--mix", type=parse_mix, metavar="KIND=W,...",
+        help="shares of the caption kinds (single, counting, pair, position, group); default "
+        "20/20/20/25/15 percent",
+    )  # fmt: skip
     args = p.parse_args()
     data_seed = args.seed if args.data_seed is None else args.data_seed
     args.out.mkdir(parents=True, exist_ok=True)
@@ -142,7 +147,7 @@ def main() -> int:
     if record.get("command", sys.argv) != sys.argv:  # re-run with other arguments: keep both
         record.setdefault("earlier_commands", []).append(record["command"])
     record["command"] = sys.argv
-    data = ShapesDataset(size=SIZE, length=args.scenes, seed=data_seed)
+    data = ShapesDataset(size=SIZE, length=args.scenes, seed=data_seed, mix=args.mix)
     init = open_file(args.init) if args.init else None
 
     # 1. the autoencoder
@@ -189,7 +194,7 @@ def main() -> int:
     stages = [stage for stage in stages if stage.steps > 0]  # --steps 0: 64x64 only
     for name, size, out, steps, lr, warmup in stages:
         out.mkdir(parents=True, exist_ok=True)
-        data = ShapesDataset(size=size, length=args.scenes, seed=data_seed)
+        data = ShapesDataset(size=size, length=args.scenes, seed=data_seed, mix=args.mix)
         latents, captions = scene_latents(
             out / "latents.safetensors", data, vae, record, f"{name}_latents_seconds"
         )

@@ -25,6 +25,7 @@ from sd3.training.shapes import (
     caption,
     heldout_prompts,
     parse_caption,
+    parse_mix,
     render,
     reserved_combinations,
     sample_scene,
@@ -63,6 +64,50 @@ def test_items_are_deterministic_and_depend_only_on_seed_and_index():
     assert ShapesDataset(128, 50, seed=7)[13][1] == a[13][1]  # same scene at every size
     other = [ShapesDataset(64, 50, seed=8)[i][1] for i in range(20)]
     assert other != [a[i][1] for i in range(20)]
+
+
+def _kind(text: str) -> str:
+    """The caption kind (`shapes.KINDS`) of a caption, read from its words alone."""
+    counts, relation = _caption_counts(text)
+    if relation is not None:
+        return "position"
+    if len(counts) == 1:
+        return "single" if sum(counts.values()) == 1 else "counting"
+    return "pair" if sum(counts.values()) == 2 else "group"
+
+
+def test_default_mix_keeps_the_recorded_scenes():
+    # Captions of data seed 4 (the bundled model's fourth continuation) before the mix was an
+    # option: adding it must not change any recorded training set.
+    assert [sample_scene(4, i).caption for i in range(3)] == [
+        "a blue triangle",
+        "a red square above a red circle",
+        "a blue triangle to the left of a purple square",
+    ]
+
+
+def test_caption_mix_sets_the_kinds_shares():
+    only = [ShapesDataset(64, 200, seed=3, mix={"position": 1.0}).scene(i) for i in range(200)]
+    assert {_kind(s.caption) for s in only} == {"position"}
+    assert all(len(s.objects) == 2 for s in only)
+    # single and counting drawn equally; a counting caption is redrawn when its count is the
+    # item's reserved one (1 of the 3 counts 2-4), a single one never: single = 0.5 / (0.5 + 1/3).
+    data = ShapesDataset(64, 3000, seed=1, mix=parse_mix("single=1,counting=1"))
+    kinds = Counter(_kind(data.scene(i).caption) for i in range(len(data)))
+    assert set(kinds) == {"single", "counting"}
+    share = kinds["single"] / len(data)
+    print(f"single share {share:.3f}, expected 0.600")
+    assert abs(share - 0.6) < 0.03  # 3.4 standard errors
+    for bad, message in [
+        ("single=1,circle=2", "'circle=2' is not kind=weight"),
+        ("position", "'position' is not kind=weight"),
+        ("single=-1,pair=2", "'single=-1' is not kind=weight"),
+        ("single=0,pair=0", "weights must be >= 0 with a positive sum"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse_mix(bad)
+    with pytest.raises(ValueError, match="unknown caption kinds"):
+        ShapesDataset(64, 3, seed=0, mix={"triangles": 1.0})
 
 
 def test_item_format():

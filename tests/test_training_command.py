@@ -120,6 +120,8 @@ def parse(argv):
         (["--text-dropout", "2"], r"argument --text-dropout: must be in \[0, 1\], got 2.0"),
         (["--lr", "-1"], r"argument --lr: must be in \(0"),
         (["--init-config", "huge"], "argument --init-config: invalid choice: 'huge'"),
+        (["--shapes-mix", "count=2"], r"argument --shapes-mix: mix: 'count=2' is not kind=weight"),
+        (["--shapes-mix", "single=0"], r"argument --shapes-mix: mix: weights must be >= 0 with a"),
     ],
 )
 def test_bad_arguments_name_the_option(argv, message, capsys, tmp_path):
@@ -149,6 +151,8 @@ def test_bad_runs_say_why(model_file, data_dir, tmp_path, capsys):
     assert "give exactly one of --model FILE and --init-config NAME" in err
     err = run_error(["--model", str(model_file), "--out", out], capsys)
     assert "give exactly one of --data FOLDER and --shapes N" in err
+    err = run_error(args_for(model_file, data_dir, out, "--shapes-mix", "position=1"), capsys)
+    assert "--shapes-mix applies to --shapes N only" in err
     err = run_error(
         ["--model", str(tmp_path / "nope.safetensors"), "--data", str(data_dir), "--out", out],
         capsys,

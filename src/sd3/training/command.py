@@ -39,6 +39,15 @@ RESUMABLE = {
 }  # fmt: skip
 
 
+def _mix(text: str) -> dict[str, float]:
+    from .shapes import parse_mix
+
+    try:
+        return parse_mix(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _int_at_least(low: int):
     def parse(text: str) -> int:
         value = int(text)
@@ -75,6 +84,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--shapes", type=_int_at_least(1), metavar="N", help="N procedural shape scenes"
     )
+    data.add_argument(
+        "--shapes-mix", type=_mix, metavar="KIND=W,...",
+        help="shares of the shape captions' kinds (single, counting, pair, position, group; "
+        "default 20/20/20/25/15 percent), e.g. counting=3,position=4,pair=2,group=1",
+    )  # fmt: skip
     data.add_argument(
         "--resolution", type=_int_at_least(16), default=256, help="square size (multiple of 16)"
     )
@@ -192,8 +206,11 @@ def _dataset(args: argparse.Namespace):
         from .shapes import ShapesDataset
     except ImportError as e:
         raise ValueError(f"--shapes: the shapes dataset is not available ({e})") from None
+    dataset = ShapesDataset(args.resolution, args.shapes, args.seed, args.shapes_mix)
     key = f"shapes:{args.shapes}:{args.resolution}:{args.seed}"
-    return ShapesDataset(size=args.resolution, length=args.shapes, seed=args.seed), key
+    if args.shapes_mix is not None:
+        key += ":" + ",".join(f"{k}={w:.6g}" for k, w in dataset.mix.items())
+    return dataset, key
 
 
 def _latents(args, dataset, key: str, vae, rank: int, quiet: bool):
@@ -242,6 +259,8 @@ def _check_sources(args: argparse.Namespace) -> None:
         raise ValueError("give exactly one of --model FILE and --init-config NAME")
     if (args.data is None) == (args.shapes is None):
         raise ValueError("give exactly one of --data FOLDER and --shapes N")
+    if args.shapes_mix is not None and args.shapes is None:
+        raise ValueError("--shapes-mix applies to --shapes N only")
     if args.resolution % 16:
         raise ValueError(f"--resolution must be a multiple of 16, got {args.resolution}")
 

@@ -324,11 +324,50 @@ def _draw_items(rng: np.random.Generator, k: int) -> list[Item]:
     return [TRAIN_ITEMS[i] for i in picks]
 
 
-def sample_spec(rng: np.random.Generator) -> SceneSpec:
-    """A training caption: single object 20%, counting 20%, "A and B" 20%, position 25%, and
-    mixed groups of 3-4 objects 15%; redrawn until it uses no held-out combination."""
+# The training captions' kinds and their default shares: one object, one item counted ("three red
+# circles"), "A and B", "A <relation> B", and mixed groups of 3-4 objects.
+KINDS = ("single", "counting", "pair", "position", "group")
+DEFAULT_MIX: dict[str, float] = {
+    "single": 0.2, "counting": 0.2, "pair": 0.2, "position": 0.25, "group": 0.15,
+}  # fmt: skip
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """A caption mix from "kind=weight,..." (e.g. "counting=3,position=4"): kinds left out get
+    weight 0, and the weights are normalised to shares."""
+    mix = dict.fromkeys(KINDS, 0.0)
+    for part in text.split(","):
+        kind, sep, weight = part.partition("=")
+        kind = kind.strip()
+        try:
+            value = float(weight)
+        except ValueError:
+            value = -1.0
+        if not sep or kind not in KINDS or not value >= 0:
+            raise ValueError(
+                f"mix: {part.strip()!r} is not kind=weight with kind in {KINDS} and weight >= 0"
+            )
+        mix[kind] = value
+    return check_mix(mix)
+
+
+def check_mix(mix: dict[str, float]) -> dict[str, float]:
+    """`mix` normalised to shares that sum to 1; a clear error for unknown kinds or bad weights."""
+    unknown = set(mix) - set(KINDS)
+    if unknown:
+        raise ValueError(f"mix: unknown caption kinds {sorted(unknown)}; choose from {KINDS}")
+    total = sum(mix.values())
+    if any(not w >= 0 for w in mix.values()) or not total > 0:
+        raise ValueError(f"mix: weights must be >= 0 with a positive sum, got {mix}")
+    return {kind: mix.get(kind, 0.0) / total for kind in KINDS}
+
+
+def sample_spec(rng: np.random.Generator, mix: dict[str, float] = DEFAULT_MIX) -> SceneSpec:
+    """A training caption of a kind drawn from `mix` (shares by kind, `KINDS`); redrawn until it
+    uses no held-out combination."""
+    shares = [mix.get(kind, 0.0) for kind in KINDS]
     while True:
-        kind = rng.choice(5, p=[0.2, 0.2, 0.2, 0.25, 0.15])
+        kind = rng.choice(len(KINDS), p=shares)
         relation = None
         if kind == 0:
             objects = [ObjectSpec(*_draw_items(rng, 1)[0])]
@@ -351,12 +390,13 @@ def sample_spec(rng: np.random.Generator) -> SceneSpec:
             return spec
 
 
-def sample_scene(seed: int, index: int) -> Scene:
-    """Training scene `index` of the dataset with this seed: a function of (seed, index) only."""
+def sample_scene(seed: int, index: int, mix: dict[str, float] = DEFAULT_MIX) -> Scene:
+    """Training scene `index` of the dataset with this seed and caption mix: a function of
+    (seed, index, mix) only."""
     if seed < 0 or index < 0:
         raise ValueError(f"seed and index must be >= 0, got seed={seed}, index={index}")
     rng = np.random.default_rng([seed, index])
-    return layout(sample_spec(rng), rng)
+    return layout(sample_spec(rng, mix), rng)
 
 
 # --- rendering ----------------------------------------------------------------------------
@@ -389,14 +429,16 @@ def to_tensor(image: Image.Image) -> Tensor:
 
 class ShapesDataset(Dataset):
     """`length` captioned scenes, (image [3, size, size] in [-1, 1], caption); item i is a
-    function of (seed, i) only, the same scene at every size."""
+    function of (seed, i) only, the same scene at every size. `mix` gives the caption kinds'
+    shares (`KINDS`; default `DEFAULT_MIX`)."""
 
-    def __init__(self, size: int, length: int, seed: int):
+    def __init__(self, size: int, length: int, seed: int, mix: dict[str, float] | None = None):
         if size < 32:
             raise ValueError(f"size must be >= 32, got {size}")
         if length < 0 or seed < 0:
             raise ValueError(f"length and seed must be >= 0, got length={length}, seed={seed}")
         self.size, self.length, self.seed = size, length, seed
+        self.mix = DEFAULT_MIX if mix is None else check_mix(mix)
 
     def __len__(self) -> int:
         return self.length
@@ -404,7 +446,7 @@ class ShapesDataset(Dataset):
     def scene(self, index: int) -> Scene:
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} items")
-        return sample_scene(self.seed, index)
+        return sample_scene(self.seed, index, self.mix)
 
     def __getitem__(self, index: int) -> tuple[Tensor, str]:
         scene = self.scene(index)
