@@ -124,16 +124,21 @@ def test_corrupted_renders_fail(size):
         "extra object": "and nothing else",
         "blank": "saw nothing",
     }
+    kinds = {"swapped positions": "swapped", "perpendicular": "misplaced", "extra object": "extra"}
     tried, passed_wrongly, wrong_reason = Counter(), [], []
     for i, prompt in enumerate(prompts):
         for name, scene in _corruptions(prompt, _rng(prompt, 1)).items():
+            want = prompt.spec.objects[0].count
+            kind = kinds.get(name, "missing")
+            if name == "wrong count":  # one more, or one fewer than 4
+                kind = "extra" if want < 4 else "missing"
             for variant, image in _variants(render(scene, size), size, seed=i)[::2]:
                 tried[name] += 1
                 result = check(image, prompt)
                 if result.passed:
                     passed_wrongly.append((name, variant, prompt.text))
-                elif reasons.get(name, "") not in result.reason:
-                    wrong_reason.append((name, variant, prompt.text, result.reason))
+                elif reasons.get(name, "") not in result.reason or result.failure != kind:
+                    wrong_reason.append((name, variant, prompt.text, result.reason, result.failure))
     print(f"{size}px corrupted renders, all must fail: {dict(tried)}")
     assert passed_wrongly == [] and wrong_reason == []
     assert tried["swapped positions"] > 0 and tried["wrong count"] > 0
@@ -258,6 +263,10 @@ def test_evaluate_reports_known_accuracy(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert out.strip() == format_report(report) and "position" in out and "overall" in out
+    # the blank images fail for a missing object; perfect ones have no failure kind
+    failed = 40 - sum(expected.values())
+    assert out.strip().endswith(f"failed images: missing {failed}")
+    assert all((r.failure is None) == r.passed for *_, r in report.results)
     grid = np.asarray(Image.open(sheet).convert("RGB"))
     cell_w = 2 * 64 + 8  # 64 px images shown at 2x, framed by 4 px
     assert grid.shape[1] == 16 * cell_w  # 40 cells, 16 columns, 3 rows
@@ -309,5 +318,6 @@ def test_run_with_oracle_and_with_a_generator(tmp_path, capsys):
 
     assert run(args, generate) == 0
     assert calls == [(5, 0), (5, 1)]
-    assert "0.000" in capsys.readouterr().out.splitlines()[-1]
+    lines = capsys.readouterr().out.splitlines()
+    assert "0.000" in lines[-2] and lines[-1] == "failed images: missing 10"
     assert run(parser.parse_args([])) == 2

@@ -20,13 +20,16 @@ Rules, as GenEval's: every named object must be present at least `count` times w
 position holds if some pair of matching objects satisfies GenEval's relation rule (`relations`);
 extra objects are ignored, except in counting prompts, whose images must show exactly n objects
 of the named colour and shape and nothing else (a counting scene in training shows nothing else).
-The overall score is the mean of the per-category accuracies, as GenEval's.
+The overall score is the mean of the per-category accuracies, as GenEval's. Each failed image is
+also given one kind (`FAILURES`): an object missing, extra objects in a counting image, the two
+objects of a position prompt swapped (the opposite relation holds), or otherwise misplaced.
 """
 
 import argparse
 import math
 import sys
 import zlib
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +78,13 @@ class CheckResult:
     passed: bool
     reason: str
     found: list[DetectedObject]
+    failure: str | None = None  # None when passed, else one of FAILURES
+
+
+# Why an image failed: an asked-for object missing (or too few of it), objects beyond the asked
+# count (counting prompts), both objects there but the asked relation reversed, or another layout.
+FAILURES = ("missing", "extra", "swapped", "misplaced")
+_OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
 # --- detection ----------------------------------------------------------------------------
@@ -207,16 +217,17 @@ def check(image: Image.Image, prompt: EvalPrompt) -> CheckResult:
     seen = ", ".join(_describe(o) for o in found) or "nothing"
     for want, got in zip(spec.objects, matches, strict=True):
         if len(got) < want.count:
-            return CheckResult(
-                False, f"{len(got)}/{want.count} {want.colour} {want.shape}; saw {seen}", found
-            )
+            reason = f"{len(got)}/{want.count} {want.colour} {want.shape}; saw {seen}"
+            return CheckResult(False, reason, found, "missing")
     if prompt.category == "counting" and len(found) != spec.objects[0].count:
-        return CheckResult(False, f"expected {prompt.text} and nothing else; saw {seen}", found)
+        reason = f"expected {prompt.text} and nothing else; saw {seen}"
+        return CheckResult(False, reason, found, "extra")
     if spec.relation is not None:
-        if not any(
-            spec.relation in relations(a.bbox, b.bbox) for a in matches[0] for b in matches[1]
-        ):
-            return CheckResult(False, f"no pair is {spec.relation!r}; saw {seen}", found)
+        held = set().union(*(relations(a.bbox, b.bbox) for a in matches[0] for b in matches[1]))
+        if spec.relation not in held:
+            failure = "swapped" if _OPPOSITE[spec.relation] in held else "misplaced"
+            reason = f"no pair is {spec.relation!r}; saw {seen}"
+            return CheckResult(False, reason, found, failure)
     return CheckResult(True, "ok", found)
 
 
@@ -301,6 +312,10 @@ def format_report(report: Report) -> str:
     total = sum(n for _, n in report.counts.values())
     lines.append(f"{'all images':<16}{passed:>8}{total:>8}{passed / total:>10.3f}")
     lines.append(f"{'overall (mean of categories)':<32}{report.overall:>10.3f}")
+    failures = Counter(r.failure for *_, r in report.results if not r.passed)
+    if failures:
+        why = ", ".join(f"{kind} {failures[kind]}" for kind in FAILURES if failures[kind])
+        lines.append(f"failed images: {why}")
     return "\n".join(lines)
 
 
