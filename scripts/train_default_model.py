@@ -49,11 +49,12 @@ from sd3.presets import PRESET_METADATA
 from sd3.text import TextEncoders
 from sd3.training.autoencoder import fit_latent_format, train_autoencoder
 from sd3.training.checkpoint import save_atomic
+from sd3.training.command import mix_argument
 from sd3.training.data import encode_latents
 from sd3.training.export import export_single_file
 from sd3.training.flow import SAMPLINGS
 from sd3.training.fresh import init_mmdit
-from sd3.training.shapes import ShapesDataset, parse_mix
+from sd3.training.shapes import ShapesDataset
 from sd3.training.trainer import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +136,7 @@ def main() -> int:
     )  # fmt: skip
     p.add_argument("--data-seed", type=int, help="seed of the training scenes (default: --seed)")
     p.add_argument(
-        "--mix", type=parse_mix, metavar="KIND=W,...",
+        "--mix", type=mix_argument, metavar="KIND=W,...",
         help="shares of the caption kinds (single, counting, pair, position, group); default "
         "20/20/20/25/15 percent",
     )  # fmt: skip

@@ -39,7 +39,8 @@ RESUMABLE = {
 }  # fmt: skip
 
 
-def _mix(text: str) -> dict[str, float]:
+def mix_argument(text: str) -> dict[str, float]:
+    """argparse type of a shapes caption mix ("kind=weight,..."), its error naming the option."""
     from .shapes import parse_mix
 
     try:
@@ -85,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--shapes", type=_int_at_least(1), metavar="N", help="N procedural shape scenes"
     )
     data.add_argument(
-        "--shapes-mix", type=_mix, metavar="KIND=W,...",
+        "--shapes-mix", type=mix_argument, metavar="KIND=W,...",
         help="shares of the shape captions' kinds (single, counting, pair, position, group; "
         "default 20/20/20/25/15 percent), e.g. counting=3,position=4,pair=2,group=1",
     )  # fmt: skip
