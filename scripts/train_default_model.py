@@ -125,6 +125,10 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=200, help="lr warm-up steps")
     p.add_argument("--timestep-sampling", default="logit_normal", choices=SAMPLINGS)
     p.add_argument(
+        "--logit-mean", type=float, default=0.0,
+        help="logit-normal mean: above 0 spends more steps at high noise, where layout forms",
+    )  # fmt: skip
+    p.add_argument(
         "--train-text-encoders", action="store_true",
         help="train CLIP-L, CLIP-G and T5 with the MMDiT instead of freezing them at random init",
     )  # fmt: skip
@@ -201,7 +205,7 @@ def main() -> int:
         )
         config = TrainConfig(
             steps=steps, batch_size=args.batch_size, lr=lr, lr_schedule="cosine", warmup_steps=warmup,
-            timestep_sampling=args.timestep_sampling, ema_decay=0.999, grad_clip=1.0, text_dropout=0.1,
+            timestep_sampling=args.timestep_sampling, logit_mean=args.logit_mean, ema_decay=0.999, grad_clip=1.0, text_dropout=0.1,
             bf16=cpu_has_bf16(), compile=True, checkpoint_every=250, seed=args.seed,
             train_text_encoders=args.train_text_encoders,
         )  # fmt: skip
