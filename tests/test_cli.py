@@ -83,13 +83,14 @@ def test_generate_writes_png_with_metadata_and_latent(model_file, models, tmp_pa
 
 def test_from_png_reproduces_bit_for_bit(model_file, tmp_path):
     first, again, other = tmp_path / "1.png", tmp_path / "2.png", tmp_path / "3.png"
-    assert (
-        generate(model_file, first, "two blue squares", "--seed", "5", "--negative", "blurry") == 0
-    )
+    given = ["--seed", "5", "--negative", "blurry", "--cfg-end", "0.5"]
+    assert generate(model_file, first, "two blue squares", *given) == 0
     assert main(["generate", "--from-png", str(first), "--out", str(again)]) == 0
     assert np.array_equal(pixels(first), pixels(again))
     with Image.open(first) as a, Image.open(again) as b:
         assert a.text["sd3"] == b.text["sd3"]
+        assert json.loads(a.text["sd3"])["settings"]["cfg_end"] == 0.5
+        assert "CFG interval: 0.0-0.5" in a.text["parameters"]
     # a setting given on the command line overrides the stored one
     assert main(["generate", "--from-png", str(first), "--out", str(other), "--seed", "6"]) == 0
     assert not np.array_equal(pixels(first), pixels(other))

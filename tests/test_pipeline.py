@@ -181,6 +181,8 @@ def test_generate_times_each_stage_and_counts_steps_after_encoding(pipe, monkeyp
         ({"denoise": 1.5}, "denoise must be in \\(0, 1\\]"),
         ({"denoise": 0.5}, "denoise 0.5 needs an init image"),
         ({"slg": SkipLayerGuidance(layers=(7,))}, "layers \\[7\\] do not exist"),
+        ({"cfg_start": 0.6, "cfg_end": 0.5}, "0 <= cfg_start <= cfg_end <= 1, got 0.6, 0.5"),
+        ({"cfg_end": 1.5}, "0 <= cfg_start <= cfg_end <= 1, got 0.0, 1.5"),
     ],
 )
 def test_bad_settings_raise_one_clear_error(pipe, overrides, message):

@@ -225,6 +225,42 @@ def test_skip_layer_guidance_window_and_formula():
     assert err < 1e-6
 
 
+@pytest.mark.parametrize("start, end", [(0.0, 0.5), (0.25, 0.75), (0.4, 0.4)])
+def test_cfg_interval_matches_diffusers_guider(start, end):
+    """CFG on part of the steps vs diffusers' ClassifierFreeGuidance(start=, stop=) guider in a
+    diffusers Euler loop; off the interval a step is one conditional pass, half the batch."""
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    steps, scale = 10, 4.0
+    mmdit = FakeMMDiT()
+    context, pooled, neg_context, neg_pooled = conditioning(batch=2)
+    x = get_noise(3, 2, 32, 32)
+    denoise = cfg_denoiser(mmdit, context, pooled, neg_context, neg_pooled, scale, steps=steps,
+                           cfg_start=start, cfg_end=end)  # fmt: skip
+    ours = sample_euler(denoise, x, get_sigmas(steps, 3.0))
+    batches = [c["batch"] for c in mmdit.calls]
+
+    guider = ClassifierFreeGuidance(guidance_scale=scale, start=start, stop=end)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(steps)
+    latents, guided = x.clone(), []
+    negative = neg_context.expand(2, -1, -1), neg_pooled.expand(2, -1)
+    for i, t in enumerate(scheduler.timesteps):
+        guider.set_state(step=i, num_inference_steps=steps, timestep=t)
+        cond = mmdit(latents, t.expand(2), context, pooled)
+        uncond = None
+        if guider.num_conditions == 2:
+            uncond = mmdit(latents, t.expand(2), *negative)
+            guided.append(i)
+        latents = scheduler.step(guider.forward(cond, uncond).pred, t, latents).prev_sample
+
+    assert guided == list(range(int(start * steps), int(end * steps)))
+    assert batches == [4 if i in guided else 2 for i in range(steps)]
+    err = max_rel_err(ours, latents)
+    print(f"CFG on steps {guided} vs diffusers' guider: {err:.2e}")
+    assert err < 1e-6
+
+
 def test_guidance_rejects_bad_conditioning():
     context, pooled, neg_context, neg_pooled = conditioning()
     with pytest.raises(ValueError, match="neg_context"):
@@ -233,6 +269,11 @@ def test_guidance_rejects_bad_conditioning():
         cfg_denoiser(FakeMMDiT(), context, pooled, neg_context[:, :3], neg_pooled, 5.0)
     with pytest.raises(ValueError, match="steps=0"):
         cfg_denoiser(FakeMMDiT(), context, pooled, slg=SkipLayerGuidance())
+    with pytest.raises(ValueError, match="CFG interval needs the sampler's step count"):
+        cfg_denoiser(FakeMMDiT(), context, pooled, neg_context, neg_pooled, 5.0, cfg_end=0.5)
+    with pytest.raises(ValueError, match="cfg_start <= cfg_end"):
+        cfg_denoiser(FakeMMDiT(), context, pooled, neg_context, neg_pooled, 5.0, steps=4,
+                     cfg_start=0.5, cfg_end=0.25)  # fmt: skip
     two = torch.cat([context, context])
     with pytest.raises(ValueError, match="batch 2 does not match latent batch 3"):
         cfg_denoiser(FakeMMDiT(), two, pooled)(torch.zeros(3, 16, 4, 4), torch.tensor(0.5), 0)

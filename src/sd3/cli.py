@@ -59,6 +59,15 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's preset)")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 turns it off)")
     p.add_argument(
+        "--cfg-start", type=float,
+        help="CFG starts at this fraction of the steps (default: the preset's, usually 0)",
+    )  # fmt: skip
+    p.add_argument(
+        "--cfg-end", type=float,
+        help="CFG ends at this fraction of the steps; later steps run the conditional pass alone, "
+        "at half the cost (default: the preset's, usually 1)",
+    )  # fmt: skip
+    p.add_argument(
         "--sampler", choices=sorted(SAMPLERS), help="sampler (default: the model's preset)"
     )
     p.add_argument("--shift", type=float, help="flow schedule shift (default: the model's preset)")
@@ -124,6 +133,8 @@ def resolve_settings(args: argparse.Namespace, pipe: Pipeline, stored: dict | No
         "negative_prompt": args.negative,
         "steps": args.steps,
         "cfg": args.cfg,
+        "cfg_start": args.cfg_start,
+        "cfg_end": args.cfg_end,
         "sampler": args.sampler,
         "shift": args.shift,
         "seed": getattr(args, "seed", None),
@@ -189,6 +200,8 @@ def a1111_parameters(s: Settings, model: str) -> str:
         f"Model: {Path(model).name}",
         f"Shift: {s.shift}",
     ]
+    if (s.cfg_start, s.cfg_end) != (0.0, 1.0):
+        fields.append(f"CFG interval: {s.cfg_start}-{s.cfg_end}")
     if s.denoise < 1:
         fields.append(f"Denoising strength: {s.denoise}")
     if s.slg is not None:

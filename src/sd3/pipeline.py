@@ -70,6 +70,8 @@ class Settings:
     negative_prompt: str = ""
     steps: int = 28
     cfg: float = 5.0
+    cfg_start: float = 0.0  # CFG on steps int(cfg_start * steps) <= step < int(cfg_end * steps)
+    cfg_end: float = 1.0
     sampler: str = "euler"
     shift: float = 3.0
     seed: int = 0
@@ -116,6 +118,10 @@ def check_settings(s: Settings, config: MMDiTConfig, has_init_image: bool) -> No
         raise ValueError(f"steps must be a whole number >= 1, got {s.steps}")
     if not math.isfinite(s.cfg):
         raise ValueError(f"cfg (guidance scale) must be a finite number, got {s.cfg}")
+    if not 0 <= s.cfg_start <= s.cfg_end <= 1:
+        raise ValueError(
+            f"the CFG interval needs 0 <= cfg_start <= cfg_end <= 1, got {s.cfg_start}, {s.cfg_end}"
+        )
     if not (math.isfinite(s.shift) and s.shift > 0):
         raise ValueError(f"shift must be a finite number > 0, got {s.shift}")
     if s.sampler not in SAMPLERS:
@@ -349,6 +355,8 @@ class Pipeline:
             guidance_scale=s.cfg,
             slg=s.slg,
             steps=s.steps,
+            cfg_start=s.cfg_start,
+            cfg_end=s.cfg_end,
         )
         with torch.no_grad():
             return SAMPLERS[s.sampler](
@@ -377,8 +385,9 @@ class Pipeline:
         """Settings for `prompt`: the model's preset, with `overrides` (Settings field names)."""
         p = self.preset
         base = Settings(
-            prompt=prompt, steps=p.steps, cfg=p.cfg, sampler=p.sampler, shift=p.shift,
-            width=p.size, height=p.size, slg=p.slg, t5_length=p.t5_length,
+            prompt=prompt, steps=p.steps, cfg=p.cfg, cfg_start=p.cfg_start, cfg_end=p.cfg_end,
+            sampler=p.sampler, shift=p.shift, width=p.size, height=p.size, slg=p.slg,
+            t5_length=p.t5_length,
         )  # fmt: skip
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -388,6 +397,8 @@ class Pipeline:
         negative_prompt: str = "",
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
+        cfg_start: float | None = None,
+        cfg_end: float | None = None,
         sampler: str | None = None,
         shift: float | None = None,
         seed: int = 0,
@@ -406,7 +417,7 @@ class Pipeline:
         slg = self.preset.slg if skip_layer_guidance is True else skip_layer_guidance or None
         s = self.settings(
             prompt, negative_prompt=negative_prompt, steps=num_inference_steps, cfg=guidance_scale,
-            sampler=sampler, shift=shift, seed=seed, width=width, height=height, num_images=num_images,
+            cfg_start=cfg_start, cfg_end=cfg_end, sampler=sampler, shift=shift, seed=seed, width=width, height=height, num_images=num_images,
             denoise=denoise, t5_length=t5_length, use_t5=use_t5,
         )  # fmt: skip
         s = replace(s, slg=slg)

@@ -19,6 +19,8 @@ class Preset:
     shift: float
     sampler: str
     slg: SkipLayerGuidance | None = None
+    cfg_start: float = 0.0  # CFG only on this fraction of the steps (see sampling.cfg_denoiser)
+    cfg_end: float = 1.0
     size: int = 1024
     t5_length: int | None = None  # None: 77..256 tokens by prompt length, as the reference
     clip_length: int = 77  # CLIP positions the model reads (a property of the model, see text.py)

@@ -8,6 +8,7 @@ k-diffusion's samplers apply unchanged. Schedule and guidance follow Stability's
 (sd3_infer.py / sd3_impls.py); the ancestral and SDE samplers follow ComfyUI's flow (CONST) forms.
 """
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -95,9 +96,15 @@ def cfg_denoiser(
     guidance_scale: float = 1.0,
     slg: SkipLayerGuidance | None = None,
     steps: int = 0,
+    cfg_start: float = 0.0,
+    cfg_end: float = 1.0,
 ) -> Denoiser:
     """Wrap the MMDiT as a denoiser with classifier-free guidance (Ho & Salimans 2022) and optional
-    skip-layer guidance; `steps` is the sampler's step count, needed for the SLG window."""
+    skip-layer guidance; `steps` is the sampler's step count, needed for the SLG window.
+
+    CFG applies on steps int(cfg_start * steps) <= step < int(cfg_end * steps), as diffusers'
+    `ClassifierFreeGuidance(start=, stop=)`; other steps run the conditional pass alone, at half
+    the cost (a "CFG cutoff": guidance matters most while the layout forms, at high noise)."""
     if guidance_scale != 1:
         if neg_context is None or neg_pooled is None:
             raise ValueError(
@@ -110,6 +117,12 @@ def cfg_denoiser(
             )
     if slg is not None and steps < 1:
         raise ValueError(f"skip-layer guidance needs the sampler's step count, got steps={steps}")
+    if not 0 <= cfg_start <= cfg_end <= 1:
+        raise ValueError(f"CFG needs 0 <= cfg_start <= cfg_end <= 1, got {cfg_start}, {cfg_end}")
+    interval = (cfg_start, cfg_end) != (0.0, 1.0)
+    if interval and steps < 1:
+        raise ValueError(f"a CFG interval needs the sampler's step count, got steps={steps}")
+    first, stop = (int(cfg_start * steps), int(cfg_end * steps)) if interval else (0, math.inf)
 
     def batch(c: Tensor, b: int) -> Tensor:
         if c.shape[0] not in (1, b):
@@ -121,7 +134,7 @@ def cfg_denoiser(
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
         timestep = (1000 * sigma).expand(b)
         c, p = batch(context, b), batch(pooled, b)
-        if guidance_scale == 1:
+        if guidance_scale == 1 or not first <= step < stop:
             v = cond = mmdit(x, timestep, c, p)
         else:  # cond and uncond as one batch, as the reference does
             nc, np_ = batch(neg_context, b), batch(neg_pooled, b)
