@@ -132,6 +132,10 @@ def main() -> int:
         "--train-text-encoders", action="store_true",
         help="train CLIP-L, CLIP-G and T5 with the MMDiT instead of freezing them at random init",
     )  # fmt: skip
+    p.add_argument(
+        "--text-encoder-lr", type=float,
+        help="their peak learning rate with --train-text-encoders (default: --lr)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--init", type=Path,
@@ -207,7 +211,7 @@ def main() -> int:
             steps=steps, batch_size=args.batch_size, lr=lr, lr_schedule="cosine", warmup_steps=warmup,
             timestep_sampling=args.timestep_sampling, logit_mean=args.logit_mean, ema_decay=0.999, grad_clip=1.0, text_dropout=0.1,
             bf16=cpu_has_bf16(), compile=True, checkpoint_every=250, seed=args.seed,
-            train_text_encoders=args.train_text_encoders,
+            train_text_encoders=args.train_text_encoders, text_encoder_lr=args.text_encoder_lr,
         )  # fmt: skip
         trainer = Trainer(
             config, model, text, latents, captions, out, metadata={"recipe": sys.argv}

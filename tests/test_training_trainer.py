@@ -52,14 +52,21 @@ def log_losses(out_dir) -> list[float]:
     return [json.loads(line)["loss"] for line in (out_dir / "log.jsonl").read_text().splitlines()]
 
 
-def test_resume_continues_exactly(family, tmp_path):
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"train_text_encoders": True, "text_encoder_lr": 3e-3}],
+    ids=["mmdit", "joint"],
+)
+def test_resume_continues_exactly(family, tmp_path, overrides):
     """6 steps in one go == 4 steps (checkpoint at 3 and at the end), then resume to 6: same loss
-    curve, weights, EMA and optimizer state, bit for bit."""
-    whole = make_trainer(family, tmp_path / "whole")
+    curve, weights, EMA and optimizer state, bit for bit (also with the text encoders as a second
+    optimizer group)."""
+    whole = make_trainer(family, tmp_path / "whole", **overrides)
     assert whole.train() == 6
-    part = make_trainer(family, tmp_path / "part", steps=4)
+    part = make_trainer(family, tmp_path / "part", steps=4, **overrides)
     assert part.train() == 4
-    resumed = make_trainer(family, tmp_path / "part")  # a new process, as after a crash
+    # a new process, as after a crash
+    resumed = make_trainer(family, tmp_path / "part", **overrides)
     assert resumed.resume() == 4
     assert resumed.train() == 6
     assert log_losses(tmp_path / "part") == log_losses(tmp_path / "whole")
@@ -219,6 +226,21 @@ def test_joint_text_encoder_training(family, tmp_path):
     assert not torch.equal(before, trainer.params[name])
 
 
+def test_text_encoder_lr_is_the_first_adam_step(family, tmp_path):
+    """Adam's first step moves each weight by lr * g / (|g| + eps): by at most lr, and by lr where
+    the gradient is largest. So the largest move in each group is its lr (to 2e-4: the fp32
+    rounding of weights near 1)."""
+    trainer = make_trainer(family, tmp_path, steps=1, lr=1e-3, train_text_encoders=True,
+                           text_encoder_lr=4e-3, ema_decay=0, grad_clip=0)  # fmt: skip
+    before = {n: p.detach().clone() for n, p in trainer.params.items()}
+    trainer.train()
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in trainer.params.items()}
+    encoders = max(v for n, v in moved.items() if n.startswith("text_encoders."))
+    mmdit = max(v for n, v in moved.items() if not n.startswith("text_encoders."))
+    print(f"largest first-step move: MMDiT {mmdit:.6e}, text encoders {encoders:.6e}")
+    assert abs(mmdit - 1e-3) < 2e-7 and abs(encoders - 4e-3) < 8e-7
+
+
 def test_training_reduces_the_loss(family, tmp_path):
     """Overfitting 2 latents with one caption: the loss at fixed (noise, sigma) falls."""
     trainer = make_trainer(family, tmp_path, n=2, steps=40, batch_size=2, lr=3e-3, text_dropout=0)
@@ -242,6 +264,8 @@ def test_training_reduces_the_loss(family, tmp_path):
         ({"ema_decay": 1.0}, "ema_decay must be in"),
         ({"lr": 0.0}, "lr must be > 0"),
         ({"lora_rank": 4, "train_text_encoders": True}, "keeps the text encoders frozen"),
+        ({"text_encoder_lr": 1e-3}, "text_encoder_lr needs train_text_encoders"),
+        ({"text_encoder_lr": 0.0, "train_text_encoders": True}, "text_encoder_lr must be > 0"),
     ],
 )
 def test_bad_config_raises(overrides, message):

@@ -417,8 +417,9 @@ class Pipeline:
         slg = self.preset.slg if skip_layer_guidance is True else skip_layer_guidance or None
         s = self.settings(
             prompt, negative_prompt=negative_prompt, steps=num_inference_steps, cfg=guidance_scale,
-            cfg_start=cfg_start, cfg_end=cfg_end, sampler=sampler, shift=shift, seed=seed, width=width, height=height, num_images=num_images,
-            denoise=denoise, t5_length=t5_length, use_t5=use_t5,
+            cfg_start=cfg_start, cfg_end=cfg_end, sampler=sampler, shift=shift, seed=seed,
+            width=width, height=height, num_images=num_images, denoise=denoise,
+            t5_length=t5_length, use_t5=use_t5,
         )  # fmt: skip
         s = replace(s, slg=slg)
         if isinstance(init_image, str | Path):

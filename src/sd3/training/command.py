@@ -143,6 +143,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     text.add_argument("--train-text-encoders", action="store_true", help="train them jointly")
     text.add_argument(
+        "--text-encoder-lr", type=_float_in(0, inf, low_open=True),
+        help="their peak learning rate, on the same schedule (default: --lr)",
+    )  # fmt: skip
+    text.add_argument(
         "--t5-length", type=_int_at_least(1),
         help="fixed T5 token count (default: as sampling, >= 77); a short one shortens the context "
         "and speeds training up; sample with the same t5_length",

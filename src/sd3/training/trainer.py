@@ -64,6 +64,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     compile: bool = False  # torch.compile the loss (forward and backward); same weights
     train_text_encoders: bool = False
+    text_encoder_lr: float | None = None  # peak lr of the text encoders (None: lr), same schedule
     lora_rank: int = 0  # > 0: train LoRA adapters only
     lora_alpha: float | None = None  # None: alpha = rank
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
@@ -82,6 +83,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.text_encoder_lr is not None:
+            if not self.text_encoder_lr > 0:
+                raise ValueError(f"text_encoder_lr must be > 0, got {self.text_encoder_lr}")
+            if not self.train_text_encoders:
+                raise ValueError("text_encoder_lr needs train_text_encoders (they are frozen)")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(
                 f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}"
@@ -209,9 +215,21 @@ class Trainer:
             self.rows = self.text_cache.rows(captions)
         self.objective = FlowObjective(mmdit, text_encoders if self.text_cache is None else None)
         self.objective.train()
-        self.params = {n: p for n, p in self.objective.named_parameters() if p.requires_grad}
+        trained = [(n, p) for n, p in self.objective.named_parameters() if p.requires_grad]
+        # text encoders last: with text_encoder_lr they are a second optimizer group, and the
+        # optimizer's state is numbered in group order (checkpoints name it by these names)
+        trained.sort(key=lambda item: item[0].startswith("text_encoders."))
+        self.params = dict(trained)
+        groups = [{"params": list(self.params.values()), "lr_scale": 1.0}]
+        if c.text_encoder_lr is not None:
+            encoder = [p for n, p in trained if n.startswith("text_encoders.")]
+            groups = [
+                {"params": [p for n, p in trained if not n.startswith("text_encoders.")],
+                 "lr_scale": 1.0},
+                {"params": encoder, "lr_scale": c.text_encoder_lr / c.lr},
+            ]  # fmt: skip
         self.optimizer = torch.optim.AdamW(
-            self.params.values(), lr=c.lr, betas=c.adam_betas, weight_decay=c.weight_decay
+            groups, lr=c.lr, betas=c.adam_betas, weight_decay=c.weight_decay
         )
         self.ema = {n: p.detach().clone() for n, p in self.params.items()} if c.ema_decay else {}
         self.model = DistributedDataParallel(self.objective) if self.world > 1 else self.objective
@@ -271,7 +289,7 @@ class Trainer:
         c = self.config
         batch = self.batch(self.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(self.step)
+            group["lr"] = self.lr_at(self.step) * group["lr_scale"]
         autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16) if c.bf16 else nullcontext()
         )
