@@ -209,7 +209,8 @@ def main() -> int:
         )
         config = TrainConfig(
             steps=steps, batch_size=args.batch_size, lr=lr, lr_schedule="cosine", warmup_steps=warmup,
-            timestep_sampling=args.timestep_sampling, logit_mean=args.logit_mean, ema_decay=0.999, grad_clip=1.0, text_dropout=0.1,
+            timestep_sampling=args.timestep_sampling, logit_mean=args.logit_mean, ema_decay=0.999,
+            grad_clip=1.0, text_dropout=0.1,
             bf16=cpu_has_bf16(), compile=True, checkpoint_every=250, seed=args.seed,
             train_text_encoders=args.train_text_encoders, text_encoder_lr=args.text_encoder_lr,
         )  # fmt: skip
