@@ -11,10 +11,12 @@ from test_t5 import SMALL, build, random_state
 
 from sd3.checkpoints import find_components, load_component
 from sd3.cli import main
+from sd3.hardware import cpu_int8_beats_bf16, cpu_int8_full_range
 from sd3.models.quantization import (
     Int8Linear,
     int8_gemm_available,
     linear_layers,
+    pack_for_int8_gemm,
     quantize_weight,
 )
 from sd3.pipeline import Pipeline
@@ -78,9 +80,14 @@ def test_int8_t5_equals_plain_path_on_its_weights_and_is_close_to_transformers(t
 
 
 def test_int8_mmdit_bf16_equals_plain_path_and_is_close_to_diffusers(models, model_file):
-    """bf16 compute takes the fused oneDNN path with the int8 weight converted to bf16."""
+    """bf16 weight-only: the fused oneDNN path with the int8 weight converted to bf16 (where int8
+    GEMMs pay in bf16, `load_component` packs the layers for them: unpacked here)."""
     component = find_components(model_file)["mmdit"]
     int8 = load_component(component, torch.bfloat16, int8=True)
+    layers = [m for m in int8.modules() if type(m) is Int8Linear]
+    assert all((m.packed is not None) == cpu_int8_beats_bf16() for m in layers)
+    for m in layers:
+        m.unpack()
     n = len(linear_layers(models["mmdit"], "mmdit"))
     assert sum(type(m) is Int8Linear for m in int8.modules()) == n > 0
     plain = type(models["mmdit"])(models["mmdit"].config).to(torch.bfloat16)
@@ -112,24 +119,53 @@ needs_int8_gemm = pytest.mark.skipif(not int8_gemm_available(), reason="no fbgem
 
 
 @needs_int8_gemm
-def test_int8_gemm_scales_each_token():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_gemm_scales_each_token(dtype):
     """Tokens from 1e-3 to 1e3 each keep ~1% accuracy (one activation scale for the tensor would
-    round the small ones to nothing), and packing keeps the weight exactly."""
+    round the small ones to nothing), against the layer in fp64 by hand; packing keeps the weight
+    exactly; a bf16 input gives a bf16 output."""
     g = torch.Generator().manual_seed(0)
-    layer = Int8Linear(256, 96, bias=True, dtype=torch.float32)
+    layer = Int8Linear(256, 96, bias=True, dtype=dtype)
     q, scale = quantize_weight(torch.randn(96, 256, generator=g))
     layer.weight.copy_(q), layer.weight_scale.copy_(scale), layer.bias.data.normal_(generator=g)
-    x = torch.randn(3, 7, 256, generator=g) * torch.logspace(-3, 3, 7)[:, None]
+    x = (torch.randn(3, 7, 256, generator=g) * torch.logspace(-3, 3, 7)[:, None]).to(dtype)
+    w = q.double() * scale.double()[:, None]
+    expected = x.double() @ w.T + layer.bias.double()
+    plain = torch.nn.functional.linear(x, w.to(dtype), layer.bias.detach())  # rounds as dtype does
+    layer.pack()
     with torch.no_grad():
-        expected = layer(x).double()  # the weight-only path: the same weight, x unrounded
-        layer.pack()
         ours = layer(x)
-    assert layer.weight is None and ours.shape == (3, 7, 96)
+    assert layer.weight is None and ours.shape == (3, 7, 96) and ours.dtype == dtype
     assert torch.equal(layer.state_dict()["weight"], q)
     assert torch.equal(layer.state_dict()["weight_scale"], scale)
-    err = (ours - expected).norm(dim=-1) / (expected - layer.bias.double()).norm(dim=-1)
-    print(f"int8 GEMM: relative error per token {err.min():.2e} .. {err.max():.2e}")
-    assert err.max() < 3e-2  # measured 0.96e-2 .. 2.1e-2: 7-bit activations, 2/127 of the max
+
+    def error(y):  # per token, relative to the product (bf16 rounds the bias, not to scale)
+        return (y - expected).norm(dim=-1) / (expected - layer.bias.double()).norm(dim=-1)
+
+    err, plain_err = error(ours), error(plain)
+    print(f"int8 GEMM ({dtype}): relative error per token {err.min():.2e} .. {err.max():.2e} "
+          f"(plain {dtype} layer {plain_err.min():.2e} .. {plain_err.max():.2e})")  # fmt: skip
+    assert (err - plain_err).max() < 3e-2  # measured fp32 0.96e-2 .. 2.1e-2 (7-bit activations,
+    # AVX2), 0.50e-2 .. 0.99e-2 (8-bit, AVX-512 VNNI); bf16 adds the plain bf16 layer's rounding
+
+
+@needs_int8_gemm
+def test_int8_gemm_does_not_saturate():
+    """Every activation and weight at full scale: 8-bit activations (AVX-512 VNNI) would make
+    AVX2's pairwise int16 sums saturate (255 * 127 * 2 > 32767), halving the output; the 7 bits
+    fbgemm keeps without VNNI fit. So this checks `cpu_int8_full_range` against the CPU."""
+    layer = Int8Linear(512, 8, bias=False, dtype=torch.float32)
+    layer.weight.fill_(127)
+    layer.weight_scale.fill_(1 / 127)  # every weight is 1
+    layer.pack()
+    x = torch.ones(4, 512)
+    x[1] = -1
+    x[2, ::2] = -1
+    with torch.no_grad():
+        y = layer(x)
+    expected = torch.tensor([512.0, -512.0, 0.0, 512.0])[:, None].expand(4, 8)
+    print(f"int8 GEMM at full scale ({'8' if cpu_int8_full_range() else '7'}-bit): {y[:, 0]}")
+    assert torch.allclose(y, expected, atol=512 * 1e-2)
 
 
 @needs_int8_gemm
@@ -148,13 +184,53 @@ def test_int8_mmdit_fp32_multiplies_in_int8_and_is_close_to_diffusers(models, mo
             hidden_states=x, timestep=t, encoder_hidden_states=context, pooled_projections=pooled
         ).sample
         for m in layers:  # the same layers, weight-only
-            m.weight, m.weight_scale = m.unpacked()
-            m.packed = None
+            m.unpack()
         weight_only = int8(x, t, context, pooled)
     err, weight_only_err = max_rel_err(ours, expected), max_rel_err(weight_only, expected)
     print(f"int8 MMDiT (fp32, int8 GEMMs): vs diffusers fp32 {err:.2e} "
           f"(int8 weight-only: {weight_only_err:.2e})")  # fmt: skip
     assert weight_only_err < 2e-2 and err < 4 * weight_only_err  # measured 2.58e-2, 0.99e-2
+
+
+@needs_int8_gemm
+def test_int8_mmdit_bf16_int8_gemms_are_close_to_diffusers(models, model_file):
+    """bf16 compute with int8 GEMMs (what `load_component` picks where `cpu_int8_beats_bf16`,
+    packed by hand elsewhere so every CPU checks the path)."""
+    component = find_components(model_file)["mmdit"]
+    int8 = load_component(component, torch.bfloat16, int8=True)
+    layers = [m for m in int8.modules() if type(m) is Int8Linear]
+    for m in layers:
+        if m.packed is None:
+            m.pack()
+    ref = diffusers_mmdit(models["mmdit"])
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(2, 16, 32, 24, generator=g), torch.randn(2, 40, 256, generator=g)
+    pooled, t = torch.randn(2, 192, generator=g), torch.tensor([900.0, 30.0])
+    inputs = (x.bfloat16(), t, context.bfloat16(), pooled.bfloat16())
+    with torch.no_grad():
+        ours = int8(*inputs)
+        expected = ref(
+            hidden_states=x, timestep=t, encoder_hidden_states=context, pooled_projections=pooled
+        ).sample
+        for m in layers:
+            m.unpack()
+        weight_only = int8(*inputs)
+    err, weight_only_err = max_rel_err(ours, expected), max_rel_err(weight_only, expected)
+    print(f"int8 MMDiT (bf16, int8 GEMMs): vs diffusers fp32 {err:.2e} "
+          f"(bf16 int8 weight-only: {weight_only_err:.2e})")  # fmt: skip
+    assert ours.dtype == torch.bfloat16 and err < 4 * weight_only_err
+
+
+def test_pack_for_int8_gemm_follows_the_cpu():
+    """Packed for int8 GEMMs: fp32 on a CPU with fbgemm; bf16 only where int8 beats bf16."""
+    module = torch.nn.Sequential()
+    module.add_module("a", Int8Linear(16, 4, bias=False, dtype=torch.float32))
+    module[0].weight.fill_(1), module[0].weight_scale.fill_(1 / 127)
+    assert pack_for_int8_gemm(module, "t5xxl", torch.float32, "cpu") == 0  # T5: weight-only
+    expected = int(int8_gemm_available() and cpu_int8_beats_bf16())
+    assert pack_for_int8_gemm(module, "mmdit", torch.bfloat16, "cpu") == expected
+    module[0].unpack()
+    assert pack_for_int8_gemm(module, "mmdit", torch.float32, "cpu") == int(int8_gemm_available())
 
 
 def test_pipeline_and_cli_int8(model_file, tmp_path, capsys):

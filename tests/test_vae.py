@@ -131,6 +131,34 @@ def test_attention_in_query_chunks_matches_diffusers(monkeypatch):
     assert err < 1e-5 and max_rel_err(chunked, whole) < 5e-6
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_upsample_phases_equal_upsample_then_conv(layout):
+    """The inference path of `Upsample` (one 2x2 conv on the low-res input, phases interleaved)
+    against nearest 2x upsampling then the 3x3 conv (the training path, diffusers' order): equal
+    up to rounding in fp64, and in bf16 no further from the fp64 result than the plain bf16 path."""
+    from sd3.models.vae import Upsample
+
+    g = torch.Generator().manual_seed(3)
+    layer = Upsample(64).double()
+    with torch.no_grad():
+        layer.conv.weight.copy_(torch.randn(64, 64, 3, 3, generator=g) / 24)
+        layer.conv.bias.copy_(torch.randn(64, generator=g))
+    x = torch.randn(2, 64, 5, 7, generator=g, dtype=torch.float64).contiguous(memory_format=layout)
+    with torch.enable_grad():
+        plain = layer(x)  # gradients on: the plain path
+    with torch.no_grad():
+        phases = layer(x)
+        assert phases.is_contiguous(memory_format=layout) and phases.shape == (2, 64, 10, 14)
+        fp64_err = max_rel_err(phases, plain)
+        bf16 = layer.bfloat16()
+        phases_bf16 = bf16(x.bfloat16())
+        plain_bf16 = bf16.conv(torch.nn.functional.interpolate(x.bfloat16(), scale_factor=2.0))
+    err, plain_err = max_rel_err(phases_bf16, plain), max_rel_err(plain_bf16, plain)
+    print(f"Upsample phases: fp64 {fp64_err:.1e}; bf16 {err:.2e} (plain bf16 {plain_err:.2e})")
+    assert fp64_err < 1e-13
+    assert err < 2 * plain_err  # measured 4.15e-3 vs 4.05e-3
+
+
 def test_latent_format_round_trip():
     z = torch.randn(1, 16, 4, 4)
     assert torch.allclose(to_latent_format(z), (z - 0.0609) * 1.5305)
@@ -182,11 +210,12 @@ def test_tiled_decode_matches_untiled():
     with torch.no_grad():
         full = vae.decode(latent)
         tiled = vae.decode(latent, tile_size=8)
+        one_tile = vae.decode(latent, tile_size=40)
     err = max_rel_err(tiled, full)
     print(f"tiled decode (tile 8, merged GroupNorm stats) vs untiled: max rel err {err:.2e}")
     assert tiled.shape == full.shape == (1, 3, 96, 160)
     assert err < 3e-2
-    assert torch.equal(vae.decode(latent, tile_size=40), full)  # one tile: the untiled path
+    assert torch.equal(one_tile, full)  # one tile: the untiled path
 
 
 @pytest.mark.parametrize("config", [SMALL, SMALL4])
@@ -244,3 +273,62 @@ def test_tiled_decode_memory_2048(monkeypatch):
         f"2048x2048 fp16 decode, peak activations GiB: untiled {peaks[None]:.2f}, tile 64 {peaks[64]:.2f}"
     )
     assert peaks[64] < 2.0 and peaks[None] > 3 * peaks[64]
+
+
+needs_kernel = pytest.mark.skipif(
+    __import__("sd3.models.attention", fromlist=["x"]).kernel_library() is None,
+    reason="no AVX-512 BF16 kernel library on this machine",
+)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape,mean", [((2, 128, 33, 20), 0.0), ((1, 512, 16, 16), 6.0)])
+def test_group_norm_silu_kernel(shape, mean):
+    """The fused GroupNorm + SiLU kernel on channels-last bf16 against GroupNorm then SiLU in fp64
+    (channel means up to 6 exercise the shifted sums), no further off than torch's bf16 path."""
+    from sd3.models.fused import group_norm_silu
+
+    g = torch.Generator().manual_seed(4)
+    C = shape[1]
+    x = torch.randn(shape, generator=g) * torch.rand(1, C, 1, 1, generator=g) * 3
+    x = (x + mean * torch.rand(1, C, 1, 1, generator=g)).bfloat16()
+    x = x.contiguous(memory_format=torch.channels_last)
+    norm = torch.nn.GroupNorm(32, C, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(C, generator=g))
+        norm.bias.copy_(0.1 * torch.randn(C, generator=g))
+        expected = torch.nn.functional.group_norm(
+            x.double(), 32, norm.weight.double(), norm.bias.double(), 1e-6
+        )
+        norm = norm.bfloat16()
+        ours, ours_no_silu = group_norm_silu(x, norm), group_norm_silu(x, norm, silu=False)
+        plain = torch.nn.functional.silu(norm(x))
+    assert ours.is_contiguous(memory_format=torch.channels_last) and ours.dtype == torch.bfloat16
+    err = max_rel_err(ours, torch.nn.functional.silu(expected))
+    plain_err = max_rel_err(plain, torch.nn.functional.silu(expected))
+    no_silu_err = max_rel_err(ours_no_silu, expected)
+    print(f"GroupNorm+SiLU kernel {shape}: {err:.2e} (torch bf16 {plain_err:.2e}), "
+          f"GroupNorm alone {no_silu_err:.2e}")  # fmt: skip
+    assert (
+        err <= 1.2 * plain_err and no_silu_err < 8e-3
+    )  # measured 4.8e-3 vs 5.4e-3, 4.5e-3 vs 6.6e-3
+
+
+@needs_kernel
+def test_bf16_decode_close_to_diffusers():
+    """The bf16 CPU decode (channels-last, fused GroupNorm + SiLU, sub-pixel upsampling) against
+    diffusers in fp32, no further off than diffusers' own bf16 decode."""
+    vae = random_vae(SMALL4)
+    ref = diffusers_twin(vae)
+    latent = torch.randn(1, 16, 12, 10, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = ref.decode(latent / ref.config.scaling_factor + ref.config.shift_factor).sample
+        ref_bf16 = (
+            ref.bfloat16()
+            .decode((latent / ref.config.scaling_factor + ref.config.shift_factor).bfloat16())
+            .sample
+        )
+        ours = vae.bfloat16().decode(latent.bfloat16())
+    err, ref_err = max_rel_err(ours, expected), max_rel_err(ref_bf16, expected)
+    print(f"bf16 decode vs diffusers fp32: ours {err:.2e}, diffusers bf16 {ref_err:.2e}")
+    assert ours.dtype == torch.bfloat16 and err < 1.5 * ref_err  # measured 2.02e-2 vs 2.36e-2

@@ -34,7 +34,9 @@ from torch import Tensor
 from ..hardware import cpu_flags, cpu_has_amx
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
-SOURCES = (CSRC / "flash_attention_cpu.cpp", CSRC / "qk_norm_cpu.cpp")  # one library
+SOURCES = tuple(
+    CSRC / f for f in ("flash_attention_cpu.cpp", "qk_norm_cpu.cpp", "group_norm_cpu.cpp")
+)
 CXX_FLAGS = (
     "-O3 -std=c++17 -shared -fPIC -fopenmp "
     "-mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16 -mfma"
@@ -154,7 +156,7 @@ def _kernel_applies(q: Tensor, k: Tensor, v: Tensor) -> bool:
 
 @functools.cache
 def kernel_library() -> ctypes.CDLL | None:
-    """Loads the kernels (attention, and the qk-norm of `fused.py`), compiling it into the cache first if needed; None where it cannot run."""
+    """Loads the kernels (attention, and the qk-norm and GroupNorm of `fused.py`), compiling it into the cache first if needed; None where it cannot run."""
     if not _cpu_has_avx512_bf16():
         return None
     try:
@@ -171,6 +173,10 @@ def kernel_library() -> ctypes.CDLL | None:
     norm = lib.sd3_rms_norm_heads  # csrc/qk_norm_cpu.cpp, used by models/fused.py
     norm.argtypes = [*tensor, ptr, ctypes.c_float, *tensor, i64, i64, i64, ctypes.c_int]
     norm.restype = None
+    group_norm = lib.sd3_group_norm_silu  # csrc/group_norm_cpu.cpp, used by models/fused.py
+    group_norm.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, ptr, ctypes.c_float, ctypes.c_int]
+    group_norm.argtypes += [ctypes.c_int]
+    group_norm.restype = None
     lib.sd3_amx_init.argtypes, lib.sd3_amx_init.restype = [], ctypes.c_int
     return lib
 

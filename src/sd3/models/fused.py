@@ -18,6 +18,11 @@ six elementwise ops over a strided view and the concatenation copies once more; 
 (`csrc/qk_norm_cpu.cpp`) reads each row once and writes it normalised into its slice of the
 joint buffer, with the plain module's arithmetic (fp32 statistics, bf16 rounding, then the
 weight).
+
+`group_norm_silu(x, norm)` is `F.silu(norm(x))` for the VAE's GroupNorm on a channels-last bf16
+tensor: the kernel (`csrc/group_norm_cpu.cpp`) gathers the statistics in one pass and writes the
+normalised, activated tensor in a second, where torch's GroupNorm and SiLU read and write it
+three times and round it to bf16 twice.
 """
 
 import functools
@@ -125,5 +130,37 @@ def _norm_fusable(parts: Sequence[tuple[Tensor, nn.Module | None]]) -> bool:
         and all(x.shape[:2] == xs[0].shape[:2] for x in xs)
         and all(w.dtype == torch.bfloat16 and w.shape == (HEAD_DIM,) for w in weights)
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in (*xs, *weights)))
+        and kernel_library() is not None
+    )
+
+
+def group_norm_silu(x: Tensor, norm: nn.GroupNorm, silu: bool = True) -> Tensor:
+    """`F.silu(norm(x))` (or `norm(x)` without `silu`) for x [B, C, H, W]; through the kernel for
+    bf16 channels-last CPU tensors that need no gradient, else through torch."""
+    if not _group_norm_fusable(x, norm):
+        y = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+        return F.silu(y) if silu else y
+    B, C, H, W = x.shape
+    y = torch.empty_like(x)  # channels-last like x
+    weight, bias = (p.detach().float().contiguous() for p in (norm.weight, norm.bias))
+    kernel_library().sd3_group_norm_silu(
+        x.data_ptr(), y.data_ptr(), B, H * W, C, norm.num_groups, weight.data_ptr(),
+        bias.data_ptr(), norm.eps, int(silu), torch.get_num_threads(),
+    )  # fmt: skip
+    return y
+
+
+def _group_norm_fusable(x: Tensor, norm: nn.GroupNorm) -> bool:
+    C = x.shape[1] if x.ndim == 4 else 0
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.bfloat16
+        and x.ndim == 4
+        and x.numel() > 0
+        and C % 16 == 0
+        and C % norm.num_groups == 0
+        and norm.affine
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and not (torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad))
         and kernel_library() is not None
     )

@@ -8,16 +8,18 @@ instead of 2), not time. Only the linear layers of the repeated blocks are quant
 hold nearly all the weights (the MMDiT's joint blocks, T5's encoder blocks); embeddings, norms
 and the final layer keep the compute dtype.
 
-int8 GEMMs. Where the MMDiT computes in fp32 on a CPU (CPUs without bf16 arithmetic, e.g. AVX2
-ones), its int8 layers multiply in int8 instead (`pack_for_int8_gemm`): fbgemm's dynamic int8
-GEMM, 1.7-2x an fp32 GEMM at the MMDiT's shapes on 2 AVX2 cores. fbgemm quantizes the activation
-with one scale for the whole tensor, which loses the small tokens next to large ones (16-23%
-error on tokens of log-normal magnitudes), so each token (row) is first divided by its max |x|
-and the output multiplied back: one scale per token, as in LLM.int8 / SmoothQuant's per-token
-mode, at 1.8% error per layer against 0.8% for the weight-only path. fbgemm keeps 7 bits of the
-activation (`reduce_range`): AVX2's u8 x s8 pair sums saturate int16 otherwise. T5 keeps the
-weight-only path: T5's activations have outlier channels (the reason LLM.int8 exists), which
-one scale per token cannot represent, and T5 runs once per prompt, the MMDiT once per step.
+int8 GEMMs. Where the int8 layers can multiply in int8 faster than in the compute dtype, they do
+(`pack_for_int8_gemm`): fbgemm's dynamic int8 GEMM. That is fp32 compute on a CPU (1.7-2x an fp32
+GEMM at the MMDiT's shapes on 2 AVX2 cores), and bf16 compute on a CPU with AVX-512 VNNI and no
+AMX (1.6-1.8x a bf16 GEMM on 2 AMD Zen 4 cores; `hardware.cpu_int8_beats_bf16`). fbgemm quantizes
+the activation with one scale for the whole tensor, which loses the small tokens next to large
+ones (16-23% error on tokens of log-normal magnitudes), so each token (row) is first divided by
+its max |x| and the output multiplied back: one scale per token, as in LLM.int8 / SmoothQuant's
+per-token mode, at 1.1-1.8% error per layer against 0.8% for the weight-only path. On AVX2 fbgemm
+keeps 7 bits of the activation (`reduce_range`), since its u8 x s8 pair sums saturate int16; with
+AVX-512 VNNI it keeps 8 (1.1% error instead of 1.8%). T5 keeps the weight-only path: T5's
+activations have outlier channels (the reason LLM.int8 exists), which one scale per token cannot
+represent, and T5 runs once per prompt, the MMDiT once per step.
 """
 
 import functools
@@ -28,8 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..hardware import cpu_int8_beats_bf16, cpu_int8_full_range
+
 INT8_SCOPE = {"mmdit": "joint_blocks.", "t5xxl": "encoder.block."}  # component -> layers prefix
-INT8_GEMM = ("mmdit",)  # components whose int8 layers multiply in int8 when computing in fp32
+INT8_GEMM = ("mmdit",)  # components whose int8 layers multiply in int8 where that pays
 SCALE = "weight_scale"
 
 
@@ -86,6 +90,12 @@ class Int8Linear(nn.Module):
         self.packed = torch.ops.quantized.linear_prepack(weight, None)
         self.weight = self.weight_scale = None
 
+    def unpack(self) -> None:
+        """Back to the int8 buffers and the weight-only path (the inverse of `pack()`)."""
+        if self.packed is not None:
+            self.weight, self.weight_scale = self.unpacked()
+            self.packed = None
+
     def unpacked(self) -> tuple[Tensor, Tensor]:
         """(int8 weight, fp32 scale), from the packed weight if the layer is packed."""
         if self.packed is None:
@@ -113,7 +123,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if (
             self.packed is not None
-            and x.dtype == torch.float32
+            and x.dtype in (torch.float32, torch.bfloat16)
             and not (torch.is_grad_enabled() and x.requires_grad)
         ):
             return self.int8_gemm(x)
@@ -121,14 +131,24 @@ class Int8Linear(nn.Module):
         return F.linear(x, self.dequantized(x.dtype), bias)
 
     def int8_gemm(self, x: Tensor) -> Tensor:
-        """The layer on fp32 `x` with fbgemm's int8 GEMM, one activation scale per token."""
+        """The layer on fp32 or bf16 `x` with fbgemm's int8 GEMM, one activation scale per token
+        (fbgemm takes and gives fp32: a bf16 `x` is widened while it is scaled, and the output
+        narrowed while it is scaled back)."""
         rows = x.reshape(-1, self.in_features)
-        scaled = _scratch(rows.numel(), rows.dtype, rows.device, "tokens").view(rows.shape)
-        peak = torch.abs(rows, out=scaled).amax(dim=1, keepdim=True)  # 8x vector_norm(ord=inf)
+        scaled = _scratch(rows.numel(), torch.float32, rows.device, "tokens").view(rows.shape)
+        scaled.copy_(rows)  # max and -min: 4x faster than aminmax, 8x vector_norm(ord=inf)
+        peak = torch.maximum(
+            scaled.amax(dim=1, keepdim=True), scaled.amin(dim=1, keepdim=True).neg_()
+        )
         peak.clamp_min_(torch.finfo(torch.float32).tiny)
-        y = torch.ops.quantized.linear_dynamic(torch.div(rows, peak, out=scaled), self.packed, True)
-        y = y.mul_(peak) if self.bias is None else torch.addcmul(self.bias, y, peak, out=y)
-        return y.view(*x.shape[:-1], self.out_features)
+        full_range = cpu_int8_full_range()
+        y = torch.ops.quantized.linear_dynamic(scaled.div_(peak), self.packed, not full_range)
+        out = y if x.dtype == torch.float32 else torch.empty_like(y, dtype=x.dtype)
+        if self.bias is None:
+            out = torch.mul(y, peak, out=out)
+        else:
+            out = torch.addcmul(self.bias.to(y.dtype), y, peak, out=out)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
@@ -149,11 +169,12 @@ def int8_gemm_available() -> bool:
 
 
 def pack_for_int8_gemm(module: nn.Module, component: str, dtype: torch.dtype, device) -> int:
-    """Pack `component`'s int8 layers for int8 GEMMs where that pays: fp32 compute on a CPU, a
-    component in `INT8_GEMM`, and fbgemm available. Returns how many layers were packed."""
+    """Pack `component`'s int8 layers for int8 GEMMs where that pays: a component in
+    `INT8_GEMM` on a CPU computing in fp32, or in bf16 where `cpu_int8_beats_bf16`, and fbgemm
+    available. Returns how many layers were packed."""
     if not (
         component in INT8_GEMM
-        and dtype == torch.float32
+        and (dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_int8_beats_bf16()))
         and torch.device(device).type == "cpu"
         and int8_gemm_available()
     ):

@@ -6,12 +6,16 @@ on `(z - SHIFT) * SCALE`; `encode` returns and `decode` takes that latent format
 keeps memory bounded at large sizes without seams (see `decode_tiled`).
 """
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..allocator import reuse_freed_memory
+from .fused import group_norm_silu
 
 SHIFT = 0.0609
 SCALE = 1.5305
@@ -94,6 +98,12 @@ class Normalize(nn.GroupNorm):
             return super().forward(x)
         return self.stats.normalize(self, x)
 
+    def silu(self, x: Tensor) -> Tensor:
+        """`F.silu(self(x))`, fused into one kernel where it can be (`fused.group_norm_silu`)."""
+        if self.stats is None:
+            return group_norm_silu(x, self)
+        return F.silu(self.stats.normalize(self, x))
+
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1, padding: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=padding)
@@ -110,8 +120,8 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Identity() if same else nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(self.norm1.silu(x))
+        h = self.conv2(self.norm2.silu(h))
         return self.nin_shortcut(x) + h
 
 
@@ -146,13 +156,56 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # LDM pads right/bottom only
 
 
+# Which low-resolution rows a 3x3 conv's kernel rows read after a nearest 2x upsampling, by the
+# output row's parity a: [a, u, ky] = 1 where kernel row ky lands on low-res row i - 1 + a + u.
+_PHASE_TAPS = torch.tensor([[[1.0, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]])
+
+
 class Upsample(nn.Module):
+    """Nearest 2x upsampling, then a 3x3 conv.
+
+    Without gradients it is computed on the low-resolution input (sub-pixel phases, as in a
+    transposed conv): output pixel (2i + a, 2j + b) reads low-res pixels i - 1 + a .. i + a and
+    j - 1 + b .. j + b only, so each of the four phases (a, b) is a 2x2 conv whose taps are sums of
+    the 3x3 taps. One 2x2 conv with 4x the output channels computes all four, and the phases are
+    interleaved into the output: the same numbers up to the rounding of the summed taps, with
+    16 products per output pixel and channel pair instead of 36 (2x faster at 2 cores, bf16), and
+    no upsampled copy of the input. Training keeps the plain path."""
+
     def __init__(self, channels: int):
         super().__init__()
         self.conv = conv3x3(channels, channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        if torch.is_grad_enabled():
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.forward_phases(x)
+
+    def phase_weight(self) -> Tensor:
+        """[4 * out, in, 2, 2]: the 2x2 kernels of phases (a, b) in the order 2a + b."""
+        w = self.conv.weight
+        taps = _PHASE_TAPS.to(
+            w.device, torch.float64 if w.dtype == torch.float64 else torch.float32
+        )
+        kernels = torch.einsum("auy,bvx,ocyx->abocuv", taps, taps, w.to(taps.dtype))
+        return kernels.reshape(4 * w.shape[0], *w.shape[1:2], 2, 2).to(w.dtype)
+
+    def forward_phases(self, x: Tensor) -> Tensor:
+        B, _, H, W = x.shape
+        out_channels = self.conv.out_channels
+        bias = None if self.conv.bias is None else self.conv.bias.repeat(4)
+        # phase (a, b) of low-res pixel (i, j) is at (i + a, j + b) of this [B, 4 out, H+1, W+1]
+        phases = F.conv2d(x, self.phase_weight(), bias, padding=1)
+        channels_last = x.is_contiguous(memory_format=torch.channels_last)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        out = torch.empty(
+            B, out_channels, 2 * H, 2 * W, dtype=x.dtype, device=x.device, memory_format=layout
+        )
+        for a in (0, 1):
+            for b in (0, 1):
+                channels = slice((2 * a + b) * out_channels, (2 * a + b + 1) * out_channels)
+                out[:, :, a::2, b::2] = phases[:, channels, a : a + H, b : b + W]
+        return out
 
 
 class MidBlock(nn.Module):
@@ -191,7 +244,7 @@ class Encoder(nn.Module):
                 x = block(x)
             if hasattr(level, "downsample"):
                 x = level.downsample(x)
-        return self.conv_out(F.silu(self.norm_out(self.mid(x))))
+        return self.conv_out(self.norm_out.silu(self.mid(x)))
 
 
 class Decoder(nn.Module):
@@ -226,7 +279,7 @@ class Decoder(nn.Module):
                 h = block(h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(self.norm_out.silu(h))
 
 
 class TileStats:
@@ -328,6 +381,14 @@ class AutoEncoder(nn.Module):
             self.to(memory_format=channels_last)
         return x.contiguous(memory_format=channels_last)
 
+    @staticmethod
+    def temporaries(x: Tensor) -> contextlib.AbstractContextManager:
+        """Where a pass on `x` runs: for CPU inference, with freed activations kept for reuse
+        (`allocator.reuse_freed_memory`: a 1024² decode takes 22.6 s instead of 26.1 on 2 cores)."""
+        if x.device.type != "cpu" or torch.is_grad_enabled():
+            return contextlib.nullcontext()
+        return reuse_freed_memory()
+
     def encode_moments(self, image: Tensor) -> tuple[Tensor, Tensor]:
         """image [B, 3, H, W] in [-1, 1] -> (mean, logvar) of the posterior, [B, 16, H/8, W/8] each."""
         height, width = image.shape[-2:] if image.ndim == 4 else (None, None)
@@ -336,7 +397,9 @@ class AutoEncoder(nn.Module):
                 f"image of shape {tuple(image.shape)}: expected [B, C, H, W] with height {height} "
                 f"and width {width} multiples of {self.downscale}"
             )
-        moments = self.encoder(self.memory_format_for(image.to(self.encoder.conv_in.weight.dtype)))
+        image = self.memory_format_for(image.to(self.encoder.conv_in.weight.dtype))
+        with self.temporaries(image):
+            moments = self.encoder(image)
         mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
@@ -357,7 +420,8 @@ class AutoEncoder(nn.Module):
         if tile_size is not None and tile_size < 1:
             raise ValueError(f"tile_size={tile_size} must be a positive number of latent pixels")
         z = self.memory_format_for(from_latent_format(latent.to(self.decoder.conv_in.weight.dtype)))
-        h = self.decoder.forward_mid(z)
-        if tile_size is None or tile_size >= max(h.shape[-2:]):
-            return self.decoder.forward_up(h)
-        return decode_tiled(self.decoder, h, tile_size)
+        with self.temporaries(z):
+            h = self.decoder.forward_mid(z)
+            if tile_size is None or tile_size >= max(h.shape[-2:]):
+                return self.decoder.forward_up(h)
+            return decode_tiled(self.decoder, h, tile_size)
