@@ -45,9 +45,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument(
         "--int8", action="store_true", default=None,
-        help="int8 T5-XXL and MMDiT blocks: half their memory (a third in fp32); in fp32 the "
-        "MMDiT multiplies in int8 (1.4-1.7x faster on 2 AVX2 cores), else int8 is weight-only "
-        "(T5 up to 1.5x slower, the MMDiT up to 1.2x); a small output error (see the README)",
+        help="int8 T5-XXL and MMDiT blocks: half their memory (a third in fp32); the MMDiT "
+        "multiplies in int8 in fp32 (1.4-1.7x faster on 2 AVX2 cores) and in bf16 on AVX-512 VNNI "
+        "CPUs without AMX (1.16-1.19x on Zen 4), else int8 is weight-only (T5 up to 1.5x slower, "
+        "the MMDiT up to 1.2x); a small output error (see the README)",
     )  # fmt: skip
     p.add_argument(
         "--low-memory",
