@@ -134,14 +134,17 @@ def _norm_fusable(parts: Sequence[tuple[Tensor, nn.Module | None]]) -> bool:
     )
 
 
-def group_norm_silu(x: Tensor, norm: nn.GroupNorm, silu: bool = True) -> Tensor:
+def group_norm_silu(
+    x: Tensor, norm: nn.GroupNorm, silu: bool = True, inplace: bool = False
+) -> Tensor:
     """`F.silu(norm(x))` (or `norm(x)` without `silu`) for x [B, C, H, W]; through the kernel for
-    bf16 channels-last CPU tensors that need no gradient, else through torch."""
+    bf16 channels-last CPU tensors that need no gradient (written over `x` if `inplace`), else
+    through torch."""
     if not _group_norm_fusable(x, norm):
         y = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
         return F.silu(y) if silu else y
     B, C, H, W = x.shape
-    y = torch.empty_like(x)  # channels-last like x
+    y = x if inplace else torch.empty_like(x)  # channels-last like x
     weight, bias = (p.detach().float().contiguous() for p in (norm.weight, norm.bias))
     kernel_library().sd3_group_norm_silu(
         x.data_ptr(), y.data_ptr(), B, H * W, C, norm.num_groups, weight.data_ptr(),
