@@ -36,5 +36,4 @@ def test_freed_blocks_are_reused_inside():
     assert min(outside) > pages * 0.8  # (nearly) every block a fresh mapping
     assert min(inside[1:]) < pages * 0.05 and sum(inside) < 0.6 * sum(outside)
     # measured outside 180,228-196,613; inside e.g. 114,688, 0, 0, 0 or 180,224, 65,536, 131,072, 0
-    # (the heap grows, then the
-    # freed blocks fit the next ones)
+    # (the heap grows, then the freed blocks fit the next ones)
