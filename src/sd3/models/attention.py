@@ -174,8 +174,7 @@ def kernel_library() -> ctypes.CDLL | None:
     norm.argtypes = [*tensor, ptr, ctypes.c_float, *tensor, i64, i64, i64, ctypes.c_int]
     norm.restype = None
     group_norm = lib.sd3_group_norm_silu  # csrc/group_norm_cpu.cpp, used by models/fused.py
-    group_norm.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, ptr, ctypes.c_float, ctypes.c_int]
-    group_norm.argtypes += [ctypes.c_int]
+    group_norm.argtypes = [ptr, ptr, *shapes, ptr, ptr, ctypes.c_float, ctypes.c_int, ctypes.c_int]
     group_norm.restype = None
     lib.sd3_amx_init.argtypes, lib.sd3_amx_init.restype = [], ctypes.c_int
     return lib
