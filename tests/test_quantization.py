@@ -165,7 +165,8 @@ def test_int8_gemm_does_not_saturate():
         y = layer(x)
     expected = torch.tensor([512.0, -512.0, 0.0, 512.0])[:, None].expand(4, 8)
     print(f"int8 GEMM at full scale ({'8' if cpu_int8_full_range() else '7'}-bit): {y[:, 0]}")
-    assert torch.allclose(y, expected, atol=512 * 1e-2)
+    assert torch.allclose(y, expected, atol=512 * 2e-2)  # 8-bit: 2.0 off; 7-bit (AVX2): 4.0 off,
+    # by the asymmetric zero point; saturated int16 sums would be ~256 off
 
 
 @needs_int8_gemm
