@@ -13,6 +13,7 @@
 #include <math.h>
 #include <stdint.h>
 
+#include <algorithm>
 #include <vector>
 
 #ifdef _OPENMP
