@@ -127,12 +127,10 @@ def weights_file(folder: Path, which: str) -> Path:
 
 
 def write_random_checkpoint(path: Path, modules: dict) -> None:
-    """Random bf16 weights for {component: (class, config)}, streamed to `path` one tensor at a
-    time (an 8B model never sits in memory), at scales that keep activations O(1) and T5's
-    attention logits O(1) (so an output error, e.g. int8's, is not amplified by a chaotic
-    network); written to a temporary name and renamed."""
+    """Random bf16 weights (`random_tensor`) for {component: (class, config)}, streamed to `path`
+    one tensor at a time (an 8B model never sits in memory); written to a temporary name and
+    renamed."""
     from sd3.checkpoints import SINGLE_FILE_PREFIXES
-    from sd3.training.fresh import sincos_table
 
     shapes = {}
     for name, (cls, config) in modules.items():
@@ -157,20 +155,31 @@ def write_random_checkpoint(path: Path, modules: dict) -> None:
     with open(tmp, "wb") as f:
         f.write(len(blob).to_bytes(8, "little") + blob)
         for key, (shape, config) in shapes.items():
-            if key.endswith("pos_embed"):  # SD3's fixed sin-cos table
-                t = sincos_table(config.pos_embed_max_size, config.hidden_size).reshape(shape)
-            elif len(shape) > 1:
-                t = torch.randn(shape, generator=generator) * (
-                    torch.Size(shape[1:]).numel() ** -0.5
-                )
-                if key.endswith("SelfAttention.q.weight"):  # T5 attention has no 1/sqrt(d): its
-                    t /= 8  # q carries it (d_kv 64), else the random T5 is chaotic
-            elif key.endswith("weight"):
-                t = 1 + 0.1 * torch.randn(shape, generator=generator)
-            else:
-                t = 0.02 * torch.randn(shape, generator=generator)
+            t = random_tensor(key, shape, config, generator)
             f.write(t.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
     os.replace(tmp, path)
+
+
+def random_tensor(
+    key: str, shape: tuple[int, ...], config, generator: torch.Generator
+) -> torch.Tensor:
+    """One random weight (fp32, on the generator's device) at a scale that keeps activations O(1)
+    and T5's attention logits O(1), so an output error, e.g. int8's, is not amplified by a chaotic
+    network; `pos_embed` is SD3's fixed sin-cos table."""
+    from sd3.training.fresh import sincos_table
+
+    device = generator.device
+    if key.endswith("pos_embed"):
+        return sincos_table(config.pos_embed_max_size, config.hidden_size).reshape(shape).to(device)
+    if len(shape) > 1:
+        t = torch.randn(shape, generator=generator, device=device)
+        t *= torch.Size(shape[1:]).numel() ** -0.5
+        if key.endswith("SelfAttention.q.weight"):  # T5 attention has no 1/sqrt(d): its
+            t /= 8  # q carries it (d_kv 64), else the random T5 is chaotic
+        return t
+    if key.endswith("weight"):
+        return 1 + 0.1 * torch.randn(shape, generator=generator, device=device)
+    return 0.02 * torch.randn(shape, generator=generator, device=device)
 
 
 # --- one side of one row, in its own process -----------------------------------------------

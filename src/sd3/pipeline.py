@@ -157,7 +157,7 @@ def to_image_tensor(image: Image.Image, width: int, height: int) -> Tensor:
 
 def to_pil(images: Tensor) -> list[Image.Image]:
     """[B, 3, H, W] in [-1, 1] -> PIL images."""
-    array = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    array = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
     return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in array]
 
 
