@@ -51,6 +51,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "the MMDiT up to 1.2x); a small output error (see the README)",
     )  # fmt: skip
     p.add_argument(
+        "--compile", action="store_true",
+        help="run the MMDiT under torch.compile: the first step compiles (70-90 s for SD3.5 on an "
+        "H200), then steps run 1.4-1.6x faster on a GPU; on CPUs it replaces sd3's own kernels "
+        "and has not been seen to pay",
+    )  # fmt: skip
+    p.add_argument(
         "--low-memory",
         action=argparse.BooleanOptionalAction,
         help="load the text encoders first and release them before the MMDiT loads, and release "
@@ -228,7 +234,9 @@ def model_files(args: argparse.Namespace, stored: dict | None = None) -> dict:
     return files
 
 
-def load_pipeline(files: dict, device: str, low_memory: bool | None = None) -> Pipeline:
+def load_pipeline(
+    files: dict, device: str, low_memory: bool | None = None, compile: bool = False
+) -> Pipeline:
     started = time.perf_counter()
     pipe = Pipeline.from_single_file(
         files["model"],
@@ -240,13 +248,14 @@ def load_pipeline(files: dict, device: str, low_memory: bool | None = None) -> P
         device=device,
         low_memory=low_memory,
         int8=bool(files.get("int8")),
+        compile=compile,
     )
     dtype_name = {v: k for k, v in DTYPES.items()}[pipe.dtype]
     files["dtype"] = dtype_name
     bundled = Path(files["model"]).resolve() == DEFAULT_MODEL.resolve()
     print(
         f"{pipe.preset.name}{' (bundled)' if bundled else ''}, {dtype_name}{' (int8 weights)' if pipe.int8 else ''} on {pipe.device}"
-        f"{', low-memory mode' if pipe.low_memory else ''}, loaded in {time.perf_counter() - started:.1f}s",
+        f"{', low-memory mode' if pipe.low_memory else ''}{', MMDiT compiled on its first step' if compile else ''}, loaded in {time.perf_counter() - started:.1f}s",
         file=sys.stderr,
     )
     return pipe
@@ -262,7 +271,7 @@ def run_generate(args: argparse.Namespace) -> int:
         raise FileExistsError(
             f"--save-latent {args.save_latent} exists already; sd3 never overwrites a file"
         )
-    pipe = load_pipeline(files, args.device, args.low_memory)
+    pipe = load_pipeline(files, args.device, args.low_memory, args.compile)
     s = resolve_settings(args, pipe, stored)
     paths = output_paths(args.out, s.seed, s.num_images)
 
@@ -323,7 +332,7 @@ def run_eval(args: argparse.Namespace) -> int:
     """The held-out prompt-adherence benchmark of a model (or of the renderer, with --oracle)."""
     if args.oracle is not None:
         return evaluation.run(args)
-    pipe = load_pipeline(model_files(args), args.device, args.low_memory)
+    pipe = load_pipeline(model_files(args), args.device, args.low_memory, args.compile)
     base = resolve_settings(args, pipe, None)
 
     def generate(prompts: list[str], seed: int) -> list[Image.Image]:

@@ -178,6 +178,9 @@ class Pipeline:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     low_memory: bool = False
     int8: bool = False  # int8 T5-XXL and MMDiT blocks (`models.quantization`)
+    # the MMDiT under torch.compile: its first step compiles (about 70-90 s for SD3.5 on an H200),
+    # then steps run 1.4-1.6x faster there (README, "Benchmarks")
+    compile: bool = False
     model_name: str = ""
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage of the last call
     # a tqdm bar over the denoising steps, started once the prompt is encoded
@@ -197,13 +200,14 @@ class Pipeline:
         device: str | torch.device = "cpu",
         low_memory: bool | None = None,
         int8: bool = False,
+        compile: bool = False,
     ) -> "Pipeline":
         """A Stability single file (encoders bundled or given separately) or a diffusers folder."""
         components = find_components(path, clip_l=clip_l, clip_g=clip_g, t5xxl=t5xxl, vae=vae)
         folder = path is not None and Path(path).is_dir()
         tokenizers = Tokenizers.from_folder(path) if folder else Tokenizers.default()
         return cls.from_components(
-            components, tokenizers, dtype, device, low_memory, str(path or ""), int8
+            components, tokenizers, dtype, device, low_memory, str(path or ""), int8, compile
         )
 
     from_pretrained = from_single_file  # a diffusers folder, in diffusers' vocabulary
@@ -218,6 +222,7 @@ class Pipeline:
         low_memory: bool | None = None,
         model_name: str = "",
         int8: bool = False,
+        compile: bool = False,
     ) -> "Pipeline":
         """`low_memory=None` turns it on when all weights in `dtype` (int8 where `int8` quantizes
         them) need over 60% of the free memory."""
@@ -252,6 +257,7 @@ class Pipeline:
             device=device,
             low_memory=low_memory,
             int8=int8,
+            compile=compile,
             model_name=model_name,
         )
         if not low_memory:
@@ -265,9 +271,10 @@ class Pipeline:
         """The network for component `name` ("mmdit", "vae", "clip_l", ...), loaded on first use."""
         if name not in self._modules:
             int8 = self.int8 and name in INT8_SCOPE
-            self._modules[name] = load_component(
-                self.components[name], self.dtype, self.device, int8
-            )
+            module = load_component(self.components[name], self.dtype, self.device, int8)
+            if name == "mmdit" and self.compile:  # compiles on its first call
+                module = torch.compile(module, dynamic=False)
+            self._modules[name] = module
         return self._modules[name]
 
     def release(self, *names: str) -> None:
@@ -431,19 +438,27 @@ class Pipeline:
     ) -> tuple[Tensor, list[Image.Image]]:
         """Encode, denoise, decode -> (latents, images); records each stage's seconds in
         `timings`. The prompt is encoded before the first step, so per-step times are the
-        denoiser's alone."""
+        denoiser's alone; with `compile`, `compile` is the first step's time beyond the others'
+        and `per_step` leaves the first step out."""
         check_settings(s, self.config, init_image is not None)
         started = time.perf_counter()
         conditioning = self.encode_prompt(s)
         encoded = time.perf_counter()
+        first_step_done = []
         with tqdm(total=s.steps, desc="denoising", unit="step", disable=not self.progress) as bar:
 
             def step(*args) -> None:
+                if self.compile and not first_step_done:
+                    first_step_done.append(time.perf_counter())
                 bar.update(1)
                 if callback is not None:
                     callback(*args)
 
             latents = self.sample(s, init_image, step, conditioning)
+            if (
+                self.device.type == "cuda"
+            ):  # the steps' kernels are queued: time them, not the queue
+                torch.cuda.synchronize(self.device)
         if self.low_memory:
             self.release("mmdit")
         sampled = time.perf_counter()
@@ -454,6 +469,10 @@ class Pipeline:
             "per_step": (sampled - encoded) / s.steps,
             "decode": time.perf_counter() - sampled,
         }
+        if first_step_done and s.steps > 1:
+            first = first_step_done[0] - encoded
+            self.timings["per_step"] = (sampled - first_step_done[0]) / (s.steps - 1)
+            self.timings["compile"] = max(first - self.timings["per_step"], 0.0)
         return latents, images
 
 
@@ -461,7 +480,9 @@ def describe_timings(timings: dict[str, float]) -> str:
     """One line: where a generation's time went."""
     return (
         f"text encoders {timings['text']:.1f}s, denoising {timings['denoise']:.1f}s "
-        f"({timings['per_step']:.2f}s per step), decode {timings['decode']:.1f}s"
+        f"({timings['per_step']:.2f}s per step"
+        + (f", after {timings['compile']:.1f}s compiling" if "compile" in timings else "")
+        + f"), decode {timings['decode']:.1f}s"
     )
 
 

@@ -142,10 +142,19 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
         )
 
 
+def bf16_cpu_eager(*tensors: Tensor) -> bool:
+    """Whether sd3's hand-written kernels (this file's and `fused.py`'s) may take these tensors:
+    bf16 on the CPU, and not while torch.compile traces, which cannot see into a ctypes call
+    (there the plain ops run, and inductor generates its own code for them)."""
+    return not torch.compiler.is_compiling() and all(
+        t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors
+    )
+
+
 def _kernel_applies(q: Tensor, k: Tensor, v: Tensor) -> bool:
     tensors = (q, k, v)
     return (
-        all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors)
+        bf16_cpu_eager(*tensors)
         and q.shape[-1] == HEAD_DIM
         and v.shape[-1] == HEAD_DIM
         and q.shape[2] > 0

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import HEAD_DIM, kernel_library
+from .attention import HEAD_DIM, bf16_cpu_eager, kernel_library
 from .quantization import Int8Linear
 
 ACTIVATIONS = {
@@ -82,8 +82,7 @@ def linear(x: Tensor, layer: nn.Module, activation: str | None = None) -> Tensor
 
 def _fusable(x: Tensor, layer: nn.Module) -> bool:
     return (
-        x.device.type == "cpu"
-        and x.dtype == torch.bfloat16
+        bf16_cpu_eager(x)
         and (
             (type(layer) is nn.Linear and layer.weight.dtype == torch.bfloat16)
             or (
@@ -125,7 +124,7 @@ def _norm_fusable(parts: Sequence[tuple[Tensor, nn.Module | None]]) -> bool:
     xs = [x for x, _ in parts]
     weights = [norm.weight for _, norm in parts if norm is not None]
     return (
-        all(x.device.type == "cpu" and x.dtype == torch.bfloat16 for x in xs)
+        bf16_cpu_eager(*xs)
         and all(x.ndim == 4 and x.shape[-1] == HEAD_DIM and x.stride(-1) == 1 for x in xs)
         and all(x.shape[:2] == xs[0].shape[:2] for x in xs)
         and all(w.dtype == torch.bfloat16 and w.shape == (HEAD_DIM,) for w in weights)
@@ -156,8 +155,7 @@ def group_norm_silu(
 def _group_norm_fusable(x: Tensor, norm: nn.GroupNorm) -> bool:
     C = x.shape[1] if x.ndim == 4 else 0
     return (
-        x.device.type == "cpu"
-        and x.dtype == torch.bfloat16
+        bf16_cpu_eager(x)
         and x.ndim == 4
         and x.numel() > 0
         and C % 16 == 0
