@@ -270,9 +270,9 @@ def generation_rows(components: dict, which: str, compiled: bool):
 
     def ours():
         pipe = Pipeline.from_components(
-            components, Tokenizers.default(), DTYPE, DEVICE, low_memory=False, model_name=name
-        )
-        pipe._modules["mmdit"] = maybe_compile(pipe.mmdit, compiled)
+            components, Tokenizers.default(), DTYPE, DEVICE, low_memory=False, model_name=name,
+            compile=compiled,
+        )  # fmt: skip
         return lambda: pipe(
             PROMPT, sampler="euler", shift=3.0, seed=0, t5_length=77, skip_layer_guidance=False,
             **size,
