@@ -455,9 +455,8 @@ class Pipeline:
                     callback(*args)
 
             latents = self.sample(s, init_image, step, conditioning)
-            if (
-                self.device.type == "cuda"
-            ):  # the steps' kernels are queued: time them, not the queue
+            # a GPU's steps are queued: wait for them, so the time is theirs, not the queueing's
+            if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         if self.low_memory:
             self.release("mmdit")
