@@ -48,6 +48,7 @@ from run import (  # noqa: E402
     MEDIUM,
     count_flops,
     diffusers_pipeline,
+    generation_flops,
     meta,
     random_tensor,
     read,
@@ -256,16 +257,7 @@ def generation_rows(components: dict, which: str, compiled: bool):
     configs = {
         n: infer_config(components[n]) for n in ("mmdit", "vae", "clip_l", "clip_g", "t5xxl")
     }
-    ids = torch.zeros(2, 77, dtype=torch.long)
-    flops = (
-        steps * count_flops(MMDiT, configs["mmdit"], lambda m: m(*meta(
-            torch.zeros(2, 16, SIZE // 8, SIZE // 8, dtype=DTYPE), torch.ones(2),
-            torch.zeros(2, CONTEXT_TOKENS, configs["mmdit"].context_dim, dtype=DTYPE),
-            torch.zeros(2, configs["mmdit"].pooled_dim, dtype=DTYPE))), DTYPE)
-        + count_flops(AutoEncoder, configs["vae"], lambda m: m.decode(*meta(torch.zeros(1, 16, SIZE // 8, SIZE // 8, dtype=DTYPE))), DTYPE)
-        + sum(count_flops(CLIPTextModel, configs[n], lambda m: m(*meta(ids)), DTYPE) for n in ("clip_l", "clip_g"))
-        + count_flops(T5Encoder, configs["t5xxl"], lambda m: m(*meta(ids)), DTYPE)
-    )  # fmt: skip
+    flops = generation_flops(configs, steps, SIZE, DTYPE)
     size = dict(width=SIZE, height=SIZE, num_inference_steps=steps, guidance_scale=cfg)
 
     def ours():

@@ -298,15 +298,7 @@ def build_generation(
         name: infer_config(components[name])
         for name in ("mmdit", "vae", "clip_l", "clip_g", "t5xxl")
     }
-    ids = torch.zeros(2, 77, dtype=torch.long)
-    flops = (
-        steps * count_flops(MMDiT, configs["mmdit"], lambda m: m(*meta(
-            torch.zeros(2, 16, size // 8, size // 8, dtype=dtype), torch.ones(2),
-            torch.zeros(2, CONTEXT_TOKENS, 4096, dtype=dtype), torch.zeros(2, 2048, dtype=dtype))), dtype)
-        + count_flops(AutoEncoder, configs["vae"], lambda m: m.decode(*meta(torch.zeros(1, 16, size // 8, size // 8, dtype=dtype))), dtype)
-        + sum(count_flops(CLIPTextModel, configs[n], lambda m: m(*meta(ids)), dtype) for n in ("clip_l", "clip_g"))
-        + count_flops(T5Encoder, configs["t5xxl"], lambda m: m(*meta(ids)), dtype)
-    )  # fmt: skip
+    flops = generation_flops(configs, steps, size, dtype)
     if side == "ours":
         from sd3.pipeline import Pipeline
 
@@ -325,6 +317,22 @@ def build_generation(
         prompt, num_inference_steps=steps, guidance_scale=cfg, width=size, height=size,
         max_sequence_length=77, generator=generator.manual_seed(0),
     ).images, flops  # fmt: skip
+
+
+def generation_flops(configs: dict, steps: int, size: int, dtype: torch.dtype) -> float:
+    """FLOPs of one generation at size² for {component: config}: `steps` MMDiT passes with CFG as
+    a batch of 2, one decode, and the prompt and negative prompt through CLIP-L, CLIP-G and T5."""
+    mmdit, latent = configs["mmdit"], size // 8
+    ids = torch.zeros(2, 77, dtype=torch.long)
+    return (
+        steps * count_flops(MMDiT, mmdit, lambda m: m(*meta(
+            torch.zeros(2, 16, latent, latent, dtype=dtype), torch.ones(2),
+            torch.zeros(2, CONTEXT_TOKENS, mmdit.context_dim, dtype=dtype),
+            torch.zeros(2, mmdit.pooled_dim, dtype=dtype))), dtype)
+        + count_flops(AutoEncoder, configs["vae"], lambda m: m.decode(*meta(torch.zeros(1, 16, latent, latent, dtype=dtype))), dtype)
+        + sum(count_flops(CLIPTextModel, configs[n], lambda m: m(*meta(ids)), dtype) for n in ("clip_l", "clip_g"))
+        + count_flops(T5Encoder, configs["t5xxl"], lambda m: m(*meta(ids)), dtype)
+    )  # fmt: skip
 
 
 def diffusers_pipeline(components, configs, dtype):
