@@ -158,6 +158,8 @@ def main() -> int:
         "20/20/20/25/15 percent",
     )  # fmt: skip
     args = p.parse_args()
+    if args.pretrain_text_encoders < 0:
+        p.error(f"--pretrain-text-encoders must be >= 0 steps, got {args.pretrain_text_encoders}")
     data_seed = args.seed if args.data_seed is None else args.data_seed
     args.out.mkdir(parents=True, exist_ok=True)
     record_path = args.out / "record.json"
