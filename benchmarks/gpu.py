@@ -1,7 +1,7 @@
 """sd3 against diffusers (and transformers for the text encoders) on a CUDA GPU, side by side,
 with the card's measured bf16 matmul peak; prints a section for benchmarks/RESULTS.md.
 
-    python benchmarks/gpu.py [--out gpu.md] [--budget-s 420] [--no-compile]
+    python benchmarks/gpu.py [--out gpu.md] [--budget-s 420] [--no-compile] [--compile-mode M]
 
 The rows of `run.py` that make sense on a GPU (MMDiT forward passes, VAE, text encoders), plus
 full 1024² generations of SD3.5 Medium and Large (euler, CFG as one batch of 2, all three
@@ -59,7 +59,7 @@ from sd3.models.clip import CLIPTextModel  # noqa: E402
 from sd3.models.mmdit import MMDiT  # noqa: E402
 from sd3.models.t5 import T5Encoder  # noqa: E402
 from sd3.models.vae import AutoEncoder  # noqa: E402
-from sd3.pipeline import Pipeline  # noqa: E402
+from sd3.pipeline import COMPILE_MODES, Pipeline  # noqa: E402
 from sd3.text import Tokenizers  # noqa: E402
 
 DEVICE = torch.device("cuda")
@@ -68,6 +68,7 @@ PROMPT = "a photo of a cat on a red sofa"
 SIZE = 1024  # the generations' and VAE rows' image size
 # (name for the preset, steps, CFG): the presets' step counts and scales, euler on both sides
 GENERATIONS = {"medium": ("sd3.5_medium", 50, 5.0), "large": ("sd3.5_large", 40, 4.5)}
+COMPILE_MODE = "default"  # torch.compile's mode for the compiled rows, both sides (--compile-mode)
 
 
 def random_components(modules: dict, seed: int) -> dict[str, Component]:
@@ -182,7 +183,7 @@ def mmdit_rows(components: dict, size: int, large: bool, compiled: bool):
         )[0]  # fmt: skip
 
     what = f"SD3.5 {'Large' if large else 'Medium'} MMDiT forward, {size}², batch 1"
-    return what, ours, peer, flops, 20, False
+    return what + compiled_note(compiled), ours, peer, flops, 20, False
 
 
 def vae_rows(components: dict, decode: bool):
@@ -263,7 +264,7 @@ def generation_rows(components: dict, which: str, compiled: bool):
     def ours():
         pipe = Pipeline.from_components(
             components, Tokenizers.default(), DTYPE, DEVICE, low_memory=False, model_name=name,
-            compile=compiled,
+            compile=COMPILE_MODE if compiled else False,
         )  # fmt: skip
         return lambda: pipe(
             PROMPT, sampler="euler", shift=3.0, seed=0, t5_length=77, skip_layer_guidance=False,
@@ -281,11 +282,15 @@ def generation_rows(components: dict, which: str, compiled: bool):
 
     title = "Medium" if which == "medium" else "Large"
     what = f"SD3.5 {title} {SIZE}², {steps} euler steps, CFG {cfg}, text + decode"
-    return what, ours, peer, flops, 2, True
+    return what + compiled_note(compiled), ours, peer, flops, 2, True
+
+
+def compiled_note(compiled: bool) -> str:
+    return f", MMDiT under torch.compile (mode {COMPILE_MODE})" if compiled else ""
 
 
 def maybe_compile(module: torch.nn.Module, compiled: bool):
-    return torch.compile(module, dynamic=False) if compiled else module
+    return torch.compile(module, dynamic=False, mode=COMPILE_MODE) if compiled else module
 
 
 # --- the driver ------------------------------------------------------------------------------
@@ -296,8 +301,12 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("gpu.md"))
     p.add_argument("--budget-s", type=float, default=420.0, help="skip rows that start after it")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="torch.compile's mode for the compiled rows, both sides")  # fmt: skip
     p.add_argument("--rows", default="", help="comma-separated row names (default: all)")
     args = p.parse_args()
+    global COMPILE_MODE
+    COMPILE_MODE = args.compile_mode
     started = time.perf_counter()
     torch.backends.cuda.matmul.allow_tf32 = False
     print("making random weights on the GPU ...", flush=True)

@@ -218,3 +218,9 @@ def test_compiled_mmdit_draws_what_the_eager_one_draws_and_times_its_compile(
     from sd3.pipeline import describe_timings
 
     assert f"after {t['compile']:.1f}s compiling" in describe_timings(t)
+
+
+def test_an_unknown_compile_mode_is_one_error_naming_it(models, tmp_path):
+    path = save_single_file(tmp_path / "tiny.safetensors", models)
+    with pytest.raises(ValueError, match="compile must be True, False or one of .*'fast'"):
+        Pipeline.from_single_file(path, compile="fast")

@@ -40,6 +40,9 @@ from .sampling import (
 )
 from .text import TextEncoders, Tokenizers
 
+# torch.compile's modes; "reduce-overhead" (and "max-autotune" on a GPU) replay CUDA graphs
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 
 def default_dtype(device: str | torch.device = "cpu") -> torch.dtype:
     """bf16 where the hardware computes it natively, else fp16 on GPUs without bf16, else fp32."""
@@ -179,8 +182,9 @@ class Pipeline:
     low_memory: bool = False
     int8: bool = False  # int8 T5-XXL and MMDiT blocks (`models.quantization`)
     # the MMDiT under torch.compile: its first step compiles (about 70-90 s for SD3.5 on an H200),
-    # then steps run 1.4-1.6x faster there (README, "Benchmarks")
-    compile: bool = False
+    # then steps run 1.4-1.6x faster there (README, "Benchmarks"); True is torch.compile's default
+    # mode, a string one of COMPILE_MODES
+    compile: bool | str = False
     model_name: str = ""
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage of the last call
     # a tqdm bar over the denoising steps, started once the prompt is encoded
@@ -200,7 +204,7 @@ class Pipeline:
         device: str | torch.device = "cpu",
         low_memory: bool | None = None,
         int8: bool = False,
-        compile: bool = False,
+        compile: bool | str = False,
     ) -> "Pipeline":
         """A Stability single file (encoders bundled or given separately) or a diffusers folder."""
         components = find_components(path, clip_l=clip_l, clip_g=clip_g, t5xxl=t5xxl, vae=vae)
@@ -222,10 +226,14 @@ class Pipeline:
         low_memory: bool | None = None,
         model_name: str = "",
         int8: bool = False,
-        compile: bool = False,
+        compile: bool | str = False,
     ) -> "Pipeline":
         """`low_memory=None` turns it on when all weights in `dtype` (int8 where `int8` quantizes
         them) need over 60% of the free memory."""
+        if not isinstance(compile, bool) and compile not in COMPILE_MODES:
+            raise ValueError(
+                f"compile must be True, False or one of {COMPILE_MODES}, got {compile!r}"
+            )
         for name, option in (
             ("mmdit", "the model file"),
             ("vae", "--vae"),
@@ -273,7 +281,8 @@ class Pipeline:
             int8 = self.int8 and name in INT8_SCOPE
             module = load_component(self.components[name], self.dtype, self.device, int8)
             if name == "mmdit" and self.compile:  # compiles on its first call
-                module = torch.compile(module, dynamic=False)
+                mode = self.compile if isinstance(self.compile, str) else None
+                module = torch.compile(module, dynamic=False, mode=mode)
             self._modules[name] = module
         return self._modules[name]
 
