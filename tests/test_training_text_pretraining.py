@@ -13,14 +13,17 @@ from sd3.training.text_pretraining import pretrain_text_encoders, structure, swa
 
 def test_structure_labels_by_hand():
     # colours 1-8 in palette order (red, orange, yellow, green, cyan, blue, purple, black),
-    # shapes 1-3 (circle, square, triangle), relations 1-4 (left of, right of, above, below)
+    # shapes 1-3 (circle, square, triangle), relations 1-4 (left of, right of, above, below);
+    # then (colour, shape) on the left, right, top, bottom
     below = structure(parse_caption("an orange square below a red circle"))
-    assert below.tolist() == [2, 2, 1, 1, 1, 1] + [0] * 6 + [4]
+    assert below.tolist() == [2, 2, 1, 1, 1, 1] + [0] * 6 + [4] + [0, 0, 0, 0, 1, 1, 2, 2]
+    right = structure(parse_caption("a black triangle to the right of a cyan square"))
+    assert right.tolist() == [8, 3, 1, 5, 2, 1] + [0] * 6 + [2] + [5, 2, 8, 3, 0, 0, 0, 0]
     pair = structure(parse_caption("two cyan squares and a black triangle"))
-    assert pair.tolist() == [5, 2, 2, 8, 3, 1] + [0] * 6 + [0]
+    assert pair.tolist() == [5, 2, 2, 8, 3, 1] + [0] * 6 + [0] + [0] * 8
     group = structure(parse_caption("a green circle, two blue triangles and a purple square"))
-    assert group.tolist() == [4, 1, 1, 6, 3, 2, 7, 2, 1, 0, 0, 0, 0]
-    assert structure(None).tolist() == [0] * 13
+    assert group.tolist() == [4, 1, 1, 6, 3, 2, 7, 2, 1, 0, 0, 0, 0] + [0] * 8
+    assert structure(None).tolist() == [0] * 21
 
 
 def _encoders(seed: int = 0) -> TextEncoders:
@@ -42,14 +45,17 @@ def test_pretraining_teaches_word_order():
     assert before["pooled"] > 0.99  # random encoders: "A above B" ~ "B above A"
     untouched = {k: v.clone() for k, v in text.state_dict().items()}
     report = pretrain_text_encoders(
-        text, steps=100, heldout=heldout, batch_size=64, lr=1e-2, pool=2000, progress=False
+        text, steps=200, heldout=heldout, batch_size=64, lr=1e-2, pool=2000, progress=False
     )
     assert report.loss_last < 0.3 * report.loss_first
-    # held-out captions (combinations never trained on) read fully right, all 13 labels, where
-    # chance is ~0 and the untrained readout reads none: 0.33 from the tokens, 0.17 from pooled
-    assert report.heldout_accuracy["context"] > 0.2
-    assert report.heldout_accuracy["pooled"] > 0.08
-    assert report.swap_cosine["pooled"] < before["pooled"] - 0.01  # 0.9995 -> 0.976
+    # held-out captions (combinations never trained on) read right, where chance is ~0 and the
+    # untrained readout reads none. Groups and relation, all 13 labels: 0.81 from the tokens,
+    # 0.40 from pooled. The four sides of relation captions (which object goes where): 0.17 from
+    # the tokens, against 1/(9*4)^2 ~ 0.001 by chance
+    assert report.heldout_accuracy["context"] > 0.5
+    assert report.heldout_accuracy["pooled"] > 0.2
+    assert report.heldout_accuracy["context_sides"] > 0.08
+    assert report.swap_cosine["pooled"] < before["pooled"] - 0.01  # 0.9996 -> 0.972
     assert 0 < report.drift < 0.5  # the distillation term keeps the outputs near their start
     assert not any(p.requires_grad for p in text.parameters())  # frozen again
     moved = [k for k, v in text.state_dict().items() if not torch.equal(v, untouched[k])]

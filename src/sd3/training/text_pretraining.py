@@ -11,7 +11,13 @@ outputs state the caption's structure, the way a pretrained encoder carries what
 - the pooled vector (the MMDiT's adaLN input) must give, through one linear map, every object
   group's colour, shape and count in caption order, and the relation;
 - the context tokens (what the MMDiT attends to) must give the same through one attention
-  readout, a learned query per group over the tokens, as the MMDiT's joint attention reads them.
+  readout, a learned query per group over the tokens, as the MMDiT's joint attention reads them;
+- both must also give the layout a relation asks for: which object (colour and shape) is on the
+  left, on the right, at the top and at the bottom ("a red circle below a blue square": blue
+  square at the top, red circle at the bottom). From the tokens this is one fixed query per side,
+  so the tokens themselves must say which side their object belongs on. That is the read an image
+  token in the MMDiT makes (a query that depends on where it is), where the caption-order groups
+  leave the step from "subject of below" to "bottom" to the MMDiT, which swaps them.
 The readouts are thrown away afterwards. A distillation term keeps both outputs close to the
 encoders' own starting outputs (relative squared error), so an MMDiT trained on them keeps
 working and has to learn only the new directions. The empty prompt (what dropped encoders and
@@ -47,44 +53,65 @@ _COLOUR = {c: i + 1 for i, c in enumerate(COLOURS)}
 _SHAPE = {s: i + 1 for i, s in enumerate(SHAPES)}
 _RELATION = {r: i + 1 for i, r in enumerate(RELATIONS)}
 FIELDS = {"colour": len(COLOURS) + 1, "shape": len(SHAPES) + 1, "count": MAX_OBJECTS + 1}
+SIDES = ("left", "right", "top", "bottom")
+SIDE_FIELDS = {"colour": len(COLOURS) + 1, "shape": len(SHAPES) + 1}
+# which side the relation's subject (objects[0]) and its object (objects[1]) belong on
+_SIDES_OF = {
+    "left of": ("left", "right"),
+    "right of": ("right", "left"),
+    "above": ("top", "bottom"),
+    "below": ("bottom", "top"),
+}
 
 
 def structure(spec: SceneSpec | None) -> Tensor:
     """A caption's labels: [MAX_OBJECTS, 3] (colour, shape, count per group in caption order, 0 for
-    none) flattened, then the relation (0 for none). `None` is the empty prompt."""
+    none) flattened, the relation (0 for none), then [4, 2] (colour, shape of the object on each
+    of `SIDES`, 0 where the caption puts none) flattened. `None` is the empty prompt."""
     labels = torch.zeros(MAX_OBJECTS, 3, dtype=torch.long)
+    sides = torch.zeros(len(SIDES), 2, dtype=torch.long)
     relation = 0
     if spec is not None:
         for k, o in enumerate(spec.objects):
             labels[k] = torch.tensor([_COLOUR[o.colour], _SHAPE[o.shape], o.count])
-        relation = _RELATION[spec.relation] if spec.relation else 0
-    return torch.cat([labels.flatten(), torch.tensor([relation])])
+        if spec.relation:
+            relation = _RELATION[spec.relation]
+            for o, side in zip(spec.objects, _SIDES_OF[spec.relation], strict=True):
+                sides[SIDES.index(side)] = torch.tensor([_COLOUR[o.colour], _SHAPE[o.shape]])
+    return torch.cat([labels.flatten(), torch.tensor([relation]), sides.flatten()])
+
+
+GROUP_LABELS = MAX_OBJECTS * len(FIELDS) + 1  # the caption-order part of `structure`
 
 
 class StructureReadout(nn.Module):
     """The two readouts of a caption's structure: linear from the pooled vector, and one attention
-    query per group (plus one for the relation) over the context tokens."""
+    query per group, one for the relation and one per side over the context tokens."""
 
     def __init__(self, context_width: int, pooled_width: int, key_width: int = 64):
         super().__init__()
-        groups = MAX_OBJECTS
-        self.widths = [*FIELDS.values()] * groups + [len(RELATIONS) + 1]
+        groups, sides = MAX_OBJECTS, len(SIDES)
+        side_widths = [*SIDE_FIELDS.values()]
+        self.widths = [*FIELDS.values()] * groups + [len(RELATIONS) + 1] + side_widths * sides
         self.pooled = nn.Linear(pooled_width, sum(self.widths))
-        self.queries = nn.Parameter(torch.randn(groups + 1, key_width) / key_width**0.5)
+        self.queries = nn.Parameter(torch.randn(groups + 1 + sides, key_width) / key_width**0.5)
         self.keys = nn.Linear(context_width, key_width)
         self.norm = nn.LayerNorm(context_width)
         self.group = nn.Linear(context_width, sum(FIELDS.values()))
         self.relation = nn.Linear(context_width, len(RELATIONS) + 1)
+        self.side = nn.Linear(context_width, sum(side_widths))
 
     def forward(self, context: Tensor, pooled: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Logits per label (as `structure` orders them), from pooled and from the context."""
         from_pooled = list(self.pooled(pooled).split(self.widths, dim=-1))
         x = self.norm(context)
-        weights = torch.softmax(self.keys(x) @ self.queries.T, dim=1)  # [B, tokens, groups + 1]
-        read = weights.transpose(1, 2) @ x  # [B, groups + 1, width]
-        groups = self.group(read[:, :-1]).split([*FIELDS.values()], dim=-1)
-        from_context = [g[:, k] for k in range(MAX_OBJECTS) for g in groups]
-        return from_pooled, from_context + [self.relation(read[:, -1])]
+        weights = torch.softmax(self.keys(x) @ self.queries.T, dim=1)  # [B, tokens, queries]
+        read = weights.transpose(1, 2) @ x  # [B, queries, width]
+        n = MAX_OBJECTS
+        groups = self.group(read[:, :n]).split([*FIELDS.values()], dim=-1)
+        sides = self.side(read[:, n + 1 :]).split([*SIDE_FIELDS.values()], dim=-1)
+        from_context = [g[:, k] for k in range(n) for g in groups] + [self.relation(read[:, n])]
+        return from_pooled, from_context + [f[:, k] for k in range(len(SIDES)) for f in sides]
 
 
 @dataclass
@@ -93,7 +120,9 @@ class PretrainReport:
     loss_first: float
     loss_last: float
     drift: float  # relative squared change of the outputs from the starting encoders (last steps)
-    heldout_accuracy: dict[str, float]  # share of held-out captions read fully right, per readout
+    # per readout, the share of held-out captions whose groups and relation are all read right,
+    # and ("_sides") of held-out relation captions whose four sides are all read right
+    heldout_accuracy: dict[str, float]
     swap_cosine: dict[str, float]  # pooled / context cosine of "A <rel> B" vs "B <rel> A"
 
 
@@ -183,10 +212,14 @@ def _accuracy(
         encoders, **tokenize(encoders, captions, t5_length), t5_length=t5_length
     )
     target = torch.stack([structure(parse_caption(c)) for c in captions])
+    relation = target[:, GROUP_LABELS - 1] > 0
     result = {}
     for name, logits in zip(("pooled", "context"), readout(context, pooled), strict=True):
         right = torch.stack([lg.argmax(-1) for lg in logits], dim=1) == target
-        result[name] = round(right.all(dim=1).float().mean().item(), 3)
+        result[name] = round(right[:, :GROUP_LABELS].all(dim=1).float().mean().item(), 3)
+        if relation.any():
+            sides = right[relation, GROUP_LABELS:].all(dim=1)
+            result[f"{name}_sides"] = round(sides.float().mean().item(), 3)
     return result
 
 
