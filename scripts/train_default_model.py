@@ -48,7 +48,7 @@ from sd3.models.clip import CLIPConfig, CLIPTextModel
 from sd3.models.mmdit import MMDiT, MMDiTConfig
 from sd3.models.t5 import T5Config, T5Encoder
 from sd3.models.vae import AutoEncoder, VAEConfig
-from sd3.presets import PRESET_METADATA
+from sd3.presets import PRESET_METADATA, preset_for
 from sd3.text import TextEncoders
 from sd3.training.autoencoder import fit_latent_format, train_autoencoder
 from sd3.training.checkpoint import save_atomic
@@ -160,6 +160,9 @@ def main() -> int:
     args = p.parse_args()
     if args.pretrain_text_encoders < 0:
         p.error(f"--pretrain-text-encoders must be >= 0 steps, got {args.pretrain_text_encoders}")
+    if not (args.steps or args.base_steps or args.init):
+        p.error("--steps and --base-steps are both 0 and there is no --init: nothing would train or "
+                "load the MMDiT")  # fmt: skip
     data_seed = args.seed if args.data_seed is None else args.data_seed
     args.out.mkdir(parents=True, exist_ok=True)
     record_path = args.out / "record.json"
@@ -252,13 +255,19 @@ def main() -> int:
     record["mmdit_params"] = sum(p.numel() for p in model.parameters())
     record_path.write_text(json.dumps(record, indent=1))
 
-    # 5. export: EMA weights, fp16, official layout, with the preset
+    # 5. export: EMA weights, fp16, official layout, with the preset (its size is that of the last
+    # stage, or the --init file's where no stage ran, e.g. to pre-train only the text encoders)
+    size = (
+        stages[-1].size
+        if stages
+        else preset_for(model.config, metadata=init["mmdit"].metadata).size
+    )
     args.export.parent.mkdir(parents=True, exist_ok=True)
     export_single_file(
         args.export,
         {"mmdit": model, "vae": vae, **encoders},
         "fp16",
-        {PRESET_METADATA: json.dumps({**PRESET, "size": stages[-1].size})},
+        {PRESET_METADATA: json.dumps({**PRESET, "size": size})},
     )
     print(f"exported {args.export} ({args.export.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
     return 0
