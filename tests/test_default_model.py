@@ -2,6 +2,9 @@
 architecture that `sd3 generate` uses when no --model is given."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -49,3 +52,15 @@ def test_a_copy_of_the_bundled_file_is_not_called_bundled(tmp_path, capsys):
     args = ["generate", "a red circle", "--steps", "1", "--model", str(copy)]
     assert main([*args, "--out", str(tmp_path / "a.png")]) == 0
     assert capsys.readouterr().err.startswith("sd3 shapes, ")
+
+
+def test_recipe_without_any_mmdit_stage_or_init_is_one_argument_error(tmp_path):
+    script = Path(__file__).parents[1] / "scripts" / "train_default_model.py"
+    run = subprocess.run(
+        [sys.executable, str(script), "--out", str(tmp_path / "run"), "--steps", "0"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2  # argparse's usage error, before any folder or training
+    assert "--steps and --base-steps are both 0 and there is no --init" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert not (tmp_path / "run").exists()
