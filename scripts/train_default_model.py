@@ -20,8 +20,10 @@ Stages (each resumable by re-running the same command):
    tokens). At 64x64 the 8x latents leave a shape about one latent pixel wide: a VAE round trip of
    perfectly drawn scenes scores only 0.86 on `sd3 eval` there, and 1.00 at 128x128. An optional
    64x64 stage first (`--base-steps`, progressive resolution as in the SD3 paper) is off by
-   default: the whole budget goes to the sampling size. The EMA weights are exported in the
-   official single-file layout (fp16).
+   default: the whole budget goes to the sampling size. `--mirror-pairs` trains on each scene
+   next to its mirror image, whose caption names the relation's objects the other way round
+   (`sd3.training.shapes.mirror`), the two in one batch with the same noise and timestep
+   (`TrainConfig.paired`). The EMA weights are exported in the official single-file layout (fp16).
 
 Steps run under bf16 autocast where the CPU computes bf16 (AVX-512 BF16 or AMX: about 81 images/s
 on 2 cores, so the recipe fits in 2 hours) and in fp32 elsewhere (2 AVX2 cores: about 55 images/s,
@@ -157,7 +159,14 @@ def main() -> int:
         help="shares of the caption kinds (single, counting, pair, position, group); default "
         "20/20/20/25/15 percent",
     )  # fmt: skip
+    p.add_argument(
+        "--mirror-pairs", action="store_true",
+        help="train on scenes next to their mirror images (a relation's objects swapped in image "
+        "and caption), each pair in one batch with the same noise and timestep",
+    )  # fmt: skip
     args = p.parse_args()
+    if args.mirror_pairs and args.scenes % 2:
+        p.error(f"--mirror-pairs needs an even --scenes, got {args.scenes}")
     if args.pretrain_text_encoders < 0:
         p.error(f"--pretrain-text-encoders must be >= 0 steps, got {args.pretrain_text_encoders}")
     if not (args.steps or args.base_steps or args.init):
@@ -220,7 +229,7 @@ def main() -> int:
     stages = [stage for stage in stages if stage.steps > 0]  # --steps 0: 64x64 only
     for name, size, out, steps, lr, warmup in stages:
         out.mkdir(parents=True, exist_ok=True)
-        data = ShapesDataset(size=size, length=args.scenes, seed=data_seed, mix=args.mix)
+        data = ShapesDataset(size, args.scenes, data_seed, args.mix, args.mirror_pairs)
         latents, captions = scene_latents(
             out / "latents.safetensors", data, vae, record, f"{name}_latents_seconds"
         )
@@ -230,6 +239,7 @@ def main() -> int:
             grad_clip=1.0, text_dropout=0.1,
             bf16=cpu_has_bf16(), compile=True, checkpoint_every=250, seed=args.seed,
             train_text_encoders=args.train_text_encoders, text_encoder_lr=args.text_encoder_lr,
+            paired=args.mirror_pairs,
         )  # fmt: skip
         trainer = Trainer(
             config, model, text, latents, captions, out, metadata={"recipe": sys.argv}

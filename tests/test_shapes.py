@@ -24,6 +24,7 @@ from sd3.training.shapes import (
     ShapesDataset,
     caption,
     heldout_prompts,
+    mirror,
     parse_caption,
     parse_mix,
     render,
@@ -182,6 +183,48 @@ def test_captions_are_true_of_the_layout(train_scenes):
             }[relation]
             # a clear gap along the named axis, and that axis dominates the offset
             assert gap >= 0.08 - 1e-9 and offset >= 2 * abs(other), scene
+
+
+def test_mirror_pairs_swap_the_relation_in_image_and_caption(train_scenes):
+    from sd3.evaluation import check
+    from sd3.training.shapes import EvalPrompt
+
+    kinds = Counter()
+    for scene in train_scenes[:400]:
+        m = mirror(scene)
+        counts, relation = _caption_counts(scene.caption)
+        m_counts, m_relation = _caption_counts(m.caption)
+        assert m_counts == counts and m_relation == relation
+        for o, r in zip(scene.objects, m.objects, strict=True):
+            (x0, y0, x1, y1), (u0, v0, u1, v1) = o.bbox, r.bbox
+            assert (o.colour, o.shape) == (r.colour, r.shape)
+            if relation in ("above", "below"):  # reflected top to bottom
+                assert (
+                    (u0, u1) == (x0, x1) and math.isclose(v0, 1 - y1) and math.isclose(v1, 1 - y0)
+                )
+            else:  # left to right
+                assert (
+                    (v0, v1) == (y0, y1) and math.isclose(u0, 1 - x1) and math.isclose(u1, 1 - x0)
+                )
+        if relation is None:
+            assert m.caption == scene.caption
+        else:  # same words, objects swapped: "A rel B" -> "B rel A"
+            words = {"left of": "to the left of", "right of": "to the right of"}
+            a, b = scene.caption.split(f" {words.get(relation, relation)} ")
+            assert m.caption == f"{b} {words.get(relation, relation)} {a}"
+        # the checker, which reads only pixels, finds the mirror true of its caption
+        spec = parse_caption(m.caption)
+        category = "position" if relation else "two_objects"
+        if len(spec.objects) <= 2 and all(o.count == 1 for o in spec.objects):
+            assert check(render(m, 128), EvalPrompt(m.caption, category, spec)).passed, m
+            kinds[relation] += 1
+    assert all(kinds[r] > 20 for r in RELATIONS)
+    pairs = ShapesDataset(64, 6, seed=3, mirror_pairs=True)
+    for k in range(3):
+        assert pairs.scene(2 * k) == sample_scene(3, k)
+        assert pairs.scene(2 * k + 1) == mirror(sample_scene(3, k))
+    with pytest.raises(ValueError, match="even length, got 5"):
+        ShapesDataset(64, 5, seed=3, mirror_pairs=True)
 
 
 def test_training_covers_every_colour_shape_count_and_relation(train_scenes):

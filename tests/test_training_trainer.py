@@ -140,6 +140,27 @@ def test_every_sample_once_per_epoch(family, tmp_path):
     assert not torch.equal(seen[:10], seen[10:])  # reshuffled
 
 
+def test_paired_examples_share_a_batch_and_their_draws(family, tmp_path):
+    trainer = make_trainer(family, tmp_path, n=10, batch_size=4, paired=True, text_dropout=0.5)
+    # one caption per pair, so that a pair's text embeddings differ only if their dropout does
+    trainer.rows = trainer.text_cache.rows([CAPTIONS[i // 2] for i in range(10)])
+    rows = {tuple(x.flatten().tolist()): i for i, x in enumerate(trainer.latents)}
+    seen = []
+    for step in range(5):  # 20 samples = 2 epochs of the 5 pairs
+        b = trainer.batch(step)
+        index = [rows[tuple(x.flatten().tolist())] for x in b["x0"]]
+        seen += index
+        for k in (0, 2):  # examples 2j and 2j + 1, side by side, same noise / sigma / dropout
+            assert index[k] % 2 == 0 and index[k + 1] == index[k] + 1
+            for key in ("noise", "sigma", "context", "pooled"):
+                assert torch.equal(b[key][k], b[key][k + 1]), key
+        assert not torch.equal(b["noise"][0], b["noise"][2])
+    assert sorted(seen[:10]) == sorted(seen[10:]) == list(range(10))
+    assert seen[:10] != seen[10:]  # pairs reshuffled
+    with pytest.raises(ValueError, match="even number of latents, got 9"):
+        make_trainer(family, tmp_path / "odd", n=9, paired=True)
+
+
 def test_gradient_checkpointing_same_gradients(family, tmp_path):
     plain = make_trainer(family, tmp_path / "a")
     ckpt = make_trainer(family, tmp_path / "b")
@@ -266,6 +287,7 @@ def test_training_reduces_the_loss(family, tmp_path):
         ({"lora_rank": 4, "train_text_encoders": True}, "keeps the text encoders frozen"),
         ({"text_encoder_lr": 1e-3}, "text_encoder_lr needs train_text_encoders"),
         ({"text_encoder_lr": 0.0, "train_text_encoders": True}, "text_encoder_lr must be > 0"),
+        ({"paired": True, "batch_size": 5}, "even batch_size, got 5"),
     ],
 )
 def test_bad_config_raises(overrides, message):

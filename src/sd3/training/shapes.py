@@ -399,6 +399,26 @@ def sample_scene(seed: int, index: int, mix: dict[str, float] = DEFAULT_MIX) -> 
     return layout(sample_spec(rng, mix), rng)
 
 
+def mirror(scene: Scene) -> Scene:
+    """The scene reflected across the axis of its relation (left-right for "left of"/"right of"
+    and for scenes without one, top-bottom for "above"/"below"), each object redrawn upright in its
+    reflected box, with the caption that is true of it. A position caption keeps its relation and
+    swaps its objects: the mirror of "a red circle above a blue square" is "a blue square above a
+    red circle", the same words in the other order, which is what a model has to read to lay the
+    scene out. Captions without a relation do not depend on the layout and stay as they are."""
+    spec = parse_caption(scene.caption)
+    vertical = spec.relation in ("above", "below")
+
+    def reflect(box: Box) -> Box:
+        x0, y0, x1, y1 = box
+        return (x0, 1 - y1, x1, 1 - y0) if vertical else (1 - x1, y0, 1 - x0, y1)
+
+    objects = tuple(SceneObject(o.colour, o.shape, reflect(o.bbox)) for o in scene.objects)
+    if spec.relation is not None:
+        spec = SceneSpec(spec.objects[::-1], spec.relation)
+    return Scene(objects, caption(spec))
+
+
 # --- rendering ----------------------------------------------------------------------------
 
 
@@ -430,15 +450,27 @@ def to_tensor(image: Image.Image) -> Tensor:
 class ShapesDataset(Dataset):
     """`length` captioned scenes, (image [3, size, size] in [-1, 1], caption); item i is a
     function of (seed, i) only, the same scene at every size. `mix` gives the caption kinds'
-    shares (`KINDS`; default `DEFAULT_MIX`)."""
+    shares (`KINDS`; default `DEFAULT_MIX`). With `mirror_pairs`, items 2k and 2k + 1 are scene k
+    and its `mirror` (`length` must be even): a trainer that keeps such pairs together
+    (`TrainConfig.paired`) sees every relation next to its swap."""
 
-    def __init__(self, size: int, length: int, seed: int, mix: dict[str, float] | None = None):
+    def __init__(
+        self,
+        size: int,
+        length: int,
+        seed: int,
+        mix: dict[str, float] | None = None,
+        mirror_pairs: bool = False,
+    ):
         if size < 32:
             raise ValueError(f"size must be >= 32, got {size}")
         if length < 0 or seed < 0:
             raise ValueError(f"length and seed must be >= 0, got length={length}, seed={seed}")
+        if mirror_pairs and length % 2:
+            raise ValueError(f"mirror pairs need an even length, got {length}")
         self.size, self.length, self.seed = size, length, seed
         self.mix = DEFAULT_MIX if mix is None else check_mix(mix)
+        self.mirror_pairs = mirror_pairs
 
     def __len__(self) -> int:
         return self.length
@@ -446,6 +478,9 @@ class ShapesDataset(Dataset):
     def scene(self, index: int) -> Scene:
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} items")
+        if self.mirror_pairs:
+            scene = sample_scene(self.seed, index // 2, self.mix)
+            return mirror(scene) if index % 2 else scene
         return sample_scene(self.seed, index, self.mix)
 
     def __getitem__(self, index: int) -> tuple[Tensor, str]:

@@ -70,6 +70,9 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
     checkpoint_every: int = 500
     seed: int = 0
+    # examples 2k and 2k + 1 form a pair (e.g. a scene and its mirror, `ShapesDataset`): shuffled
+    # together into one batch, with the same noise, timestep and text dropout
+    paired: bool = False
 
     def __post_init__(self):
         self.adam_betas = tuple(self.adam_betas)
@@ -96,6 +99,8 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.text_dropout <= 1:
             raise ValueError(f"text_dropout must be in [0, 1], got {self.text_dropout}")
+        if self.paired and self.batch_size % 2:
+            raise ValueError(f"paired examples need an even batch_size, got {self.batch_size}")
         if self.lora_rank and self.train_text_encoders:
             raise ValueError("LoRA training (lora_rank > 0) keeps the text encoders frozen")
         self.sampling()  # validates the timestep sampling and shift
@@ -166,6 +171,8 @@ class Trainer:
             raise ValueError(
                 f"need as many captions as latents (>= 1), got {len(captions)} and {len(latents)}"
             )
+        if config.paired and len(latents) % 2:
+            raise ValueError(f"paired examples need an even number of latents, got {len(latents)}")
         self.config = c = config
         self.out_dir = Path(out_dir)
         self.metadata = metadata or {}
@@ -241,20 +248,30 @@ class Trainer:
     # --- data and randomness ------------------------------------------------------------
 
     def order(self, epoch: int) -> Tensor:
+        """The shuffled units (examples, or pairs of them) of an epoch."""
         if epoch not in self._orders:
             g = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
-            self._orders = {epoch: torch.randperm(len(self.latents), generator=g)}
+            units = len(self.latents) // 2 if self.config.paired else len(self.latents)
+            self._orders = {epoch: torch.randperm(units, generator=g)}
         return self._orders[epoch]
 
     def batch(self, step: int) -> dict:
         """This process's part of the global batch of `step` (0-based)."""
-        c, n = self.config, len(self.latents)
-        numbers = range(step * c.batch_size, (step + 1) * c.batch_size)
+        c = self.config
+        size, n = (
+            (c.batch_size // 2, len(self.latents) // 2)
+            if c.paired
+            else (c.batch_size, len(self.latents))
+        )
+        numbers = range(step * size, (step + 1) * size)
         indices = torch.stack([self.order(k // n)[k % n] for k in numbers])
         g = torch.Generator().manual_seed(c.seed * 1_000_003 + step)
-        noise = torch.randn((c.batch_size, *self.latents.shape[1:]), generator=g)
-        sigma = self.sampling(torch.rand(c.batch_size, generator=g))
-        keep = torch.rand(c.batch_size, 3, generator=g) >= c.text_dropout
+        noise = torch.randn((size, *self.latents.shape[1:]), generator=g)
+        sigma = self.sampling(torch.rand(size, generator=g))
+        keep = torch.rand(size, 3, generator=g) >= c.text_dropout
+        if c.paired:  # each pair's two examples side by side, sharing their draws
+            indices = torch.stack([2 * indices, 2 * indices + 1], dim=1).flatten()
+            noise, sigma, keep = (t.repeat_interleave(2, dim=0) for t in (noise, sigma, keep))
         local = slice(
             self.rank * c.batch_size // self.world, (self.rank + 1) * c.batch_size // self.world
         )
