@@ -23,7 +23,8 @@ Stages (each resumable by re-running the same command):
    default: the whole budget goes to the sampling size. `--mirror-pairs` trains on each scene
    next to its mirror image, whose caption names the relation's objects the other way round
    (`sd3.training.shapes.mirror`), the two in one batch with the same noise and timestep
-   (`TrainConfig.paired`). The EMA weights are exported in the official single-file layout (fp16).
+   (`TrainConfig.paired`); `--pair-contrast W` weights what tells a pair apart more
+   (`sd3.training.flow.flow_loss`). The EMA weights are exported in the official single-file layout (fp16).
 
 Steps run under bf16 autocast where the CPU computes bf16 (AVX-512 BF16 or AMX: about 81 images/s
 on 2 cores, so the recipe fits in 2 hours) and in fp32 elsewhere (2 AVX2 cores: about 55 images/s,
@@ -164,7 +165,13 @@ def main() -> int:
         help="train on scenes next to their mirror images (a relation's objects swapped in image "
         "and caption), each pair in one batch with the same noise and timestep",
     )  # fmt: skip
+    p.add_argument(
+        "--pair-contrast", type=float, default=0.0, metavar="W",
+        help="with --mirror-pairs: extra weight on the difference of a pair's errors (flow_loss)",
+    )  # fmt: skip
     args = p.parse_args()
+    if args.pair_contrast and not args.mirror_pairs:
+        p.error("--pair-contrast needs --mirror-pairs")
     if args.mirror_pairs and args.scenes % 2:
         p.error(f"--mirror-pairs needs an even --scenes, got {args.scenes}")
     if args.pretrain_text_encoders < 0:
@@ -239,7 +246,7 @@ def main() -> int:
             grad_clip=1.0, text_dropout=0.1,
             bf16=cpu_has_bf16(), compile=True, checkpoint_every=250, seed=args.seed,
             train_text_encoders=args.train_text_encoders, text_encoder_lr=args.text_encoder_lr,
-            paired=args.mirror_pairs,
+            paired=args.mirror_pairs, pair_contrast=args.pair_contrast,
         )  # fmt: skip
         trainer = Trainer(
             config, model, text, latents, captions, out, metadata={"recipe": sys.argv}

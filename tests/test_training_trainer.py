@@ -288,6 +288,8 @@ def test_training_reduces_the_loss(family, tmp_path):
         ({"text_encoder_lr": 1e-3}, "text_encoder_lr needs train_text_encoders"),
         ({"text_encoder_lr": 0.0, "train_text_encoders": True}, "text_encoder_lr must be > 0"),
         ({"paired": True, "batch_size": 5}, "even batch_size, got 5"),
+        ({"pair_contrast": 1.0}, "needs paired"),
+        ({"pair_contrast": -1.0, "paired": True}, "pair_contrast must be >= 0"),
     ],
 )
 def test_bad_config_raises(overrides, message):

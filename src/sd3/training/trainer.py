@@ -73,6 +73,7 @@ class TrainConfig:
     # examples 2k and 2k + 1 form a pair (e.g. a scene and its mirror, `ShapesDataset`): shuffled
     # together into one batch, with the same noise, timestep and text dropout
     paired: bool = False
+    pair_contrast: float = 0.0  # extra weight on the difference of a pair's errors (`flow_loss`)
 
     def __post_init__(self):
         self.adam_betas = tuple(self.adam_betas)
@@ -101,6 +102,10 @@ class TrainConfig:
             raise ValueError(f"text_dropout must be in [0, 1], got {self.text_dropout}")
         if self.paired and self.batch_size % 2:
             raise ValueError(f"paired examples need an even batch_size, got {self.batch_size}")
+        if self.pair_contrast < 0 or (self.pair_contrast and not self.paired):
+            raise ValueError(
+                f"pair_contrast must be >= 0 and needs paired, got {self.pair_contrast}"
+            )
         if self.lora_rank and self.train_text_encoders:
             raise ValueError("LoRA training (lora_rank > 0) keeps the text encoders frozen")
         self.sampling()  # validates the timestep sampling and shift
@@ -130,10 +135,13 @@ class FlowObjective(nn.Module):
     """The trainable networks and the loss as one module (what DDP wraps). With trainable text
     encoders the prompts are encoded here, with autograd; otherwise (context, pooled) come cached."""
 
-    def __init__(self, mmdit: MMDiT, text_encoders: TextEncoders | None = None):
+    def __init__(
+        self, mmdit: MMDiT, text_encoders: TextEncoders | None = None, pair_contrast: float = 0.0
+    ):
         super().__init__()
         self.mmdit = mmdit
         self.text_encoders = text_encoders
+        self.pair_contrast = pair_contrast
 
     def forward(
         self,
@@ -149,7 +157,7 @@ class FlowObjective(nn.Module):
     ) -> Tensor:
         if l_ids is not None:
             context, pooled = embed(self.text_encoders, l_ids, g_ids, t5_ids, t5_length)
-        return flow_loss(self.mmdit, x0, noise, sigma, context, pooled)
+        return flow_loss(self.mmdit, x0, noise, sigma, context, pooled, self.pair_contrast)
 
 
 class Trainer:
@@ -183,6 +191,11 @@ class Trainer:
         if c.batch_size % self.world:
             raise ValueError(
                 f"batch_size {c.batch_size} must be divisible by the number of processes {self.world}"
+            )
+        if c.paired and (c.batch_size // self.world) % 2:
+            raise ValueError(
+                f"paired examples need an even batch per process, got {c.batch_size} over "
+                f"{self.world} processes"
             )
         self.device = next(mmdit.parameters()).device
         if c.bf16 and self.device.type == "cpu" and self.rank == 0:
@@ -220,7 +233,9 @@ class Trainer:
             ) as bar:  # fmt: skip
                 self.text_cache = TextCache(text_encoders, captions, progress=bar.update)
             self.rows = self.text_cache.rows(captions)
-        self.objective = FlowObjective(mmdit, text_encoders if self.text_cache is None else None)
+        self.objective = FlowObjective(
+            mmdit, text_encoders if self.text_cache is None else None, c.pair_contrast
+        )
         self.objective.train()
         trained = [(n, p) for n, p in self.objective.named_parameters() if p.requires_grad]
         # text encoders last: with text_encoder_lr they are a second optimizer group, and the
