@@ -153,6 +153,13 @@ def test_bad_runs_say_why(model_file, data_dir, tmp_path, capsys):
     assert "give exactly one of --data FOLDER and --shapes N" in err
     err = run_error(args_for(model_file, data_dir, out, "--shapes-mix", "position=1"), capsys)
     assert "--shapes-mix applies to --shapes N only" in err
+    err = run_error(args_for(model_file, data_dir, out, "--shapes-mirror-pairs"), capsys)
+    assert "--shapes-mirror-pairs applies to --shapes N only" in err
+    shapes = ["--model", str(model_file), "--shapes", "5", "--out", out]
+    err = run_error([*shapes, "--shapes-mirror-pairs"], capsys)
+    assert "--shapes-mirror-pairs needs an even --shapes and --batch-size, got 5 and 8" in err
+    err = run_error([*shapes, "--pair-contrast", "1"], capsys)
+    assert "--pair-contrast needs --shapes-mirror-pairs" in err
     err = run_error(
         ["--model", str(tmp_path / "nope.safetensors"), "--data", str(data_dir), "--out", out],
         capsys,
@@ -210,6 +217,21 @@ def test_ctrl_c_saves_and_stops(model_file, data_dir, tmp_path):
     assert [
         json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()
     ] == list(range(1, step + 2))
+
+
+def test_mirror_pairs_on_shapes(tmp_path):
+    """--shapes-mirror-pairs trains on scene k and its mirror as examples 2k, 2k + 1."""
+    from sd3.training.shapes import mirror, sample_scene
+
+    out = tmp_path / "pairs"
+    argv = ["--init-config", "tiny", "--shapes", "8", "--resolution", "32", "--out", str(out)]
+    argv += ["--batch-size", "4", "--steps", "1", "--t5-length", "32", "--quiet"]
+    assert main([*argv, "--shapes-mirror-pairs", "--pair-contrast", "1.5"]) == 0
+    captions = json.loads(SafetensorsFile(out / "latents.safetensors").metadata["captions"])
+    assert captions[2:4] == [sample_scene(0, 1).caption, mirror(sample_scene(0, 1)).caption]
+    meta = json.loads(SafetensorsFile(out / "model.safetensors").metadata["sd3_training"])
+    assert meta["args"]["shapes_mirror_pairs"] and meta["args"]["pair_contrast"] == 1.5
+    assert len(losses(out)) == 1
 
 
 def test_fresh_model_on_shapes(tmp_path):

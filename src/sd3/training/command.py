@@ -91,6 +91,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "default 20/20/20/25/15 percent), e.g. counting=3,position=4,pair=2,group=1",
     )  # fmt: skip
     data.add_argument(
+        "--shapes-mirror-pairs", action="store_true",
+        help="each shape scene next to its mirror image, whose caption names the relation's "
+        "objects the other way round, the two in one batch with the same noise and timestep",
+    )  # fmt: skip
+    data.add_argument(
         "--resolution", type=_int_at_least(16), default=256, help="square size (multiple of 16)"
     )
 
@@ -136,6 +141,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flow.add_argument("--logit-std", type=_float_in(0, inf, low_open=True), default=1.0)
     flow.add_argument("--mode-scale", type=_float_in(-1, 1.75), default=1.29)
     flow.add_argument("--shift", type=_float_in(0, inf, low_open=True), default=1.0)
+    flow.add_argument(
+        "--pair-contrast", type=_float_in(0, inf), default=0.0, metavar="W",
+        help="with --shapes-mirror-pairs: extra weight on the difference of a pair's errors",
+    )  # fmt: skip
 
     text = parser.add_argument_group("text encoders and LoRA")
     text.add_argument(
@@ -163,6 +172,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     names = {f.name for f in fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in names and v is not None}
     values["lora_targets"] = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    values["paired"] = bool(getattr(args, "shapes_mirror_pairs", False))
     return TrainConfig(**values)
 
 
@@ -211,8 +221,11 @@ def _dataset(args: argparse.Namespace):
         from .shapes import ShapesDataset
     except ImportError as e:
         raise ValueError(f"--shapes: the shapes dataset is not available ({e})") from None
-    dataset = ShapesDataset(args.resolution, args.shapes, args.seed, args.shapes_mix)
-    key = f"shapes:{args.shapes}:{args.resolution}:{args.seed}"
+    mirror = bool(getattr(args, "shapes_mirror_pairs", False))
+    dataset = ShapesDataset(args.resolution, args.shapes, args.seed, args.shapes_mix, mirror)
+    key = f"shapes:{args.shapes}:{args.resolution}:{args.seed}" + (
+        ":mirror-pairs" if mirror else ""
+    )
     if args.shapes_mix is not None:
         key += ":" + ",".join(f"{k}={w:.6g}" for k, w in dataset.mix.items())
     return dataset, key
@@ -266,6 +279,16 @@ def _check_sources(args: argparse.Namespace) -> None:
         raise ValueError("give exactly one of --data FOLDER and --shapes N")
     if args.shapes_mix is not None and args.shapes is None:
         raise ValueError("--shapes-mix applies to --shapes N only")
+    if args.shapes_mirror_pairs:
+        if args.shapes is None:
+            raise ValueError("--shapes-mirror-pairs applies to --shapes N only")
+        if args.shapes % 2 or args.batch_size % 2:
+            raise ValueError(
+                f"--shapes-mirror-pairs needs an even --shapes and --batch-size, got {args.shapes} "
+                f"and {args.batch_size}"
+            )
+    if args.pair_contrast and not args.shapes_mirror_pairs:
+        raise ValueError("--pair-contrast needs --shapes-mirror-pairs (the pairs it contrasts)")
     if args.resolution % 16:
         raise ValueError(f"--resolution must be a multiple of 16, got {args.resolution}")
 
