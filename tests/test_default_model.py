@@ -64,3 +64,30 @@ def test_recipe_without_any_mmdit_stage_or_init_is_one_argument_error(tmp_path):
     assert "--steps and --base-steps are both 0 and there is no --init" in run.stderr
     assert "Traceback" not in run.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_relation_order_probe_captions_and_run():
+    """The probe's false captions, by hand, and one run on the bundled model (4 scenes)."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "scripts" / "probe_relation_order.py"
+    spec = importlib.util.spec_from_file_location("probe_relation_order", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    assert probe.false_captions("a red circle above a blue square") == (
+        "a blue square above a red circle",
+        "a red circle above a purple square",  # blue -> the next palette colour, purple
+    )
+    assert probe.false_captions("a black square to the left of a purple circle") == (
+        "a purple circle to the left of a black square",
+        "a black square to the left of a red circle",  # past black, from the start; red is free
+    )
+    run = subprocess.run(
+        [sys.executable, str(path), "--scenes", "4"], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr
+    rows = [line.split() for line in run.stdout.splitlines()[1:]]
+    assert [float(r[0]) for r in rows] == list(probe.SIGMAS)
+    for r in rows:  # loss, swapped %, control %, share in [0, 1] (a multiple of 1/12)
+        assert float(r[1]) > 0 and r[2].endswith("%") and r[3].endswith("%")
+        assert abs(float(r[4]) * 12 - round(float(r[4]) * 12)) < 0.01  # printed to 3 places
