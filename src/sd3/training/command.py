@@ -172,7 +172,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     names = {f.name for f in fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in names and v is not None}
     values["lora_targets"] = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
-    values["paired"] = bool(getattr(args, "shapes_mirror_pairs", False))
+    values["paired"] = args.shapes_mirror_pairs
     return TrainConfig(**values)
 
 
@@ -221,7 +221,7 @@ def _dataset(args: argparse.Namespace):
         from .shapes import ShapesDataset
     except ImportError as e:
         raise ValueError(f"--shapes: the shapes dataset is not available ({e})") from None
-    mirror = bool(getattr(args, "shapes_mirror_pairs", False))
+    mirror = args.shapes_mirror_pairs
     dataset = ShapesDataset(args.resolution, args.shapes, args.seed, args.shapes_mix, mirror)
     key = f"shapes:{args.shapes}:{args.resolution}:{args.seed}" + (
         ":mirror-pairs" if mirror else ""

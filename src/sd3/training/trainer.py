@@ -266,18 +266,19 @@ class Trainer:
         """The shuffled units (examples, or pairs of them) of an epoch."""
         if epoch not in self._orders:
             g = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
-            units = len(self.latents) // 2 if self.config.paired else len(self.latents)
+            units = len(self.latents) // self.unit
             self._orders = {epoch: torch.randperm(units, generator=g)}
         return self._orders[epoch]
+
+    @property
+    def unit(self) -> int:
+        """Examples drawn together: 2 for pairs, else 1."""
+        return 2 if self.config.paired else 1
 
     def batch(self, step: int) -> dict:
         """This process's part of the global batch of `step` (0-based)."""
         c = self.config
-        size, n = (
-            (c.batch_size // 2, len(self.latents) // 2)
-            if c.paired
-            else (c.batch_size, len(self.latents))
-        )
+        size, n = c.batch_size // self.unit, len(self.latents) // self.unit
         numbers = range(step * size, (step + 1) * size)
         indices = torch.stack([self.order(k // n)[k % n] for k in numbers])
         g = torch.Generator().manual_seed(c.seed * 1_000_003 + step)
