@@ -24,7 +24,9 @@ Stages (each resumable by re-running the same command):
    next to its mirror image, whose caption names the relation's objects the other way round
    (`sd3.training.shapes.mirror`), the two in one batch with the same noise and timestep
    (`TrainConfig.paired`); `--pair-contrast W` weights what tells a pair apart more
-   (`sd3.training.flow.flow_loss`). The EMA weights are exported in the official single-file layout (fp16).
+   (`sd3.training.flow.flow_loss`). `--init FILE --reinit-mmdit` keeps FILE's VAE and text
+   encoders and starts a fresh MMDiT on them. The EMA weights are exported in the official
+   single-file layout (fp16).
 
 Steps run under bf16 autocast where the CPU computes bf16 (AVX-512 BF16 or AMX: about 81 images/s
 on 2 cores, so the recipe fits in 2 hours) and in fp32 elsewhere (2 AVX2 cores: about 55 images/s,
@@ -154,6 +156,11 @@ def main() -> int:
         help="continue from an exported model (e.g. the bundled one): its VAE, frozen text encoders "
         "and MMDiT weights replace the fresh ones, and stage 1 is skipped",
     )  # fmt: skip
+    p.add_argument(
+        "--reinit-mmdit", action="store_true",
+        help="with --init: take its VAE and text encoders but start a fresh MMDiT (of --hidden and "
+        "--depth), e.g. to test what the encoders let an MMDiT learn from scratch",
+    )  # fmt: skip
     p.add_argument("--data-seed", type=int, help="seed of the training scenes (default: --seed)")
     p.add_argument(
         "--mix", type=mix_argument, metavar="KIND=W,...",
@@ -174,9 +181,11 @@ def main() -> int:
         p.error("--pair-contrast needs --mirror-pairs")
     if args.mirror_pairs and args.scenes % 2:
         p.error(f"--mirror-pairs needs an even --scenes, got {args.scenes}")
+    if args.reinit_mmdit and not args.init:
+        p.error("--reinit-mmdit needs --init (the file whose VAE and text encoders to keep)")
     if args.pretrain_text_encoders < 0:
         p.error(f"--pretrain-text-encoders must be >= 0 steps, got {args.pretrain_text_encoders}")
-    if not (args.steps or args.base_steps or args.init):
+    if not (args.steps or args.base_steps or (args.init and not args.reinit_mmdit)):
         p.error("--steps and --base-steps are both 0 and there is no --init: nothing would train or "
                 "load the MMDiT")  # fmt: skip
     data_seed = args.seed if args.data_seed is None else args.data_seed
@@ -222,7 +231,8 @@ def main() -> int:
         clip_length=CLIP_POSITIONS,
     )
     if init is not None:
-        for name, m in {"mmdit": model, **encoders}.items():
+        kept = encoders if args.reinit_mmdit else {"mmdit": model, **encoders}
+        for name, m in kept.items():
             m.load_state_dict(load_component(init[name]).state_dict())
     if args.pretrain_text_encoders:
         pretrained_text(args.out / "text_encoders.safetensors", text, encoders, args, record)

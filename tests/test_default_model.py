@@ -91,3 +91,30 @@ def test_relation_order_probe_captions_and_run():
     for r in rows:  # loss, swapped %, control %, share in [0, 1] (a multiple of 1/12)
         assert float(r[1]) > 0 and r[2].endswith("%") and r[3].endswith("%")
         assert abs(float(r[4]) * 12 - round(float(r[4]) * 12)) < 0.01  # printed to 3 places
+
+
+def test_reinit_mmdit_keeps_the_init_files_encoders_and_vae(tmp_path):
+    """--init FILE --reinit-mmdit: the export's VAE and text encoders are FILE's, tensor for tensor,
+    and its MMDiT is a fresh one of --hidden/--depth; without --init it is one argument error."""
+    from safetensors.torch import load_file
+
+    script = Path(__file__).parents[1] / "scripts" / "train_default_model.py"
+    run = subprocess.run(
+        [sys.executable, str(script), "--out", str(tmp_path / "no"), "--reinit-mmdit"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2 and "--reinit-mmdit needs --init" in run.stderr
+    assert not (tmp_path / "no").exists()
+    out = tmp_path / "model.safetensors"
+    args = ["--out", str(tmp_path / "run"), "--init", str(DEFAULT_MODEL), "--reinit-mmdit",
+            "--hidden", "64", "--depth", "2", "--scenes", "8", "--batch-size", "4",
+            "--base-steps", "2", "--steps", "0", "--warmup", "1", "--export", str(out)]  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    before, after = load_file(str(DEFAULT_MODEL)), load_file(str(out))
+    kept = [k for k in before if not k.startswith("model.diffusion_model.")]
+    assert kept and all(before[k].equal(after[k]) for k in kept)
+    mmdit = infer_config(find_components(out)["mmdit"])
+    assert (mmdit.hidden_size, mmdit.depth) == (64, 2)
