@@ -1,9 +1,10 @@
 """Does a model's denoiser read which object a relation names first?
 
-    python scripts/probe_relation_order.py [--model FILE] [--scenes 128]
+    python scripts/probe_relation_order.py [--model FILE] [--scenes 128] [--size PX]
 
-For position scenes of the shapes training distribution (data seed 999, 128x128), the rectified-flow
-loss (fp32, fixed noise levels, three fixed noise draws) under three captions:
+For position scenes of the shapes training distribution (data seed 999, at the model's preset size
+or --size), the rectified-flow loss (fp32, fixed noise levels, three fixed noise draws) under three
+captions:
 - the true one, "A <relation> B";
 - the swapped one, "B <relation> A": the same words in the other order, false for the image;
 - a control, the true one with B's colour changed: false about what is drawn, not about order.
@@ -53,13 +54,18 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, help="default: the bundled model")
     p.add_argument("--scenes", type=int, default=128)
+    p.add_argument("--size", type=int, help="image size in pixels (default: the model's preset)")
     args = p.parse_args()
     if args.scenes < 1:
         p.error(f"--scenes must be >= 1, got {args.scenes}")
+    if args.size is not None and (args.size < 16 or args.size % 16):
+        p.error(f"--size must be a multiple of 16 and at least 16, got {args.size}")
     from sd3.cli import DEFAULT_MODEL
 
     pipe = Pipeline.from_single_file(args.model or DEFAULT_MODEL, dtype=torch.float32)
-    data = ShapesDataset(size=pipe.preset.size, length=args.scenes, seed=999, mix={"position": 1})
+    data = ShapesDataset(
+        size=args.size or pipe.preset.size, length=args.scenes, seed=999, mix={"position": 1}
+    )
     images, captions = zip(*(data[i] for i in range(args.scenes)), strict=True)
     swapped, control = zip(*(false_captions(c) for c in captions), strict=True)
     text = pipe.text_encoders(True, pipe.preset.t5_length)
