@@ -186,8 +186,8 @@ def main() -> int:
     if args.pretrain_text_encoders < 0:
         p.error(f"--pretrain-text-encoders must be >= 0 steps, got {args.pretrain_text_encoders}")
     if not (args.steps or args.base_steps or (args.init and not args.reinit_mmdit)):
-        p.error("--steps and --base-steps are both 0 and there is no --init: nothing would train or "
-                "load the MMDiT")  # fmt: skip
+        p.error("--steps and --base-steps are both 0 and there is no --init (or --reinit-mmdit "
+                "discards its MMDiT): nothing would train or load the MMDiT")  # fmt: skip
     data_seed = args.seed if args.data_seed is None else args.data_seed
     args.out.mkdir(parents=True, exist_ok=True)
     record_path = args.out / "record.json"
