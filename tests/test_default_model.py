@@ -118,3 +118,12 @@ def test_reinit_mmdit_keeps_the_init_files_encoders_and_vae(tmp_path):
     assert kept and all(before[k].equal(after[k]) for k in kept)
     mmdit = infer_config(find_components(out)["mmdit"])
     assert (mmdit.hidden_size, mmdit.depth) == (64, 2)
+
+
+def test_relation_order_probe_size_must_fit_the_latent_grid():
+    path = Path(__file__).parents[1] / "scripts" / "probe_relation_order.py"
+    run = subprocess.run(
+        [sys.executable, str(path), "--size", "72"], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 2 and "--size must be a multiple of 16" in run.stderr
+    assert "Traceback" not in run.stderr
