@@ -73,7 +73,13 @@ class MMDiTConfig:
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    """x (1 + scale) + shift, per sample, in one pass over x."""
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+
+
+def gated(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
+    """The gated residual x + gate y, per sample, in one pass."""
+    return torch.addcmul(x, gate.unsqueeze(1), y)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -202,10 +208,10 @@ class DismantledBlock(nn.Module):
     def post_attention(
         self, x: Tensor, attn: Tensor, attn2: Tensor | None, mods: Sequence[Tensor]
     ) -> Tensor:
-        x = x + mods[2].unsqueeze(1) * linear(attn, self.attn.proj)
+        x = gated(x, mods[2], linear(attn, self.attn.proj))
         if attn2 is not None:
-            x = x + mods[8].unsqueeze(1) * linear(attn2, self.attn2.proj)
-        return x + mods[5].unsqueeze(1) * self.mlp(modulate(self.norm2(x), mods[3], mods[4]))
+            x = gated(x, mods[8], linear(attn2, self.attn2.proj))
+        return gated(x, mods[5], self.mlp(modulate(self.norm2(x), mods[3], mods[4])))
 
 
 class JointBlock(nn.Module):
