@@ -6,7 +6,8 @@ small flash-attention kernel, `sd3/csrc/flash_attention_cpu.cpp`, with the onlin
 fp32 and O(L · 64) scratch per thread, in one of two instruction sets:
 
 - `amx`: Q Kᵀ and P V on AMX tiles (`tdpbf16ps`; Sapphire Rapids and later). On 2 cores:
-  about 1,100 GFLOP/s at the MMDiT's shapes, 1.45-1.8x torch's SDPA (which uses AMX too).
+  about 1,100-1,200 GFLOP/s at the MMDiT's shapes, 1.7-1.9x torch's SDPA (which uses AMX too);
+  the softmax's exp2 on the vector units, not the tiles, is what limits it.
 - `avx512`: the same with `vdpbf16ps` in zmm registers (AVX-512 BF16: Zen 4, Cooper Lake).
   2.4x SDPA on Zen 4; on AMX CPUs it is slower than SDPA, so it is not chosen there.
 
