@@ -4,6 +4,7 @@ torch's CPU tensors come from malloc, and glibc serves every block over 32 MB wi
 and unmaps it on free. A VAE decode at 1024² makes several gigabytes of such temporaries (each
 convolution's and norm's output, 128-512 MB apiece), so most of them are page-faulted and zeroed
 by the kernel page by page on first touch: about 0.25 s per GB on 2 cores, 3.5 s of a 26 s decode.
+The MMDiT at 1024² does the same with its 50 MB MLP activation in each of its 24 blocks.
 `reuse_freed_memory()` tells malloc to serve large blocks from its heap and not to give freed
 memory back, so a freed activation's pages are reused by the next one; on exit it returns the
 free memory to the system (`malloc_trim`) and restores the limits glibc's own adaptive settings
@@ -16,6 +17,9 @@ import ctypes
 import ctypes.util
 import functools
 import threading
+
+import torch
+from torch import Tensor
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters
 STEADY = {M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 64 << 20, M_MMAP_MAX: 65536}
@@ -60,3 +64,19 @@ def reuse_freed_memory():
                 for parameter, value in STEADY.items():
                     libc.mallopt(parameter, value)
                 libc.malloc_trim(0)
+
+
+def for_inference(
+    x: Tensor, dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,)
+) -> contextlib.AbstractContextManager:
+    """Where an inference pass on `x` runs: on a CPU, in one of `dtypes` and without gradients,
+    with freed activations kept for reuse; elsewhere as it is.
+
+    Measured on 2 cores. The SD3.5 Medium MMDiT forward (both dtypes; AMX Xeon): 1024² bf16 7.8 s
+    instead of 8.2-8.3 (peak RSS 4.87 against 4.84 GB), 512² bf16 1.77 s instead of 1.9, 1024²
+    fp32 37.4 s instead of 39.1-39.8 (10.25 against 10.20 GB). The VAE (bf16 only; Zen 4): a 1024²
+    decode 22.6 s instead of 26.1 (2.7 GB against diffusers' 2.6); in fp32 it saved no time
+    (50.2 against 50.3 s) and the heap's fragments cost 3 GB (6.7 against 3.7 GB)."""
+    if x.device.type != "cpu" or x.dtype not in dtypes or torch.is_grad_enabled():
+        return contextlib.nullcontext()
+    return reuse_freed_memory()

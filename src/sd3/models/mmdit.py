@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..allocator import for_inference
 from .attention import attention
 from .fused import joint_heads, linear
 
@@ -311,19 +312,20 @@ class MMDiT(nn.Module):
         self.check_size(H, W)
         p = self.config.patch_size
         h, w = H // p, W // p
-        x = self.x_embedder(x) + self.cropped_pos_embed(h, w).to(x.dtype)
-        t_emb = timestep_embedding(timestep.expand(B), 256).to(x.dtype)
-        c = self.t_embedder(t_emb) + self.y_embedder(pooled)
-        context = self.context_embedder(context)
+        with for_inference(x, (torch.bfloat16, torch.float32)):
+            x = self.x_embedder(x) + self.cropped_pos_embed(h, w).to(x.dtype)
+            t_emb = timestep_embedding(timestep.expand(B), 256).to(x.dtype)
+            c = self.t_embedder(t_emb) + self.y_embedder(pooled)
+            context = self.context_embedder(context)
 
-        for i, block in enumerate(self.joint_blocks):
-            if i not in skip_layers:
-                context, x = block(context, x, c)
-            if controlnet_residuals and not block.context_block.pre_only:
-                x = x + controlnet_residuals[i * len(controlnet_residuals) // self.config.depth]
+            for i, block in enumerate(self.joint_blocks):
+                if i not in skip_layers:
+                    context, x = block(context, x, c)
+                if controlnet_residuals and not block.context_block.pre_only:
+                    x = x + controlnet_residuals[i * len(controlnet_residuals) // self.config.depth]
 
-        x = self.final_layer(x, c)
-        return self.unpatchify(x, h, w)
+            x = self.final_layer(x, c)
+            return self.unpatchify(x, h, w)
 
     def unpatchify(self, x: Tensor, h: int, w: int) -> Tensor:
         """[B, h*w, p*p*C] tokens -> [B, C, h*p, w*p] latent."""

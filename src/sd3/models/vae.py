@@ -6,7 +6,6 @@ on `(z - SHIFT) * SCALE`; `encode` returns and `decode` takes that latent format
 keeps memory bounded at large sizes without seams (see `decode_tiled`).
 """
 
-import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -14,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..allocator import reuse_freed_memory
+from ..allocator import for_inference
 from .fused import group_norm_silu
 
 SHIFT = 0.0609
@@ -391,16 +390,6 @@ class AutoEncoder(nn.Module):
             self.to(memory_format=channels_last)
         return x.contiguous(memory_format=channels_last)
 
-    @staticmethod
-    def temporaries(x: Tensor) -> contextlib.AbstractContextManager:
-        """Where an untiled pass on `x` runs: for bf16 CPU inference, with freed activations kept
-        for reuse (`allocator.reuse_freed_memory`: a 1024² decode takes 22.6 s instead of 26.1 on
-        2 Zen 4 cores, peak RSS 2.7 GB against diffusers' 2.6). Not in fp32: there it saved no
-        time (50.2 against 50.3 s) and the heap's fragments cost 3 GB (6.7 against 3.7 GB)."""
-        if x.device.type != "cpu" or x.dtype != torch.bfloat16 or torch.is_grad_enabled():
-            return contextlib.nullcontext()
-        return reuse_freed_memory()
-
     def encode_moments(self, image: Tensor) -> tuple[Tensor, Tensor]:
         """image [B, 3, H, W] in [-1, 1] -> (mean, logvar) of the posterior, [B, 16, H/8, W/8] each."""
         height, width = image.shape[-2:] if image.ndim == 4 else (None, None)
@@ -410,7 +399,7 @@ class AutoEncoder(nn.Module):
                 f"and width {width} multiples of {self.downscale}"
             )
         image = self.memory_format_for(image.to(self.encoder.conv_in.weight.dtype))
-        with self.temporaries(image):
+        with for_inference(image):
             moments = self.encoder(image)
         mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
@@ -433,11 +422,11 @@ class AutoEncoder(nn.Module):
             raise ValueError(f"tile_size={tile_size} must be a positive number of latent pixels")
         z = self.memory_format_for(from_latent_format(latent.to(self.decoder.conv_in.weight.dtype)))
         if tile_size is None or tile_size >= max(z.shape[-2:]):  # the mid block keeps the size
-            with self.temporaries(z):
+            with for_inference(z):
                 return self.decoder.forward_up(self.decoder.forward_mid(z))
         # Tiles keep malloc's default past the mid block: memory bound first (kept blocks
         # fragment the heap across tiles of several sizes: 3.8 GB extra for a 2048² tiled decode
         # instead of 2.1)
-        with self.temporaries(z):
+        with for_inference(z):
             h = self.decoder.forward_mid(z)
         return decode_tiled(self.decoder, h, tile_size)
