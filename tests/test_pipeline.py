@@ -224,3 +224,22 @@ def test_an_unknown_compile_mode_is_one_error_naming_it(models, tmp_path):
     path = save_single_file(tmp_path / "tiny.safetensors", models)
     with pytest.raises(ValueError, match="compile must be True, False or one of .*'fast'"):
         Pipeline.from_single_file(path, compile="fast")
+
+
+def test_sampling_keeps_freed_memory_across_steps_and_gives_it_back_after(pipe):
+    """Every step's MMDiT forward runs inside the sampling loop's `reuse_freed_memory` (depth 2:
+    the loop's and the forward's own), and the setting is restored when sampling ends."""
+    from sd3 import allocator
+
+    if allocator._libc() is None:
+        pytest.skip("not glibc")
+    seen = []
+    hook = pipe.mmdit.joint_blocks[0].register_forward_hook(
+        lambda *_: seen.append(allocator._depth)
+    )
+    try:
+        pipe("a red circle", num_inference_steps=2, width=32, height=32, seed=3)
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {2}  # 2 steps, CFG in one batch or two
+    assert allocator._depth == 0

@@ -374,7 +374,7 @@ class Pipeline:
             cfg_start=s.cfg_start,
             cfg_end=s.cfg_end,
         )
-        with torch.no_grad():
+        with torch.no_grad(), self.mmdit.temporaries():
             return SAMPLERS[s.sampler](
                 denoiser,
                 x,

@@ -9,6 +9,7 @@ Stability's reference files (`joint_blocks.N.x_block.attn.qkv` ...), so official
 
 import math
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -285,6 +286,13 @@ class MMDiT(nn.Module):
                 f"allows ({limit}x{limit})"
             )
 
+    def temporaries(self) -> AbstractContextManager:
+        """Where an inference pass runs: with freed activations kept for reuse, in either CPU dtype
+        (`allocator.for_inference`). Each forward holds it; a sampling loop holds it across all
+        its steps, so the memory is not given back and faulted in again between them (1024² bf16:
+        7.1-7.25 s a step instead of 7.3-7.45 on 2 AMX cores)."""
+        return for_inference(self.pos_embed, (torch.bfloat16, torch.float32))
+
     def cropped_pos_embed(self, h: int, w: int) -> Tensor:
         """The centre h x w crop of the stored square table of positional embeddings."""
         size = self.config.pos_embed_max_size
@@ -312,7 +320,7 @@ class MMDiT(nn.Module):
         self.check_size(H, W)
         p = self.config.patch_size
         h, w = H // p, W // p
-        with for_inference(x, (torch.bfloat16, torch.float32)):
+        with self.temporaries():
             x = self.x_embedder(x) + self.cropped_pos_embed(h, w).to(x.dtype)
             t_emb = timestep_embedding(timestep.expand(B), 256).to(x.dtype)
             c = self.t_embedder(t_emb) + self.y_embedder(pooled)
