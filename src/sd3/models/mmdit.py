@@ -16,8 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..allocator import for_inference
-from .attention import attention
-from .fused import joint_heads, linear
+from .fused import joint_attention, linear
 
 HEAD_DIM = 64
 
@@ -153,14 +152,9 @@ class SelfAttention(nn.Module):
         qkv = linear(x, self.qkv).view(B, L, 3, self.num_heads, HEAD_DIM)
         return tuple(qkv.permute(2, 0, 3, 1, 4))
 
-    def norms(self) -> tuple[nn.Module | None, nn.Module | None, None]:
-        """The qk-norms to apply to (q, k, v): RMSNorms, or None."""
-        return getattr(self, "ln_q", None), getattr(self, "ln_k", None), None
-
-    def pre_attention(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x [B, L, dim] -> q, k, v each [B, heads, L, HEAD_DIM], qk-normed."""
-        heads = zip(self.heads(x), self.norms(), strict=True)
-        return tuple(t if norm is None else joint_heads([(t, norm)]) for t, norm in heads)
+    def qk_norms(self) -> tuple[nn.Module | None, nn.Module | None]:
+        """The qk-norms of (q, k): RMSNorms, or None."""
+        return getattr(self, "ln_q", None), getattr(self, "ln_k", None)
 
 
 class MLP(nn.Module):
@@ -202,9 +196,7 @@ class DismantledBlock(nn.Module):
         mods = self.adaLN_modulation(c).chunk(self.n_mods, dim=1)
         x_norm = self.norm1(x)
         qkv = self.attn.heads(modulate(x_norm, mods[0], mods[1]))
-        qkv2 = (
-            self.attn2.pre_attention(modulate(x_norm, mods[6], mods[7])) if len(mods) == 9 else None
-        )
+        qkv2 = self.attn2.heads(modulate(x_norm, mods[6], mods[7])) if len(mods) == 9 else None
         return qkv, qkv2, mods
 
     def post_attention(
@@ -227,15 +219,19 @@ class JointBlock(nn.Module):
     def forward(self, context: Tensor, x: Tensor, c: Tensor) -> tuple[Tensor | None, Tensor]:
         ctx_qkv, _, ctx_mods = self.context_block.pre_attention(context, c)
         x_qkv, x_qkv2, x_mods = self.x_block.pre_attention(x, c)
-        norms = zip(self.context_block.attn.norms(), self.x_block.attn.norms(), strict=True)
-        q, k, v = (
-            joint_heads([(a, norm_a), (b, norm_b)])
-            for a, b, (norm_a, norm_b) in zip(ctx_qkv, x_qkv, norms, strict=True)
+        attn = joint_attention(
+            [
+                (*ctx_qkv, *self.context_block.attn.qk_norms()),
+                (*x_qkv, *self.x_block.attn.qk_norms()),
+            ]
         )
-        attn = attention(q, k, v)
         n_ctx = context.shape[1]
         ctx_attn, x_attn = attn[:, :n_ctx], attn[:, n_ctx:]
-        attn2 = attention(*x_qkv2) if x_qkv2 is not None else None
+        attn2 = (
+            joint_attention([(*x_qkv2, *self.x_block.attn2.qk_norms())])
+            if x_qkv2 is not None
+            else None
+        )
         x = self.x_block.post_attention(x, x_attn, attn2, x_mods)
         if self.context_block.pre_only:
             return None, x
