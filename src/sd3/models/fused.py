@@ -12,6 +12,10 @@ and GELU sees the fp32 accumulator instead of its bf16 rounding.
 and a plain `nn.Linear` or an `Int8Linear` (its weight converted to bf16 first; a LoRA-wrapped
 layer keeps its own forward); everything else runs the layer and the activation as usual.
 
+`joint_attention(streams)` is the MM-DiT's joint attention over [context, x] with each stream's
+RMS qk-norm: where the attention kernel runs, one call to it, which normalises q and k rows as it
+reads them (`attention.flash_attention_streams`); elsewhere `joint_heads` and then `attention`.
+
 `joint_heads(parts)` is `torch.cat([norm(x) for x, norm in parts], dim=2)` over [B, H, L, 64]
 head views: SD3.5's RMS qk-norm of each stream, then the joint sequence. The plain module runs
 six elementwise ops over a strided view and the concatenation copies once more; the kernel
