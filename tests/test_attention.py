@@ -238,3 +238,19 @@ def test_the_kernel_normalising_as_it_reads_equals_normalising_and_concatenating
     err = max_rel_err(fused, ref)
     print(f"{isa}, qk-norm {qk_norm}, {n_streams} streams: max rel err vs fp32 {err:.2e}")
     assert err <= 1e-2  # measured 2.7e-3 to 7.9e-3
+
+
+@needs_kernel
+def test_impossible_streams_raise_value_errors():
+    from sd3.models.attention import flash_attention_streams
+    from sd3.models.mmdit import RMSNorm
+
+    (q, k, v, nq, nk), (q2, k2, v2, *_) = two_streams(seed=6)
+    with pytest.raises(ValueError, match="one or two streams, got 3"):
+        flash_attention_streams([(q, k, v, nq, nk)] * 3)
+    with pytest.raises(ValueError, match="differ in batch or heads"):
+        flash_attention_streams([(q, k, v, nq, nk), (q2[:1], k2[:1], v2[:1], None, None)])
+    with pytest.raises(ValueError, match=r"qk-norm weights must be bf16 of shape \(64,\)"):
+        flash_attention_streams([(q, k, v, RMSNorm(64), None)])  # fp32 weight
+    with pytest.raises(ValueError, match="at least one query"):
+        flash_attention_streams([(q[:, :, :0], k, v, None, None)])

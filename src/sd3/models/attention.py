@@ -14,8 +14,8 @@ fp32 and O(L · 64) scratch per thread, in one of two instruction sets:
 
 `flash_attention_streams` takes the joint sequence as one or two streams, each with its own RMS
 qk-norm that the kernel applies as it reads the rows (`fused.joint_attention` is the MMDiT's
-entry point). `SD3_ATTENTION=auto|amx|avx512|sdpa` overrides the choice (`auto`: the fastest the CPU has).
-The kernel is plain C++ loaded with ctypes, compiled with the system C++ compiler on first use
+entry point). `SD3_ATTENTION=auto|amx|avx512|sdpa` overrides the choice (`auto`: the fastest the
+CPU has). The kernel is plain C++ loaded with ctypes, compiled with the system C++ compiler on first use
 (a few seconds; a compiler without AMX support builds it without the AMX path) and cached under
 `~/.cache/sd3`. Everything else (other dtypes, head dims, gradients, GPUs), and any machine where
 the kernel cannot be built, uses `F.scaled_dot_product_attention`.
