@@ -93,16 +93,16 @@ struct Seq {
 };
 
 inline __m512 exp2_ps(__m512 x) {
-  // 2^x = 2^n * 2^f with n = round(x), |f| <= 1/2; the degree-4 minimax polynomial for 2^f has
-  // relative error < 3e-6, far below the bf16 rounding P gets next. x <= 0 here (the row maximum
+  // 2^x = 2^n * 2^f with n = round(x), |f| <= 1/2; the degree-3 polynomial for 2^f (a weighted
+  // least-squares fit) has relative error < 8e-5, far below the bf16 rounding (4e-3) P gets next,
+  // and is 1.03-1.05x faster over a whole call than degree 4 on AMX. x <= 0 here (the row maximum
   // is subtracted), and scalef takes any n: 2^n underflows to 0 for x below about -150.
   __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(9.570097e-3f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5917867e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4024744e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931218e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.999993e-1f));
+  __m512 p = _mm512_set1_ps(0.05508877f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24260466f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69327628f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999289f));
   return _mm512_scalef_ps(p, n);
 }
 
