@@ -6,7 +6,7 @@ small flash-attention kernel, `sd3/csrc/flash_attention_cpu.cpp`, with the onlin
 fp32 and O(L · 64) scratch per thread, in one of two instruction sets:
 
 - `amx`: Q Kᵀ and P V on AMX tiles (`tdpbf16ps`; Sapphire Rapids and later). On 2 cores:
-  about 1,100-1,200 GFLOP/s at the MMDiT's shapes, 1.5-1.9x torch's SDPA (which uses AMX too).
+  about 1,200-1,300 GFLOP/s at the MMDiT's shapes, 1.5-1.9x torch's SDPA (which uses AMX too).
   The tiles' work and the softmax's on the vector units take about half the time each and run
   one after the other (the kernel's header says why they cannot overlap).
 - `avx512`: the same with `vdpbf16ps` in zmm registers (AVX-512 BF16: Zen 4, Cooper Lake).
