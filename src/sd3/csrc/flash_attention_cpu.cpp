@@ -360,12 +360,17 @@ void attend_block_amx(const Seq& q, int64_t b, int64_t h, int64_t i0, int64_t Lq
     }
     for (int64_t r = 0; r < rows_pad; ++r) {  // row maxima over the valid keys
       const float* s = w.s + r * BLOCK_K;
-      __m512 mx = _mm512_set1_ps(-INFINITY);
-      for (int64_t j = 0; j < n; j += 16) {
+      __m512 mx = _mm512_set1_ps(-INFINITY), my = mx;
+      int64_t j = 0;
+      for (; j + 32 <= n; j += 32) {  // two independent chains
+        mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + j));
+        my = _mm512_max_ps(my, _mm512_loadu_ps(s + j + 16));
+      }
+      for (; j < n; j += 16) {
         const int64_t valid = std::min<int64_t>(n - j, 16);
         mx = _mm512_mask_max_ps(mx, __mmask16((1u << valid) - 1), mx, _mm512_loadu_ps(s + j));
       }
-      w.blockmax[r] = _mm512_reduce_max_ps(mx);
+      w.blockmax[r] = _mm512_reduce_max_ps(_mm512_max_ps(mx, my));
     }
 
     softmax_rows(w, rows_pad, n, n_pad, scale_log2);
