@@ -58,7 +58,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     bf16 CPU inputs with d = 64 that need no gradient take the kernel (see `kernel_choice`),
     all others `F.scaled_dot_product_attention`."""
     _check_shapes(q, k, v)
-    if _kernel_applies(q, k, v):
+    if kernel_applies(q, k, v):
         isa = kernel_choice()
         if isa != "sdpa":
             return flash_attention_cpu(q, k, v, isa)
@@ -216,7 +216,10 @@ def bf16_cpu_eager(*tensors: Tensor) -> bool:
     )
 
 
-def _kernel_applies(q: Tensor, k: Tensor, v: Tensor) -> bool:
+def kernel_applies(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether the kernel may take these [B, heads, L, d] tensors (`attention`'s and
+    `fused.joint_attention`'s test): bf16 on the CPU outside torch.compile, d = 64, at least one
+    query and key, no gradient needed."""
     tensors = (q, k, v)
     return (
         bf16_cpu_eager(*tensors)

@@ -39,10 +39,10 @@ from torch import Tensor, nn
 from .attention import (
     HEAD_DIM,
     Stream,
-    _kernel_applies,
     attention,
     bf16_cpu_eager,
     flash_attention_streams,
+    kernel_applies,
     kernel_choice,
     kernel_library,
 )
@@ -147,7 +147,7 @@ def joint_attention(streams: Sequence[Stream]) -> Tensor:
     ]
     if (
         len(streams) <= 2
-        and all(_kernel_applies(q, k, v) for q, k, v, *_ in streams)
+        and all(kernel_applies(q, k, v) for q, k, v, *_ in streams)
         and _norm_fusable(parts)
         and all(q.shape[:2] == streams[0][0].shape[:2] for q, *_ in streams)
         and all(s[1].shape[2] == s[2].shape[2] for s in streams)
