@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sd3.models.attention import flash_attention_cpu, kernels_available, sdpa_attention
+from sd3.kernels.flash_attention import flash_attention_cpu, kernels_available, sdpa_attention
 
 SHAPES = [(1, 24, 1178), (2, 24, 1178), (1, 24, 4250), (2, 24, 4250)]  # (B, heads, L)
 HEAD_DIM = 64

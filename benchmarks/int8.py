@@ -1,7 +1,7 @@
 """int8 mode against the plain compute dtype (bf16 where the CPU has it, else fp32) on the same
 full-size random weights: time, peak memory and output error; appends its table to
 benchmarks/RESULTS.md (or prints it with --no-write). In fp32 the MMDiT's int8 layers multiply in
-int8 (`models.quantization`); otherwise int8 is weight-only.
+int8 (`kernels.quantization`); otherwise int8 is weight-only.
 
     python benchmarks/int8.py [--rows t5,mmdit-512,mmdit-1024] [--repeats 3]
 
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import CONTEXT_TOKENS, ROOT, peak_rss_bytes, weights_file  # noqa: E402
 
 from sd3.checkpoints import find_components, infer_config, load_component  # noqa: E402
-from sd3.models.quantization import Int8Linear  # noqa: E402
+from sd3.kernels.quantization import Int8Linear  # noqa: E402
 from sd3.pipeline import default_dtype  # noqa: E402
 
 DTYPE = default_dtype()  # the plain side's, and the int8 side's compute dtype

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from sd3.evaluation import heldout_prompts, perfect_generator
 from sd3.pipeline import Pipeline, to_image_tensor
+from sd3.shapes.evaluation import heldout_prompts, perfect_generator
 from sd3.training.flow import validation_loss
 
 ROOT = Path(__file__).resolve().parents[1]

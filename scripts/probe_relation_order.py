@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 from sd3.pipeline import Pipeline
-from sd3.training.flow import noisy_latent
-from sd3.training.shapes import (
+from sd3.shapes.scenes import (
     COLOURS,
     ObjectSpec,
     SceneSpec,
@@ -30,6 +29,7 @@ from sd3.training.shapes import (
     caption,
     parse_caption,
 )
+from sd3.training.flow import noisy_latent
 
 SIGMAS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.97)
 DRAWS = 3

@@ -14,7 +14,7 @@ Stages (each resumable by re-running the same command):
    48-token context instead of 77 + 32 makes a training step much faster (1.02 -> 0.60 s at 32
    context tokens), since at this size the context stream costs more than the 64 image tokens.
    `--pretrain-text-encoders STEPS` first trains them on the captions alone to state each
-   caption's structure (`sd3.training.text_pretraining`), then freezes them;
+   caption's structure (`sd3.shapes.text_pretraining`), then freezes them;
 3. an MMDiT-X (RMS qk-norm, attn2 in the first blocks) trained with the rectified-flow objective,
    logit-normal timestep sampling and a compiled training step at 128x128 (16x16 latents, 64 image
    tokens). At 64x64 the 8x latents leave a shape about one latent pixel wide: a VAE round trip of
@@ -22,7 +22,7 @@ Stages (each resumable by re-running the same command):
    64x64 stage first (`--base-steps`, progressive resolution as in the SD3 paper) is off by
    default: the whole budget goes to the sampling size. `--mirror-pairs` trains on each scene
    next to its mirror image, whose caption names the relation's objects the other way round
-   (`sd3.training.shapes.mirror`), the two in one batch with the same noise and timestep
+   (`sd3.shapes.scenes.mirror`), the two in one batch with the same noise and timestep
    (`TrainConfig.paired`); `--pair-contrast W` weights what tells a pair apart more
    (`sd3.training.flow.flow_loss`). `--init FILE --reinit-mmdit` keeps FILE's VAE and text
    encoders and starts a fresh MMDiT on them. The EMA weights are exported in the official
@@ -48,22 +48,22 @@ import torch
 from tqdm import tqdm
 
 from sd3.checkpoints import load_component, open_file
-from sd3.hardware import cpu_has_bf16
+from sd3.kernels.hardware import cpu_has_bf16
 from sd3.models.clip import CLIPConfig, CLIPTextModel
 from sd3.models.mmdit import MMDiT, MMDiTConfig
 from sd3.models.t5 import T5Config, T5Encoder
 from sd3.models.vae import AutoEncoder, VAEConfig
 from sd3.presets import PRESET_METADATA, preset_for
+from sd3.shapes.autoencoder import fit_latent_format, train_autoencoder
+from sd3.shapes.scenes import ShapesDataset, heldout_prompts
+from sd3.shapes.text_pretraining import pretrain_text_encoders, swap_cosine
 from sd3.text import TextEncoders
-from sd3.training.autoencoder import fit_latent_format, train_autoencoder
 from sd3.training.checkpoint import save_atomic
 from sd3.training.command import mix_argument
 from sd3.training.data import encode_latents
 from sd3.training.export import export_single_file
 from sd3.training.flow import SAMPLINGS
 from sd3.training.fresh import init_mmdit
-from sd3.training.shapes import ShapesDataset, heldout_prompts
-from sd3.training.text_pretraining import pretrain_text_encoders, swap_cosine
 from sd3.training.trainer import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,7 +148,7 @@ def main() -> int:
     p.add_argument(
         "--pretrain-text-encoders", type=int, default=0, metavar="STEPS",
         help="first train the frozen text encoders this many steps on the captions' structure "
-        "(sd3.training.text_pretraining), then freeze them for the MMDiT",
+        "(sd3.shapes.text_pretraining), then freeze them for the MMDiT",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(

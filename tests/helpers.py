@@ -4,11 +4,11 @@ from pathlib import Path
 
 import torch
 
-LAYOUTS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "checkpoint-layouts"
+LAYOUTS = Path(__file__).resolve().parent / "data" / "checkpoint-layouts"  # see its README.md
 
 
 def read_layout(name: str, strip_prefix: str = "") -> dict[str, tuple[int, ...]]:
-    """Keys and shapes of an official file from `shared/reference/checkpoint-layouts/NAME.tsv`."""
+    """Keys and shapes of an official file from `tests/data/checkpoint-layouts/NAME.tsv`."""
     shapes = {}
     for line in (LAYOUTS / f"{name}.tsv").read_text().splitlines()[1:]:
         key, shape = line.split("\t")

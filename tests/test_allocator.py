@@ -6,7 +6,7 @@ import resource
 import pytest
 import torch
 
-from sd3.allocator import _libc, reuse_freed_memory
+from sd3.kernels.allocator import _libc, reuse_freed_memory
 
 pytestmark = pytest.mark.skipif(_libc() is None, reason="not glibc")
 
@@ -46,7 +46,7 @@ def test_freed_blocks_are_reused_inside():
 def test_mmdit_inference_runs_inside_it_and_training_does_not(dtype, grad, reuses):
     """The MMDiT's blocks see malloc's reuse setting in inference (both dtypes), not in training,
     and the setting is restored when the forward returns."""
-    from sd3 import allocator
+    from sd3.kernels import allocator
     from sd3.models.mmdit import MMDiT, MMDiTConfig
 
     config = MMDiTConfig(

@@ -5,12 +5,12 @@ import pytest
 import torch
 from helpers import max_rel_err
 
-from sd3.models import attention as attention_module
-from sd3.models.attention import (
+from sd3.kernels import build as build_module
+from sd3.kernels import flash_attention as attention_module
+from sd3.kernels.build import kernel_available, kernels_available
+from sd3.kernels.flash_attention import (
     attention,
     flash_attention_cpu,
-    kernel_available,
-    kernels_available,
     sdpa_attention,
 )
 
@@ -123,7 +123,7 @@ def test_choice_is_amx_where_it_runs_avx512_only_without_amx_and_can_be_forced(m
     monkeypatch.setenv("SD3_ATTENTION", "sdpa")
     assert torch.equal(attention(q, k, v), sdpa_attention(q, k, v))
     monkeypatch.setenv("SD3_ATTENTION", "amx")  # not available (as patched): SDPA, one warning
-    attention_module._warn_once.cache_clear()
+    build_module.warn_once.cache_clear()
     with pytest.warns(RuntimeWarning, match="SD3_ATTENTION=amx cannot run on this machine"):
         assert torch.equal(attention(q, k, v), sdpa_attention(q, k, v))
     monkeypatch.setenv("SD3_ATTENTION", "fast")
@@ -136,10 +136,10 @@ def test_choice_is_amx_where_it_runs_avx512_only_without_amx_and_can_be_forced(m
 def test_without_a_compiler_attention_falls_back_to_sdpa_with_one_warning(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", "no-such-compiler-sd3")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(attention_module, "_cpu_has_avx512_bf16", lambda: True)
+    monkeypatch.setattr(build_module, "_cpu_has_avx512_bf16", lambda: True)
     monkeypatch.delenv("SD3_ATTENTION", raising=False)
-    attention_module.kernel_library.cache_clear()
-    attention_module._warn_once.cache_clear()
+    build_module.kernel_library.cache_clear()
+    build_module.warn_once.cache_clear()
     try:
         q, k, v = qkv(1, 2, 40, 40, seed=4)
         with pytest.warns(RuntimeWarning, match="using torch SDPA") as record:
@@ -151,7 +151,7 @@ def test_without_a_compiler_attention_falls_back_to_sdpa_with_one_warning(monkey
         with pytest.raises(RuntimeError, match="not available"):
             flash_attention_cpu(q, k, v)
     finally:
-        attention_module.kernel_library.cache_clear()
+        build_module.kernel_library.cache_clear()
 
 
 def test_impossible_shapes_raise_value_errors():
@@ -211,7 +211,7 @@ def test_the_kernel_normalising_as_it_reads_equals_normalising_and_concatenating
     """`joint_attention` through the kernel (the qk-norm applied as rows are read, the streams never
     concatenated) gives bit for bit what the kernel gives on `joint_heads`' normed, concatenated
     q, k and v; and both are within bf16 rounding of fp32 SDPA on the normed fp32 inputs."""
-    from sd3.models.fused import joint_attention, joint_heads
+    from sd3.kernels.fused import joint_attention, joint_heads
 
     monkeypatch.setenv("SD3_ATTENTION", isa)
     streams = two_streams(seed=5, qk_norm=qk_norm)[:n_streams]
@@ -242,7 +242,7 @@ def test_the_kernel_normalising_as_it_reads_equals_normalising_and_concatenating
 
 @needs_kernel
 def test_impossible_streams_raise_value_errors():
-    from sd3.models.attention import flash_attention_streams
+    from sd3.kernels.flash_attention import flash_attention_streams
     from sd3.models.mmdit import RMSNorm
 
     (q, k, v, nq, nk), (q2, k2, v2, *_) = two_streams(seed=6)

@@ -10,8 +10,8 @@ from helpers import save_single_file, tiny_models
 from PIL import Image
 from safetensors.torch import load_file
 
-from sd3 import hardware
 from sd3.cli import main
+from sd3.kernels import hardware
 from sd3.models.vae import to_latent_format
 from sd3.pipeline import Pipeline
 

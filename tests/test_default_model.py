@@ -11,8 +11,8 @@ from PIL import Image
 
 from sd3.checkpoints import find_components, infer_config
 from sd3.cli import DEFAULT_MODEL, main
-from sd3.evaluation import detect_objects
 from sd3.pipeline import Pipeline
+from sd3.shapes.evaluation import detect_objects
 
 
 def test_bundled_model_is_a_complete_sd35_family():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from sd3.evaluation import (
+from sd3.shapes.evaluation import (
     CheckResult,
     add_arguments,
     check,
@@ -23,7 +23,7 @@ from sd3.evaluation import (
     run,
     select_prompts,
 )
-from sd3.training.shapes import (
+from sd3.shapes.scenes import (
     BACKGROUND,
     COLOURS,
     SHAPES,

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from helpers import bf16_mmdit_case, max_rel_err
 from torch import nn
 
-import sd3.models.fused as fused
-from sd3.models.attention import kernel_library
-from sd3.models.fused import joint_heads, linear
+import sd3.kernels.fused as fused
+from sd3.kernels.flash_attention import kernel_library
+from sd3.kernels.fused import joint_heads, linear
 from sd3.models.mmdit import RMSNorm
 
 needs_onednn = pytest.mark.skipif(

@@ -229,7 +229,7 @@ def test_an_unknown_compile_mode_is_one_error_naming_it(models, tmp_path):
 def test_sampling_keeps_freed_memory_across_steps_and_gives_it_back_after(pipe):
     """Every step's MMDiT forward runs inside the sampling loop's `reuse_freed_memory` (depth 2:
     the loop's and the forward's own), and the setting is restored when sampling ends."""
-    from sd3 import allocator
+    from sd3.kernels import allocator
 
     if allocator._libc() is None:
         pytest.skip("not glibc")

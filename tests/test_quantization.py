@@ -11,8 +11,8 @@ from test_t5 import SMALL, build, random_state
 
 from sd3.checkpoints import find_components, load_component
 from sd3.cli import main
-from sd3.hardware import cpu_int8_beats_bf16, cpu_int8_full_range
-from sd3.models.quantization import (
+from sd3.kernels.hardware import cpu_int8_beats_bf16, cpu_int8_full_range
+from sd3.kernels.quantization import (
     Int8Linear,
     int8_gemm_available,
     linear_layers,

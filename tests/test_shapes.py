@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sd3.training.shapes import (
+from sd3.shapes.scenes import (
     BACKGROUND,
     CATEGORIES,
     COLOURS,
@@ -186,8 +186,8 @@ def test_captions_are_true_of_the_layout(train_scenes):
 
 
 def test_mirror_pairs_swap_the_relation_in_image_and_caption(train_scenes):
-    from sd3.evaluation import check
-    from sd3.training.shapes import EvalPrompt
+    from sd3.shapes.evaluation import check
+    from sd3.shapes.scenes import EvalPrompt
 
     kinds = Counter()
     for scene in train_scenes[:400]:

@@ -4,8 +4,8 @@ import torch
 from helpers import max_rel_err, tiny_models
 
 from sd3.models.vae import from_latent_format
-from sd3.training.autoencoder import fit_latent_format, train_autoencoder
-from sd3.training.shapes import ShapesDataset
+from sd3.shapes.autoencoder import fit_latent_format, train_autoencoder
+from sd3.shapes.scenes import ShapesDataset
 
 
 def test_fit_latent_format_keeps_reconstructions_and_unit_std():

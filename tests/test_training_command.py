@@ -221,7 +221,7 @@ def test_ctrl_c_saves_and_stops(model_file, data_dir, tmp_path):
 
 def test_mirror_pairs_on_shapes(tmp_path):
     """--shapes-mirror-pairs trains on scene k and its mirror as examples 2k, 2k + 1."""
-    from sd3.training.shapes import mirror, sample_scene
+    from sd3.shapes.scenes import mirror, sample_scene
 
     out = tmp_path / "pairs"
     argv = ["--init-config", "tiny", "--shapes", "8", "--resolution", "32", "--out", str(out)]
@@ -237,7 +237,7 @@ def test_mirror_pairs_on_shapes(tmp_path):
 def test_fresh_model_on_shapes(tmp_path):
     """--init-config saves the fresh family once (base.safetensors) and resumes from it;
     --t5-length fixes the context length (77 CLIP + 8 T5 tokens)."""
-    pytest.importorskip("sd3.training.shapes")
+    pytest.importorskip("sd3.shapes.scenes")
     out = tmp_path / "fresh"
     argv = ["--init-config", "tiny", "--shapes", "8", "--resolution", "32", "--out", str(out)]
     argv += ["--batch-size", "4", "--steps", "1", "--t5-length", "8", "--quiet"]

@@ -1,4 +1,4 @@
-"""Text-encoder pre-training on caption structure (`sd3.training.text_pretraining`): the labels
+"""Text-encoder pre-training on caption structure (`sd3.shapes.text_pretraining`): the labels
 against hand-derived ones, and a short run that must teach tiny encoders word order."""
 
 import pytest
@@ -6,9 +6,9 @@ import torch
 
 from sd3.models.clip import CLIPConfig, CLIPTextModel
 from sd3.models.t5 import T5Config, T5Encoder
+from sd3.shapes.scenes import heldout_prompts, parse_caption
+from sd3.shapes.text_pretraining import pretrain_text_encoders, structure, swap_cosine
 from sd3.text import TextEncoders
-from sd3.training.shapes import heldout_prompts, parse_caption
-from sd3.training.text_pretraining import pretrain_text_encoders, structure, swap_cosine
 
 
 def test_structure_labels_by_hand():

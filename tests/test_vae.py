@@ -8,13 +8,12 @@ from helpers import max_rel_err, read_layout
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from sd3.kernels.tiling import TileStats, decode_tiled
 from sd3.models.vae import (
     SCALE,
     SHIFT,
     AutoEncoder,
-    TileStats,
     VAEConfig,
-    decode_tiled,
     from_latent_format,
     to_latent_format,
 )
@@ -276,7 +275,7 @@ def test_tiled_decode_memory_2048(monkeypatch):
 
 
 needs_kernel = pytest.mark.skipif(
-    __import__("sd3.models.attention", fromlist=["x"]).kernel_library() is None,
+    __import__("sd3.kernels.flash_attention", fromlist=["x"]).kernel_library() is None,
     reason="no AVX-512 BF16 kernel library on this machine",
 )
 
@@ -286,7 +285,7 @@ needs_kernel = pytest.mark.skipif(
 def test_group_norm_silu_kernel(shape, mean):
     """The fused GroupNorm + SiLU kernel on channels-last bf16 against GroupNorm then SiLU in fp64
     (channel means up to 6 exercise the shifted sums), no further off than torch's bf16 path."""
-    from sd3.models.fused import group_norm_silu
+    from sd3.kernels.fused import group_norm_silu
 
     g = torch.Generator().manual_seed(4)
     C = shape[1]

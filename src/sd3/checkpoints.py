@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .kernels.quantization import SCALE, pack_for_int8_gemm, quantize_weight, use_int8
 from .models.clip import CLIPConfig, CLIPTextModel
 from .models.mmdit import MMDiT, MMDiTConfig
-from .models.quantization import SCALE, pack_for_int8_gemm, quantize_weight, use_int8
 from .models.t5 import T5Config, T5Encoder
 from .models.vae import AutoEncoder, VAEConfig
 
@@ -575,7 +575,7 @@ def load_component(
     int8: bool = False,
 ) -> nn.Module:
     """Build the module for `component` from its tensors, checking every key and shape first.
-    `int8`: the MMDiT's or T5's block linears are quantized as they load (`models.quantization`),
+    `int8`: the MMDiT's or T5's block linears are quantized as they load (`kernels.quantization`),
     one tensor at a time, so their full-precision weights are never all in memory; an fp32 MMDiT
     on a CPU then multiplies in int8."""
     module = check_component(component)

@@ -12,12 +12,12 @@ import torch
 from PIL import Image, PngImagePlugin
 from safetensors.torch import save_file
 
-from . import evaluation
 from .checkpoints import COMPONENTS, find_components, infer_config
 from .models.vae import from_latent_format
 from .pipeline import COMPILE_MODES, Pipeline, Settings, describe_timings, load_image
 from .presets import detect_model
 from .sampling import SAMPLERS, SkipLayerGuidance
+from .shapes import evaluation
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "default" / "sd3_shapes.safetensors"

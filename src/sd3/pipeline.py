@@ -24,9 +24,9 @@ from .checkpoints import (
     infer_config,
     load_component,
 )
-from .hardware import cpu_has_bf16, warn_if_bf16_is_emulated
+from .kernels.hardware import cpu_has_bf16, warn_if_bf16_is_emulated
+from .kernels.quantization import INT8_SCOPE
 from .models.mmdit import MMDiT, MMDiTConfig
-from .models.quantization import INT8_SCOPE
 from .models.vae import AutoEncoder
 from .presets import Preset, preset_for
 from .sampling import (
@@ -180,7 +180,7 @@ class Pipeline:
     dtype: torch.dtype = torch.float32
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     low_memory: bool = False
-    int8: bool = False  # int8 T5-XXL and MMDiT blocks (`models.quantization`)
+    int8: bool = False  # int8 T5-XXL and MMDiT blocks (`kernels.quantization`)
     # the MMDiT under torch.compile: its first step compiles (about 70-90 s for SD3.5 on an H200),
     # then steps run 1.4-1.6x faster there (README, "Benchmarks"); True is torch.compile's default
     # mode, a string one of COMPILE_MODES

@@ -11,12 +11,12 @@ import math
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from ..allocator import for_inference
-from .fused import joint_attention, linear
+from .. import kernels
 
 HEAD_DIM = 64
 
@@ -73,14 +73,33 @@ class MMDiTConfig:
         )
 
 
-def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+class Modulation(NamedTuple):
+    """adaLN's per-sample (shift, scale, gate) for one sub-layer (DiT's adaLN-Zero): the input
+    is normed, then scaled and shifted; the sub-layer's output is gated into the residual."""
+
+    shift: Tensor
+    scale: Tensor
+    gate: Tensor | None = None  # None where no residual follows (the final layer, pre_only blocks)
+
+
+def modulate(x: Tensor, m: Modulation) -> Tensor:
     """x (1 + scale) + shift, per sample, in one pass over x."""
-    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+    return torch.addcmul(m.shift.unsqueeze(1), x, 1 + m.scale.unsqueeze(1))
 
 
-def gated(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
+def gated(x: Tensor, m: Modulation, y: Tensor) -> Tensor:
     """The gated residual x + gate y, per sample, in one pass."""
-    return torch.addcmul(x, gate.unsqueeze(1), y)
+    return torch.addcmul(x, m.gate.unsqueeze(1), y)
+
+
+class BlockModulation(NamedTuple):
+    """One stream's modulations in a joint block: attention, MLP and (MMDiT-X) the second
+    self-attention. Stored in the adaLN linear's output in the order of Stability's reference:
+    (shift, scale, gate) of attn, mlp, attn2; a `pre_only` block has attn's (shift, scale) only."""
+
+    attn: Modulation
+    mlp: Modulation | None = None
+    attn2: Modulation | None = None
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -130,6 +149,16 @@ class RMSNorm(nn.Module):
         ) * self.weight
 
 
+class QKV(NamedTuple):
+    """One stream's attention inputs, each [B, heads, L, 64], and its qk-norms (or None)."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    q_norm: nn.Module | None
+    k_norm: nn.Module | None
+
+
 class SelfAttention(nn.Module):
     """The q, k, v projections (with optional per-head RMS qk-norm) and output projection.
 
@@ -146,15 +175,32 @@ class SelfAttention(nn.Module):
         if not pre_only:
             self.proj = nn.Linear(dim, dim)
 
-    def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x [B, L, dim] -> q, k, v each [B, heads, L, HEAD_DIM] (views), before the qk-norm."""
+    def heads(self, x: Tensor) -> QKV:
+        """x [B, L, dim] -> q, k, v heads (views of one projection) with this stream's qk-norms."""
         B, L, _ = x.shape
-        qkv = linear(x, self.qkv).view(B, L, 3, self.num_heads, HEAD_DIM)
-        return tuple(qkv.permute(2, 0, 3, 1, 4))
+        qkv = kernels.linear(x, self.qkv).view(B, L, 3, self.num_heads, HEAD_DIM)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        return QKV(q, k, v, getattr(self, "ln_q", None), getattr(self, "ln_k", None))
 
-    def qk_norms(self) -> tuple[nn.Module | None, nn.Module | None]:
-        """The qk-norms of (q, k): RMSNorms, or None."""
-        return getattr(self, "ln_q", None), getattr(self, "ln_k", None)
+    def project(self, attn: Tensor) -> Tensor:
+        return kernels.linear(attn, self.proj)
+
+
+def joint_attention(streams: Sequence[QKV]) -> Tensor:
+    """Attention over the streams' concatenated sequence (SD3, section 4): each stream's q and k
+    RMS-normed by its own norms, then softmax(q kᵀ / √d) v over all tokens; [B, ΣL, heads * 64].
+
+    Where a CPU kernel applies, it computes the same while reading the streams in place."""
+    if kernels.joint_attention_fusable(streams):
+        return kernels.joint_attention(streams)
+    q = _cat([s.q_norm(s.q) if s.q_norm is not None else s.q for s in streams])
+    k = _cat([s.k_norm(s.k) if s.k_norm is not None else s.k for s in streams])
+    v = _cat([s.v for s in streams])
+    return kernels.attention(q, k, v)
+
+
+def _cat(heads: list[Tensor]) -> Tensor:
+    return heads[0] if len(heads) == 1 else torch.cat(heads, dim=2)
 
 
 class MLP(nn.Module):
@@ -164,16 +210,13 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(linear(x, self.fc1, "gelu_tanh"), self.fc2)
+        return kernels.linear(kernels.linear(x, self.fc1, "gelu_tanh"), self.fc2)
 
 
 class DismantledBlock(nn.Module):
-    """One stream's half of a joint block: adaLN-modulated attention input, then residual updates.
-
-    Modulation chunks: (shift, scale, gate) for attention, (shift, scale, gate) for the MLP and, with
-    `attn2` (MMDiT-X), (shift, scale, gate) for the second self-attention. A `pre_only` block (the
-    last context block) only produces its q, k, v and is modulated by (shift, scale).
-    """
+    """One stream's half of a joint block: its own LayerNorms, q/k/v and output projections, MLP
+    and adaLN modulation. A `pre_only` block (the last context block) only produces its q, k, v.
+    With `attn2` (MMDiT-X) the image stream also attends to itself alone."""
 
     def __init__(self, config: MMDiTConfig, pre_only: bool = False, attn2: bool = False):
         super().__init__()
@@ -189,23 +232,22 @@ class DismantledBlock(nn.Module):
         self.n_mods = 2 if pre_only else 9 if attn2 else 6
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, self.n_mods * dim))
 
-    def pre_attention(self, x: Tensor, c: Tensor):
-        """Returns the q, k, v heads for the joint attention (before their qk-norm, which
-        `JointBlock` fuses with the concatenation), the q, k, v for attn2 (or None) and the
-        modulation kept for `post_attention`."""
-        mods = self.adaLN_modulation(c).chunk(self.n_mods, dim=1)
-        x_norm = self.norm1(x)
-        qkv = self.attn.heads(modulate(x_norm, mods[0], mods[1]))
-        qkv2 = self.attn2.heads(modulate(x_norm, mods[6], mods[7])) if len(mods) == 9 else None
-        return qkv, qkv2, mods
+    @property
+    def has_attn2(self) -> bool:
+        return hasattr(self, "attn2")
 
-    def post_attention(
-        self, x: Tensor, attn: Tensor, attn2: Tensor | None, mods: Sequence[Tensor]
-    ) -> Tensor:
-        x = gated(x, mods[2], linear(attn, self.attn.proj))
-        if attn2 is not None:
-            x = gated(x, mods[8], linear(attn2, self.attn2.proj))
-        return gated(x, mods[5], self.mlp(modulate(self.norm2(x), mods[3], mods[4])))
+    def modulation(self, c: Tensor) -> BlockModulation:
+        chunks = self.adaLN_modulation(c).chunk(self.n_mods, dim=1)
+        if self.pre_only:
+            return BlockModulation(Modulation(*chunks))
+        return BlockModulation(
+            Modulation(*chunks[0:3]),
+            Modulation(*chunks[3:6]),
+            Modulation(*chunks[6:9]) if self.has_attn2 else None,
+        )
+
+    def mlp_residual(self, x: Tensor, mod: BlockModulation) -> Tensor:
+        return gated(x, mod.mlp, self.mlp(modulate(self.norm2(x), mod.mlp)))
 
 
 class JointBlock(nn.Module):
@@ -217,25 +259,27 @@ class JointBlock(nn.Module):
         self.x_block = DismantledBlock(config, attn2=index in config.attn2_layers)
 
     def forward(self, context: Tensor, x: Tensor, c: Tensor) -> tuple[Tensor | None, Tensor]:
-        ctx_qkv, _, ctx_mods = self.context_block.pre_attention(context, c)
-        x_qkv, x_qkv2, x_mods = self.x_block.pre_attention(x, c)
-        attn = joint_attention(
-            [
-                (*ctx_qkv, *self.context_block.attn.qk_norms()),
-                (*x_qkv, *self.x_block.attn.qk_norms()),
-            ]
-        )
-        n_ctx = context.shape[1]
-        ctx_attn, x_attn = attn[:, :n_ctx], attn[:, n_ctx:]
-        attn2 = (
-            joint_attention([(*x_qkv2, *self.x_block.attn2.qk_norms())])
-            if x_qkv2 is not None
-            else None
-        )
-        x = self.x_block.post_attention(x, x_attn, attn2, x_mods)
-        if self.context_block.pre_only:
+        ctx_block, x_block = self.context_block, self.x_block
+        ctx_mod, x_mod = ctx_block.modulation(c), x_block.modulation(c)
+
+        # each stream's q, k, v from its own adaLN-modulated input
+        ctx_qkv = ctx_block.attn.heads(modulate(ctx_block.norm1(context), ctx_mod.attn))
+        x_normed = x_block.norm1(x)
+        x_qkv = x_block.attn.heads(modulate(x_normed, x_mod.attn))
+
+        # one attention over [context, x], split back into the streams
+        attn = joint_attention([ctx_qkv, x_qkv])
+        ctx_attn, x_attn = attn.split([context.shape[1], x.shape[1]], dim=1)
+
+        x = gated(x, x_mod.attn, x_block.attn.project(x_attn))
+        if x_block.has_attn2:  # MMDiT-X: the image tokens attend among themselves too
+            x_qkv2 = x_block.attn2.heads(modulate(x_normed, x_mod.attn2))
+            x = gated(x, x_mod.attn2, x_block.attn2.project(joint_attention([x_qkv2])))
+        x = x_block.mlp_residual(x, x_mod)
+        if ctx_block.pre_only:
             return None, x
-        return self.context_block.post_attention(context, ctx_attn, None, ctx_mods), x
+        context = gated(context, ctx_mod.attn, ctx_block.attn.project(ctx_attn))
+        return ctx_block.mlp_residual(context, ctx_mod), x
 
 
 class FinalLayer(nn.Module):
@@ -249,8 +293,8 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        mod = Modulation(*self.adaLN_modulation(c).chunk(2, dim=1))
+        return self.linear(modulate(self.norm_final(x), mod))
 
 
 class MMDiT(nn.Module):
@@ -284,10 +328,9 @@ class MMDiT(nn.Module):
 
     def temporaries(self) -> AbstractContextManager:
         """Where an inference pass runs: with freed activations kept for reuse, in either CPU dtype
-        (`allocator.for_inference`). Each forward holds it; a sampling loop holds it across all
-        its steps, so the memory is not given back and faulted in again between them (1024² bf16:
-        7.1-7.25 s a step instead of 7.3-7.45 on 2 AMX cores)."""
-        return for_inference(self.pos_embed, (torch.bfloat16, torch.float32))
+        (`kernels.for_inference`). Each forward holds it; a sampling loop holds it across all its
+        steps, so the memory is not given back and faulted in again between them."""
+        return kernels.for_inference(self.pos_embed, (torch.bfloat16, torch.float32))
 
     def cropped_pos_embed(self, h: int, w: int) -> Tensor:
         """The centre h x w crop of the stored square table of positional embeddings."""

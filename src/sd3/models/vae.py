@@ -3,7 +3,7 @@
 Same network as Stability's sd3.5 reference (`VAEEncoder` / `VAEDecoder`): ResNet blocks with
 GroupNorm(32) and swish, one self-attention block in the middle, no quant convs. The MMDiT works
 on `(z - SHIFT) * SCALE`; `encode` returns and `decode` takes that latent format. Tiled decoding
-keeps memory bounded at large sizes without seams (see `decode_tiled`).
+keeps memory bounded at large sizes without seams (see `kernels.decode_tiled`).
 """
 
 from collections.abc import Mapping, Sequence
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..allocator import for_inference
-from .fused import group_norm_silu
+from .. import kernels
+from ..kernels import TileStats
 
 SHIFT = 0.0609
 SCALE = 1.5305
@@ -98,10 +98,10 @@ class Normalize(nn.GroupNorm):
         return self.stats.normalize(self, x)
 
     def silu(self, x: Tensor, inplace: bool = False) -> Tensor:
-        """`F.silu(self(x))`, fused into one kernel where it can be (`fused.group_norm_silu`),
+        """`F.silu(self(x))`, fused into one kernel where it can be (`kernels.group_norm_silu`),
         over `x` if `inplace` and the kernel runs."""
         if self.stats is None:
-            return group_norm_silu(x, self, inplace=inplace)
+            return kernels.group_norm_silu(x, self, inplace=inplace)
         return F.silu(self.stats.normalize(self, x))
 
 
@@ -162,59 +162,17 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # LDM pads right/bottom only
 
 
-# Which low-resolution rows a 3x3 conv's kernel rows read after a nearest 2x upsampling, by the
-# output row's parity a: [a, u, ky] = 1 where kernel row ky lands on low-res row i - 1 + a + u.
-_PHASE_TAPS = torch.tensor([[[1.0, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]])
-
-
 class Upsample(nn.Module):
-    """Nearest 2x upsampling, then a 3x3 conv.
-
-    Without gradients it is computed on the low-resolution input (sub-pixel phases, as in a
-    transposed conv): output pixel (2i + a, 2j + b) reads low-res pixels i - 1 + a .. i + a and
-    j - 1 + b .. j + b only, so each of the four phases (a, b) is a 2x2 conv whose taps are sums of
-    the 3x3 taps. Each phase's 2x2 conv is written into its pixels of the output: the same
-    numbers up to the rounding of the summed taps, with 16 products per output pixel and channel
-    pair instead of 36 (2x faster on 2 cores, bf16), and no upsampled copy of the input. Training
-    keeps the plain path, and so do GPUs, where the strided writes of the phases cost more than the
-    products they save (a 1024² decode on an H200: 0.90x diffusers with them)."""
+    """Nearest 2x upsampling, then a 3x3 conv."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = conv3x3(channels, channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() or x.device.type != "cpu":
-            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        return self.forward_phases(x)
-
-    def phase_weight(self) -> Tensor:
-        """[4 * out, in, 2, 2]: the 2x2 kernels of phases (a, b) in the order 2a + b."""
-        w = self.conv.weight
-        taps = _PHASE_TAPS.to(
-            w.device, torch.float64 if w.dtype == torch.float64 else torch.float32
-        )
-        kernels = torch.einsum("auy,bvx,ocyx->abocuv", taps, taps, w.to(taps.dtype))
-        return kernels.reshape(4 * w.shape[0], w.shape[1], 2, 2).to(w.dtype)
-
-    def forward_phases(self, x: Tensor) -> Tensor:
-        B, _, H, W = x.shape
-        out_channels = self.conv.out_channels
-        kernels, bias = self.phase_weight(), self.conv.bias
-        channels_last = x.is_contiguous(memory_format=torch.channels_last)
-        layout = torch.channels_last if channels_last else torch.contiguous_format
-        out = torch.empty(
-            B, out_channels, 2 * H, 2 * W, dtype=x.dtype, device=x.device, memory_format=layout
-        )
-        for a in (0, 1):
-            for b in (0, 1):
-                # one phase at a time (as fast as one conv of all four, a quarter of the memory):
-                # phase (a, b) of low-res pixel (i, j) is at (i + a, j + b) of [B, out, H+1, W+1]
-                i = 2 * a + b
-                kernel = kernels[i * out_channels : (i + 1) * out_channels]
-                phase = F.conv2d(x, kernel, bias, padding=1)
-                out[:, :, a::2, b::2] = phase[:, :, a : a + H, b : b + W]
-        return out
+        if kernels.upsample_phases_apply(x):  # the same on the low-resolution input
+            return kernels.upsample_conv3x3_phases(x, self.conv)
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class MidBlock(nn.Module):
@@ -291,84 +249,6 @@ class Decoder(nn.Module):
         return self.conv_out(self.norm_out.silu(h))
 
 
-class TileStats:
-    """Image-wide GroupNorm statistics for tiled decoding, gathered from each tile's own core.
-
-    While gathering, tiles normalize with their local statistics and add (count, sum, sum of
-    squares) over their cores, which partition the image. Once `frozen`, every tile normalizes
-    with the merged values, so all tiles compute one function and their cores join without seams.
-    """
-
-    def __init__(self):
-        self.sums: dict[Normalize, Tensor] = {}
-        self.frozen = False
-        self.tile_height = 1  # latent pixels
-        self.core = (slice(None), slice(None))  # latent pixels, relative to the tile
-
-    def normalize(self, norm: Normalize, x: Tensor) -> Tensor:
-        """GroupNorm of tile `x` [B, C, h, w]: while gathering, with the tile's own statistics
-        (adding its core's sums); once frozen, with the merged ones, as one per-channel scale and
-        shift computed in fp32."""
-        B, C = x.shape[:2]
-        G = norm.num_groups
-        if not self.frozen:
-            s = x.shape[-2] // self.tile_height  # this layer's pixels per latent pixel
-            rows, cols = (slice(r.start * s, r.stop * s) for r in self.core)
-            core = x[..., rows, cols].float()
-            per_channel = torch.stack([core.sum((2, 3)), core.square().sum((2, 3))])  # [2, B, C]
-            sums = per_channel.double().view(2, B, G, C // G).sum(-1)
-            n = torch.full_like(sums[:1], core[0, 0].numel() * (C // G))
-            self.sums[norm] = self.sums.get(norm, 0) + torch.cat([n, sums])
-            return F.group_norm(x, G, norm.weight, norm.bias, norm.eps)
-        n, total, squares = self.sums[norm]  # [B, G] each
-        mean = total / n
-        rstd = torch.rsqrt(squares / n - mean**2 + norm.eps).float().repeat_interleave(C // G, 1)
-        scale = rstd * norm.weight.float()
-        shift = norm.bias.float() - mean.float().repeat_interleave(C // G, 1) * scale
-        return torch.addcmul(shift[..., None, None], x, scale[..., None, None]).to(x.dtype)
-
-
-def decode_tiled(
-    decoder: Decoder, h: Tensor, tile_size: int, stats: TileStats | None = None
-) -> Tensor:
-    """`decoder.forward_up(h)` on `tile_size`-square cores widened by `decoder.halo`.
-
-    Runs twice, gathering GroupNorm statistics and then rendering, unless `stats` is frozen.
-    """
-    height, width = h.shape[-2:]
-    halo = decoder.halo
-    spans = [
-        [
-            (i, min(i + tile_size, n), max(i - halo, 0), min(i + tile_size + halo, n))
-            for i in range(0, n, tile_size)
-        ]
-        for n in (height, width)
-    ]
-    stats = stats or TileStats()
-    norms = [m for m in decoder.modules() if isinstance(m, Normalize)]
-    for norm in norms:
-        norm.stats = stats
-    out = None
-    try:
-        for render in (True,) if stats.frozen else (False, True):
-            stats.frozen = render
-            for y0, y1, ty0, ty1 in spans[0]:
-                for x0, x1, tx0, tx1 in spans[1]:
-                    stats.tile_height = ty1 - ty0
-                    stats.core = (slice(y0 - ty0, y1 - ty0), slice(x0 - tx0, x1 - tx0))
-                    tile = decoder.forward_up(h[..., ty0:ty1, tx0:tx1])
-                    if render:
-                        s = tile.shape[-2] // (ty1 - ty0)
-                        if out is None:
-                            out = tile.new_empty(*tile.shape[:2], height * s, width * s)
-                        rows, cols = (slice(r.start * s, r.stop * s) for r in stats.core)
-                        out[..., y0 * s : y1 * s, x0 * s : x1 * s] = tile[..., rows, cols]
-    finally:
-        for norm in norms:
-            norm.stats = None
-    return out
-
-
 class AutoEncoder(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
@@ -399,7 +279,7 @@ class AutoEncoder(nn.Module):
                 f"and width {width} multiples of {self.downscale}"
             )
         image = self.memory_format_for(image.to(self.encoder.conv_in.weight.dtype))
-        with for_inference(image):
+        with kernels.for_inference(image):
             moments = self.encoder(image)
         mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
@@ -422,11 +302,11 @@ class AutoEncoder(nn.Module):
             raise ValueError(f"tile_size={tile_size} must be a positive number of latent pixels")
         z = self.memory_format_for(from_latent_format(latent.to(self.decoder.conv_in.weight.dtype)))
         if tile_size is None or tile_size >= max(z.shape[-2:]):  # the mid block keeps the size
-            with for_inference(z):
+            with kernels.for_inference(z):
                 return self.decoder.forward_up(self.decoder.forward_mid(z))
         # Tiles keep malloc's default past the mid block: memory bound first (kept blocks
         # fragment the heap across tiles of several sizes: 3.8 GB extra for a 2048² tiled decode
         # instead of 2.1)
-        with for_inference(z):
+        with kernels.for_inference(z):
             h = self.decoder.forward_mid(z)
-        return decode_tiled(self.decoder, h, tile_size)
+        return kernels.decode_tiled(self.decoder, h, tile_size)

@@ -41,7 +41,7 @@ RESUMABLE = {
 
 def mix_argument(text: str) -> dict[str, float]:
     """argparse type of a shapes caption mix ("kind=weight,..."), its error naming the option."""
-    from .shapes import parse_mix
+    from sd3.shapes.scenes import parse_mix
 
     try:
         return parse_mix(text)
@@ -218,7 +218,7 @@ def _dataset(args: argparse.Namespace):
         dataset = ImageCaptionFolder(args.data, args.resolution)
         return dataset, dataset.fingerprint()
     try:
-        from .shapes import ShapesDataset
+        from sd3.shapes.scenes import ShapesDataset
     except ImportError as e:
         raise ValueError(f"--shapes: the shapes dataset is not available ({e})") from None
     mirror = args.shapes_mirror_pairs

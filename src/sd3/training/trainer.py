@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from sd3.hardware import warn_if_bf16_is_emulated
+from sd3.kernels.hardware import warn_if_bf16_is_emulated
 from sd3.models.mmdit import MMDiT
 from sd3.text import T5_MIN_LENGTH, TextEncoders
 

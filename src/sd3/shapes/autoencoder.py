@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from sd3.hardware import cpu_has_bf16
+from sd3.kernels.hardware import cpu_has_bf16
 from sd3.models.vae import SCALE, AutoEncoder
 
 

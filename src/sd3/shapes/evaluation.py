@@ -1,5 +1,5 @@
 """A GenEval-style prompt-adherence benchmark (SD3 paper, table 5) for the model trained on the
-procedural shapes dataset (`sd3.training.shapes`), with a deterministic, learning-free checker.
+procedural shapes dataset (`sd3.shapes.scenes`), with a deterministic, learning-free checker.
 
 GenEval runs an object detector over each generated image and checks the objects, counts, colours
 and positions the prompt asks for. Our objects are flat shapes on a known background, so the
@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from sd3.training.shapes import (
+from sd3.shapes.scenes import (
     BACKGROUND,
     CATEGORIES,
     COLOURS,

@@ -14,7 +14,7 @@ layer keeps its own forward); everything else runs the layer and the activation 
 
 `joint_attention(streams)` is the MM-DiT's joint attention over [context, x] with each stream's
 RMS qk-norm: where the attention kernel runs, one call to it, which normalises q and k rows as it
-reads them (`attention.flash_attention_streams`); elsewhere `joint_heads` and then `attention`.
+reads them (`flash_attention.flash_attention_streams`); elsewhere `joint_heads` and then `attention`.
 
 `joint_heads(parts)` is `torch.cat([norm(x) for x, norm in parts], dim=2)` over [B, H, L, 64]
 head views: SD3.5's RMS qk-norm of each stream, then the joint sequence. The plain module runs
@@ -36,15 +36,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import (
+from .build import bf16_cpu_eager, kernel_library
+from .flash_attention import (
     HEAD_DIM,
     Stream,
     attention,
-    bf16_cpu_eager,
     flash_attention_streams,
     kernel_applies,
     kernel_choice,
-    kernel_library,
 )
 from .quantization import Int8Linear
 
@@ -138,20 +137,9 @@ def joint_attention(streams: Sequence[Stream]) -> Tensor:
     [B, heads, L_i, 64]: `attention(*(joint_heads(...) for q, k and v))`, each stream's q and k
     RMS-normed by its own norms (or None), one attention over the concatenated sequence, output
     [B, sum L_i, heads * 64]. Where the attention kernel runs, the kernel normalises the rows as
-    it reads them, bit for bit as `joint_heads` would: at 1024² on 2 AMX cores the separate pass
-    (writing and re-reading the normed, concatenated q, k and v) took 0.35 s of the forward, the
-    kernel's own normalising costs about 0.15. Elsewhere the norms, the concatenation and the
-    attention run apart."""
-    parts = [
-        (t, norm) for q, k, v, q_norm, k_norm in streams for t, norm in ((q, q_norm), (k, k_norm))
-    ]
-    if (
-        len(streams) <= 2
-        and all(kernel_applies(q, k, v) for q, k, v, *_ in streams)
-        and _norm_fusable(parts)
-        and all(q.shape[:2] == streams[0][0].shape[:2] for q, *_ in streams)
-        and all(s[1].shape[2] == s[2].shape[2] for s in streams)
-    ):
+    it reads them, bit for bit as `joint_heads` would, so the normed, concatenated q, k and v are
+    never written out. Elsewhere the norms, the concatenation and the attention run apart."""
+    if _streams_kernel_applies(streams):
         isa = kernel_choice()
         if isa != "sdpa":
             return flash_attention_streams(streams, isa)
@@ -159,6 +147,27 @@ def joint_attention(streams: Sequence[Stream]) -> Tensor:
         joint_heads([(s[i], s[3 + i] if i < 2 else None) for s in streams]) for i in range(3)
     )
     return attention(q, k, v)
+
+
+def joint_attention_fusable(streams: Sequence[Stream]) -> bool:
+    """Whether `joint_attention` runs a kernel on these streams (the attention kernel reading
+    them in place, or the fused qk-norm and concatenation); else plain torch ops serve."""
+    return _streams_kernel_applies(streams) or _norm_fusable(
+        [(t, norm) for q, k, v, q_norm, k_norm in streams for t, norm in ((q, q_norm), (k, k_norm))]
+    )
+
+
+def _streams_kernel_applies(streams: Sequence[Stream]) -> bool:
+    parts = [
+        (t, norm) for q, k, v, q_norm, k_norm in streams for t, norm in ((q, q_norm), (k, k_norm))
+    ]
+    return (
+        len(streams) <= 2
+        and all(kernel_applies(q, k, v) for q, k, v, *_ in streams)
+        and _norm_fusable(parts)
+        and all(q.shape[:2] == streams[0][0].shape[:2] for q, *_ in streams)
+        and all(s[1].shape[2] == s[2].shape[2] for s in streams)
+    )
 
 
 def _norm_fusable(parts: Sequence[tuple[Tensor, nn.Module | None]]) -> bool:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..hardware import cpu_int8_beats_bf16, cpu_int8_full_range
+from .hardware import cpu_int8_beats_bf16, cpu_int8_full_range
 
 INT8_SCOPE = {"mmdit": "joint_blocks.", "t5xxl": "encoder.block."}  # component -> layers prefix
 INT8_GEMM = ("mmdit",)  # components whose int8 layers multiply in int8 where that pays

@@ -1,7 +1,7 @@
 // SD3.5's QK-normalization (RMSNorm of every query and key head, Esser et al. 2024, sec. 5.3.2)
 // for bf16 inference on CPUs with AVX-512 BF16, fused with the joint attention's concatenation.
 //
-// Used by sd3/models/fused.py through ctypes, built into one library with flash_attention_cpu.cpp.
+// Used by sd3/kernels/fused.py through ctypes, built into one library with flash_attention_cpu.cpp.
 // The plain module runs six elementwise ops over a strided [B, H, L, 64] view of the qkv
 // projection, then torch.cat copies both streams into the joint sequence. Here each 64-wide row
 // is read once and written once, straight into its place in the joint buffer, normalised as in

@@ -1,7 +1,7 @@
 // GroupNorm, optionally followed by SiLU, for the VAE's bf16 inference on CPUs with AVX-512 BF16,
 // on channels-last tensors (every pixel's C channels contiguous).
 //
-// Used by sd3/models/fused.py through ctypes, built into one library with flash_attention_cpu.cpp.
+// Used by sd3/kernels/fused.py through ctypes, built into one library with flash_attention_cpu.cpp.
 // torch runs GroupNorm (a statistics pass, then a normalising pass that writes bf16) and SiLU (a
 // pass that reads that bf16 and writes again) separately. Here:
 //   pass 1: per-channel sums of (x - s_c) and (x - s_c)^2, s_c the channel's first pixel (which

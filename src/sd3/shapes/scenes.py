@@ -4,7 +4,7 @@ and the held-out prompts of its GenEval-style prompt-adherence benchmark (SD3 pa
 A scene is 1-4 flat objects (circle, square, triangle with its apex up) in 8 named colours on a
 light grey background, with a caption that is true of the image: colour, shape, count and, for
 two-object scenes, relative position ("a red circle to the left of a blue square"). Objects never
-overlap and keep a gap of at least 6% of the image side, so the checker in `sd3.evaluation` can
+overlap and keep a gap of at least 6% of the image side, so the checker in `sd3.shapes.evaluation` can
 find them even at 64x64. Layouts live in unit coordinates, so one scene renders at any size;
 `render` draws at 4x and box-downsamples, a light anti-aliasing that the checker models exactly
 (an edge pixel is a mix of one palette colour and the background).

@@ -34,9 +34,9 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from sd3.text import TextEncoders
+from sd3.training.conditioning import embed, tokenize
 
-from .conditioning import embed, tokenize
-from .shapes import (
+from .scenes import (
     COLOURS,
     DEFAULT_MIX,
     MAX_OBJECTS,

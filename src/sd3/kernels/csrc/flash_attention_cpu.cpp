@@ -1,6 +1,6 @@
 // Flash attention for CPUs with AVX-512 BF16 (vdpbf16ps) or AMX (tdpbf16ps), head dim 64, no mask.
 //
-// Used by sd3/models/attention.py through ctypes: plain C ABI, no torch headers, so it builds in
+// Used by sd3/kernels/flash_attention.py (loaded by build.py) through ctypes: plain C ABI, no torch headers, so it builds in
 // seconds with any g++/clang++. One task = (batch, head, block of BLOCK_Q query rows); tasks are
 // split over OpenMP threads in contiguous ranges, so a thread packs each head's K and V once.
 //
@@ -60,7 +60,7 @@ static_assert(BLOCK_Q % R == 0 && BLOCK_K % KT == 0, "block sizes must tile");
 
 // One stream of a [B, H, L, 64] bf16 sequence: its rows with arbitrary strides (in elements), d
 // contiguous, and the RMS norm its rows get as they are read (weight null: none). The ABI struct
-// is mirrored by attention.py's ctypes `Segment`.
+// is mirrored by build.py's ctypes `Segment`.
 struct Segment {
   const uint16_t* data;
   int64_t sb, sh, sl, len;

@@ -21,33 +21,22 @@ CPU has). The kernel is plain C++ loaded with ctypes, compiled with the system C
 the kernel cannot be built, uses `F.scaled_dot_product_attention`.
 """
 
-import ctypes
-import functools
-import hashlib
 import os
-import shutil
-import subprocess
-import tempfile
-import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..hardware import cpu_flags, cpu_has_amx
-
-CSRC = Path(__file__).resolve().parents[1] / "csrc"
-SOURCES = tuple(
-    CSRC / f for f in ("flash_attention_cpu.cpp", "qk_norm_cpu.cpp", "group_norm_cpu.cpp")
+from .build import (
+    Segment,
+    bf16_cpu_eager,
+    kernel_library,
+    kernels_available,
+    warn_once,
 )
-HEADERS = (CSRC / "bf16_rows.h",)
-CXX_FLAGS = (
-    "-O3 -std=c++17 -shared -fPIC -fopenmp "
-    "-mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16 -mfma"
-).split()
-AMX_FLAGS = ["-mamx-tile", "-mamx-bf16"]
+from .hardware import cpu_has_amx
+
 HEAD_DIM = 64  # the only head dim the kernel handles; all SD3 / SD3.5 models use it
 CHOICES = ("auto", "amx", "avx512", "sdpa")
 
@@ -78,7 +67,7 @@ def kernel_choice() -> str:
             return "amx"
         return "avx512" if "avx512" in available and not cpu_has_amx() else "sdpa"
     if choice != "sdpa" and choice not in available:
-        _warn_once(f"sd3: SD3_ATTENTION={choice} cannot run on this machine; using torch SDPA")
+        warn_once(f"sd3: SD3_ATTENTION={choice} cannot run on this machine; using torch SDPA")
         return "sdpa"
     return choice
 
@@ -150,7 +139,7 @@ def flash_attention_streams(streams: Sequence[Stream], isa: str | None = None) -
             weight = None if norm is None else norm.weight.detach().contiguous()
             keep += [t, weight]
             segments[i].append(
-                _Segment(
+                Segment(
                     t.data_ptr(),
                     *t.stride()[:3],
                     t.shape[2],
@@ -162,38 +151,11 @@ def flash_attention_streams(streams: Sequence[Stream], isa: str | None = None) -
     out = torch.empty(B, Lq, H * HEAD_DIM, dtype=torch.bfloat16)
     args = []
     for segs in segments:
-        args += [(_Segment * len(segs))(*segs), len(segs)]
+        args += [(Segment * len(segs))(*segs), len(segs)]
     lib = kernel_library()
     fn = lib.sd3_attention_amx if isa == "amx" else lib.sd3_attention_bf16
     fn(*args, out.data_ptr(), B, H, HEAD_DIM**-0.5, torch.get_num_threads())
     return out
-
-
-class _Segment(ctypes.Structure):
-    """csrc/flash_attention_cpu.cpp's `Segment`: one stream's rows and its optional qk-norm."""
-
-    _fields_ = [
-        ("data", ctypes.c_void_p),
-        ("sb", ctypes.c_int64),
-        ("sh", ctypes.c_int64),
-        ("sl", ctypes.c_int64),
-        ("len", ctypes.c_int64),
-        ("weight", ctypes.c_void_p),
-        ("eps", ctypes.c_float),
-    ]
-
-
-def kernels_available() -> tuple[str, ...]:
-    """The kernels that can run here: ("amx", "avx512"), ("avx512",) or ()."""
-    lib = kernel_library()
-    if lib is None:
-        return ()
-    return ("amx", "avx512") if _amx_ready(lib) else ("avx512",)
-
-
-def kernel_available() -> bool:
-    """Whether `flash_attention_cpu` can run here (CPU support plus a built or buildable kernel)."""
-    return bool(kernels_available())
 
 
 def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -205,15 +167,6 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(
             f"attention shapes do not fit together: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
-
-
-def bf16_cpu_eager(*tensors: Tensor) -> bool:
-    """Whether sd3's hand-written kernels (this file's and `fused.py`'s) may take these tensors:
-    bf16 on the CPU, and not while torch.compile traces, which cannot see into a ctypes call
-    (there the plain ops run, and inductor generates its own code for them)."""
-    return not torch.compiler.is_compiling() and all(
-        t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors
-    )
 
 
 def kernel_applies(q: Tensor, k: Tensor, v: Tensor) -> bool:
@@ -229,81 +182,3 @@ def kernel_applies(q: Tensor, k: Tensor, v: Tensor) -> bool:
         and k.shape[2] > 0
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
     )
-
-
-@functools.cache
-def kernel_library() -> ctypes.CDLL | None:
-    """Loads the kernels (attention, and the qk-norm and GroupNorm of `fused.py`), compiling it into the cache first if needed; None where it cannot run."""
-    if not _cpu_has_avx512_bf16():
-        return None
-    try:
-        lib = ctypes.CDLL(str(_build()))
-    except (OSError, RuntimeError) as e:
-        _warn_once(f"sd3: using torch SDPA for attention, the bf16 kernel is unavailable: {e}")
-        return None
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    tensor = [ptr, i64, i64, i64]  # data, strides of batch, head and token
-    shapes = [i64, i64, i64, i64]  # B, H, Lq, Lk
-    segments = [ctypes.POINTER(_Segment), ctypes.c_int]  # array, count
-    for fn in (lib.sd3_attention_bf16, lib.sd3_attention_amx):
-        fn.argtypes = [*segments * 3, ptr, i64, i64, ctypes.c_float, ctypes.c_int]
-        fn.restype = None
-    norm = lib.sd3_rms_norm_heads  # csrc/qk_norm_cpu.cpp, used by models/fused.py
-    norm.argtypes = [*tensor, ptr, ctypes.c_float, *tensor, i64, i64, i64, ctypes.c_int]
-    norm.restype = None
-    group_norm = lib.sd3_group_norm_silu  # csrc/group_norm_cpu.cpp, used by models/fused.py
-    group_norm.argtypes = [ptr, ptr, *shapes, ptr, ptr, ctypes.c_float, ctypes.c_int, ctypes.c_int]
-    group_norm.restype = None
-    lib.sd3_amx_init.argtypes, lib.sd3_amx_init.restype = [], ctypes.c_int
-    return lib
-
-
-@functools.cache
-def _amx_ready(lib: ctypes.CDLL) -> bool:
-    """The CPU has AMX, the kernel was built with it, and Linux grants this process the tiles."""
-    return cpu_has_amx() and lib.sd3_amx_init() == 1
-
-
-@functools.cache
-def _warn_once(message: str) -> None:
-    warnings.warn(message, RuntimeWarning, stacklevel=4)
-
-
-def _cpu_has_avx512_bf16() -> bool:
-    return {"avx512_bf16", "avx512bw", "avx512vl"} <= cpu_flags()
-
-
-def _build() -> Path:
-    """Path of the compiled kernel, keyed by source, compiler and flags; builds it when missing,
-    with the AMX path if the compiler supports it."""
-    cxx = os.environ.get("CXX", "c++")
-    if shutil.which(cxx) is None:
-        raise RuntimeError(f"no C++ compiler ({cxx!r}) to build it")
-    source = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
-    key = hashlib.sha256(source + " ".join([cxx, *CXX_FLAGS, *AMX_FLAGS]).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sd3"
-    lib = cache / f"sd3_kernels-{key}.so"
-    if lib.exists():
-        return lib
-    cache.mkdir(parents=True, exist_ok=True)
-    # Build next to the target and rename: concurrent processes never load a half-written file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-    os.close(fd)
-    try:
-        for flags in ([*CXX_FLAGS, *AMX_FLAGS], CXX_FLAGS):
-            result = subprocess.run(
-                [cxx, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True
-            )
-            if result.returncode == 0:
-                break
-        else:
-            first_error = next(
-                (line for line in result.stderr.splitlines() if "error" in line),
-                result.stderr.strip(),
-            )
-            raise RuntimeError(f"{cxx} failed: {first_error}")
-        os.replace(tmp, lib)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return lib
