@@ -58,6 +58,10 @@ HARMLESS_EXTRAS = re.compile(r"(^|\.)(position_ids|logit_scale)$|^shared\.weight
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 
+# Compute and storage dtypes by the names the CLI and the exporter take.
+DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# safetensors dtype strings
 DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,

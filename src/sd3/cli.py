@@ -12,14 +12,13 @@ import torch
 from PIL import Image, PngImagePlugin
 from safetensors.torch import save_file
 
-from .checkpoints import COMPONENTS, find_components, infer_config
+from .checkpoints import COMPONENTS, DTYPE_NAMES, find_components, infer_config
 from .models.vae import from_latent_format
 from .pipeline import COMPILE_MODES, Pipeline, Settings, describe_timings, load_image
 from .presets import detect_model
 from .sampling import SAMPLERS, SkipLayerGuidance
 from .shapes import evaluation
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "default" / "sd3_shapes.safetensors"
 OPTION_OF = {"clip_l": "--clip-l", "clip_g": "--clip-g", "t5xxl": "--t5xxl", "vae": "--vae"}
 
@@ -40,7 +39,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--vae", help="VAE file (if not bundled in --model)")
     p.add_argument(
-        "--dtype", choices=sorted(DTYPES), help="compute dtype (default: bf16 where native)"
+        "--dtype", choices=sorted(DTYPE_NAMES), help="compute dtype (default: bf16 where native)"
     )
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument(
@@ -250,13 +249,13 @@ def load_pipeline(
         clip_g=files.get("clip_g"),
         t5xxl=files.get("t5xxl"),
         vae=files.get("vae"),
-        dtype=DTYPES[files["dtype"]] if files.get("dtype") else None,
+        dtype=DTYPE_NAMES[files["dtype"]] if files.get("dtype") else None,
         device=device,
         low_memory=low_memory,
         int8=bool(files.get("int8")),
         compile=compile,
     )
-    dtype_name = {v: k for k, v in DTYPES.items()}[pipe.dtype]
+    dtype_name = {v: k for k, v in DTYPE_NAMES.items()}[pipe.dtype]
     files["dtype"] = dtype_name
     bundled = Path(files["model"]).resolve() == DEFAULT_MODEL.resolve()
     print(

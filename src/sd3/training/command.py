@@ -22,12 +22,18 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from sd3.checkpoints import CheckpointError, SafetensorsFile, find_components, load_component
+from sd3.checkpoints import (
+    DTYPE_NAMES,
+    CheckpointError,
+    SafetensorsFile,
+    find_components,
+    load_component,
+)
 from sd3.text import TextEncoders
 
 from .checkpoint import read_state, save_atomic
 from .data import ImageCaptionFolder, encode_latents
-from .export import DTYPES, export_single_file, save_lora
+from .export import export_single_file, save_lora
 from .flow import SAMPLINGS
 from .fresh import INIT_CONFIGS, fresh_models
 from .lora import DEFAULT_TARGETS
@@ -112,7 +118,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--device", help="default: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu"
     )
-    run.add_argument("--export-dtype", choices=list(DTYPES), help="of model.safetensors (fp32)")
+    run.add_argument(
+        "--export-dtype", choices=list(DTYPE_NAMES), help="of model.safetensors (fp32)"
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument(
         "--threads", type=_int_at_least(1),

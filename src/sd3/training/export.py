@@ -11,13 +11,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from sd3.checkpoints import SINGLE_FILE_PREFIXES
+from sd3.checkpoints import DTYPE_NAMES, SINGLE_FILE_PREFIXES
 from sd3.models.mmdit import MMDiT
 
 from .checkpoint import save_atomic
 from .lora import LoRALinear, lora_layers, to_diffusers
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def plain_state_dict(module: nn.Module) -> dict[str, Tensor]:
@@ -40,7 +38,7 @@ def export_single_file(
 ) -> Path:
     """Save {"mmdit", "vae", "clip_l", "clip_g", "t5xxl": module} (None entries are left out) in
     the official single-file layout, floating-point tensors in `dtype`."""
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    dtype = DTYPE_NAMES[dtype] if isinstance(dtype, str) else dtype
     unknown = set(components) - set(SINGLE_FILE_PREFIXES)
     if unknown:
         raise ValueError(
@@ -59,7 +57,7 @@ def export_single_file(
 
 def save_lora(path: str | Path, mmdit: MMDiT, dtype: torch.dtype | str = torch.float32) -> Path:
     """The MMDiT's LoRA adapters in diffusers' SD3 format (`load_lora_weights` reads it)."""
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    dtype = DTYPE_NAMES[dtype] if isinstance(dtype, str) else dtype
     layers = lora_layers(mmdit)
     if not layers:
         raise ValueError("this MMDiT has no LoRA layers to save")
