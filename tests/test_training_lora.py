@@ -139,9 +139,9 @@ def test_diffusers_loads_our_lora(base, tmp_path):
 
 
 def _diffusers_layers(mmdit):
-    from sd3.training.lora import diffusers_names
+    from sd3.checkpoints import mmdit_diffusers_names
 
-    return {n: diffusers_names(n, mmdit.config.depth)[0] for n in lora_layers(mmdit)}
+    return {n: mmdit_diffusers_names(n, mmdit.config.depth)[0] for n in lora_layers(mmdit)}
 
 
 def test_lora_scale_is_alpha_over_rank(base):

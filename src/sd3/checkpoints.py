@@ -219,11 +219,6 @@ def concat(parts: Sequence[LazyTensor]) -> LazyTensor:
     return derived(parts[0], shape, lambda: torch.cat([p.read() for p in parts]), list(parts))
 
 
-def swap_halves(t: LazyTensor) -> LazyTensor:
-    """diffusers stores final adaLN modulations as (scale, shift); Stability as (shift, scale)."""
-    return derived(t, t.shape, lambda: torch.cat(t.read().chunk(2)[::-1]))
-
-
 def reshaped(t: LazyTensor, shape: tuple[int, ...]) -> LazyTensor:
     return LazyTensor(
         shape, t.dtype, t.origin, lambda: t.read().reshape(shape), t.mapped, t.release
@@ -399,66 +394,95 @@ def find_components(
 
 
 # ---------------------------------------------------------------------------------------------
-# diffusers names -> Stability names
+# diffusers names <-> Stability names
+
+# The MMDiT's modules: ours (Stability's, in joint_blocks.{i}) -> diffusers' (in
+# transformer_blocks.{i}); several where diffusers splits what Stability fuses (q, k, v).
+MMDIT_BLOCK_NAMES = {
+    "x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "x_block.attn.proj": ("attn.to_out.0",),
+    "x_block.attn.ln_q": ("attn.norm_q",),
+    "x_block.attn.ln_k": ("attn.norm_k",),
+    "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "context_block.attn.proj": ("attn.to_add_out",),
+    "context_block.attn.ln_q": ("attn.norm_added_q",),
+    "context_block.attn.ln_k": ("attn.norm_added_k",),
+    "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
+    "x_block.attn2.proj": ("attn2.to_out.0",),
+    "x_block.attn2.ln_q": ("attn2.norm_q",),
+    "x_block.attn2.ln_k": ("attn2.norm_k",),
+    "x_block.mlp.fc1": ("ff.net.0.proj",),
+    "x_block.mlp.fc2": ("ff.net.2",),
+    "context_block.mlp.fc1": ("ff_context.net.0.proj",),
+    "context_block.mlp.fc2": ("ff_context.net.2",),
+    "x_block.adaLN_modulation.1": ("norm1.linear",),
+    "context_block.adaLN_modulation.1": ("norm1_context.linear",),
+}
+MMDIT_TOP_NAMES = {
+    "x_embedder.proj": "pos_embed.proj",
+    "context_embedder": "context_embedder",
+    "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+    "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+    "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
+    "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
+    "final_layer.linear": "proj_out",
+    "final_layer.adaLN_modulation.1": "norm_out.linear",
+}
+
+
+def mmdit_diffusers_names(name: str, depth: int) -> tuple[tuple[str, ...], bool]:
+    """Our MMDiT module's diffusers name(s), and whether its output halves are swapped there:
+    diffusers orders the final adaLN modulations (scale, shift), Stability (shift, scale); that
+    holds for the final layer and for the last block's (pre-only) context block."""
+    swapped = name in (
+        "final_layer.adaLN_modulation.1",
+        f"joint_blocks.{depth - 1}.context_block.adaLN_modulation.1",
+    )
+    if name in MMDIT_TOP_NAMES:
+        return (MMDIT_TOP_NAMES[name],), swapped
+    m = re.fullmatch(r"joint_blocks\.(\d+)\.(.+)", name)
+    if m is None or m[2] not in MMDIT_BLOCK_NAMES:
+        raise ValueError(f"no diffusers name for MMDiT layer {name!r}")
+    return tuple(f"transformer_blocks.{m[1]}.{d}" for d in MMDIT_BLOCK_NAMES[m[2]]), swapped
+
+
+def swap_halves(t: Tensor) -> Tensor:
+    """The two halves of dim 0 exchanged: (scale, shift) <-> (shift, scale)."""
+    return torch.cat(t.chunk(2)[::-1])
 
 
 def mmdit_from_diffusers(d: dict[str, LazyTensor]) -> dict[str, LazyTensor]:
-    out: dict[str, LazyTensor] = {}
-    renames = {
-        "pos_embed.proj": "x_embedder.proj",
-        "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
-        "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
-        "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
-        "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
-        "context_embedder": "context_embedder",
-        "proj_out": "final_layer.linear",
-    }
-    block_renames = {
-        "attn.norm_q": "x_block.attn.ln_q",
-        "attn.norm_k": "x_block.attn.ln_k",
-        "attn.norm_added_q": "context_block.attn.ln_q",
-        "attn.norm_added_k": "context_block.attn.ln_k",
-        "attn.to_out.0": "x_block.attn.proj",
-        "attn.to_add_out": "context_block.attn.proj",
-        "attn2.norm_q": "x_block.attn2.ln_q",
-        "attn2.norm_k": "x_block.attn2.ln_k",
-        "attn2.to_out.0": "x_block.attn2.proj",
-        "norm1.linear": "x_block.adaLN_modulation.1",
-        "norm1_context.linear": "context_block.adaLN_modulation.1",
-        "ff.net.0.proj": "x_block.mlp.fc1",
-        "ff.net.2": "x_block.mlp.fc2",
-        "ff_context.net.0.proj": "context_block.mlp.fc1",
-        "ff_context.net.2": "context_block.mlp.fc2",
-    }
-    qkv = {
-        "x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-        "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-        "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
-    }
     blocks = sorted({int(k.split(".")[1]) for k in d if k.startswith("transformer_blocks.")})
+    depth = blocks[-1] + 1 if blocks else 0
+    ours = [
+        *MMDIT_TOP_NAMES,
+        *(f"joint_blocks.{i}.{sub}" for i in blocks for sub in MMDIT_BLOCK_NAMES),
+    ]
+    renames, fused = {}, {}  # diffusers stem -> (our stem, swapped); our stem -> their stems
+    for name in ours:
+        theirs, swapped = mmdit_diffusers_names(name, depth)
+        if len(theirs) == 1:
+            renames[theirs[0]] = (name, swapped)
+        else:
+            fused[name] = theirs
+    split = {stem for theirs in fused.values() for stem in theirs}
+    out: dict[str, LazyTensor] = {}
     for k, t in d.items():
         stem, _, param = k.rpartition(".")
         if k == "pos_embed.pos_embed":
             out["pos_embed"] = t
         elif stem in renames:
-            out[f"{renames[stem]}.{param}"] = t
-        elif stem == "norm_out.linear":
-            out[f"final_layer.adaLN_modulation.1.{param}"] = swap_halves(t)
-        elif m := re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", stem):
-            i, sub = int(m[1]), m[2]
-            if sub in block_renames:
-                t = swap_halves(t) if sub == "norm1_context.linear" and i == blocks[-1] else t
-                out[f"joint_blocks.{i}.{block_renames[sub]}.{param}"] = t
-            elif not any(sub in parts for parts in qkv.values()):
-                out[k] = t  # unknown: reported as unexpected when loading
-        elif k not in out:
-            out[k] = t
-    for i in blocks:
-        for fused, parts in qkv.items():
-            for param in ("weight", "bias"):
-                keys = [f"transformer_blocks.{i}.{p}.{param}" for p in parts]
-                if all(key in d for key in keys):
-                    out[f"joint_blocks.{i}.{fused}.{param}"] = concat([d[key] for key in keys])
+            name, swapped = renames[stem]
+            out[f"{name}.{param}"] = (
+                derived(t, t.shape, lambda t=t: swap_halves(t.read())) if swapped else t
+            )
+        elif stem not in split and k not in out:
+            out[k] = t  # unknown: reported as unexpected when loading
+    for name, theirs in fused.items():
+        for param in ("weight", "bias"):
+            keys = [f"{stem}.{param}" for stem in theirs]
+            if all(key in d for key in keys):
+                out[f"{name}.{param}"] = concat([d[key] for key in keys])
     return out
 
 

@@ -244,14 +244,30 @@ class TextEncoders(nn.Module):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("encode needs at least one prompt")
-        l_ids = self.tokenizers.clip_l(prompts)
+        tok = self.tokenizers
+        t5_ids = None if self.t5 is None else tok.t5(prompts, self.t5_length)
+        t5_length = t5_ids.shape[1] if t5_ids is not None else self.t5_length or T5_MIN_LENGTH
+        return self.embed(tok.clip_l(prompts), tok.clip_g(prompts), t5_ids, t5_length, prompts)
+
+    def embed(
+        self,
+        l_ids: Tensor,
+        g_ids: Tensor,
+        t5_ids: Tensor | None,
+        t5_length: int,
+        prompts: list[str] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Token ids -> (context, pooled), with autograd where it is on (training the encoders
+        jointly): CLIP-L ‖ CLIP-G hidden states, zero-padded to the context width, followed by
+        T5's (zeros of `t5_length` rows without T5); pooled = CLIP-L ‖ CLIP-G pooled. With
+        `prompts`, warns about prompts whose end the model's CLIP positions cannot see."""
         l_hidden, l_pooled = self.clip_l(l_ids.to(_device(self.clip_l)))
-        g_hidden, g_pooled = self.clip_g(self.tokenizers.clip_g(prompts).to(_device(self.clip_g)))
+        g_hidden, g_pooled = self.clip_g(g_ids.to(_device(self.clip_g)))
         clip = self.clip_context(l_hidden, g_hidden, l_ids, prompts)
-        if self.t5 is None:
-            t5 = clip.new_zeros(len(prompts), self.t5_length or T5_MIN_LENGTH, self.context_width)
+        if t5_ids is None:
+            t5 = clip.new_zeros(len(l_ids), t5_length, self.context_width)
         else:
-            t5 = self.t5(self.tokenizers.t5(prompts, self.t5_length).to(_device(self.t5)))
+            t5 = self.t5(t5_ids.to(_device(self.t5)))
         context = torch.cat([self._widen(clip), self._widen(t5.to(clip))], dim=1)
         return context, torch.cat([l_pooled, g_pooled.to(l_pooled)], dim=-1)
 
@@ -260,19 +276,18 @@ class TextEncoders(nn.Module):
         l_hidden: Tensor,
         g_hidden: Tensor,
         l_ids: Tensor,
-        prompts: list[str],
-        warn: bool = True,
+        prompts: list[str] | None = None,
     ) -> Tensor:
-        """CLIP-L ‖ CLIP-G hidden states [B, clip_length, widths]; warns when a prompt's end
-        (CLIP-L's first EOS) lies beyond the positions the model reads."""
+        """CLIP-L ‖ CLIP-G hidden states [B, clip_length, widths]; given the `prompts`, warns when
+        a prompt's end (CLIP-L's first EOS) lies beyond the positions the model reads."""
         n = self.clip_length
-        if warn and n < CLIP_LENGTH:
+        if prompts is not None and n < CLIP_LENGTH:
             ends = (l_ids == CLIP_L_PAD).int().argmax(dim=1)
             for i in (ends >= n).nonzero().flatten().tolist():
                 warnings.warn(
                     f"this model reads {n} CLIP positions ({n - 2} tokens): the rest of prompt "
                     f"{i} ({prompts[i][:40]!r}...) reaches the context only through T5",
-                    stacklevel=3,
+                    stacklevel=4,
                 )
         return torch.cat([l_hidden[:, :n], g_hidden[:, :n].to(l_hidden)], dim=-1)
 

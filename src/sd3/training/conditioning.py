@@ -14,7 +14,6 @@ import warnings
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from sd3.text import T5_MIN_LENGTH, TextEncoders
@@ -72,28 +71,11 @@ def tokenize(
 
 
 def embed(
-    encoders: TextEncoders,
-    l_ids: Tensor,
-    g_ids: Tensor,
-    t5_ids: Tensor | None,
-    t5_length: int,
+    encoders: TextEncoders, l_ids: Tensor, g_ids: Tensor, t5_ids: Tensor | None, t5_length: int
 ) -> tuple[Tensor, Tensor]:
-    """(context, pooled) as `TextEncoders.encode` makes them from token ids, with autograd (for
-    training the encoders jointly; free of Python strings, so it compiles as one graph)."""
-    device = next(encoders.clip_l.parameters()).device
-    l_hidden, l_pooled = encoders.clip_l(l_ids.to(device))
-    g_hidden, g_pooled = encoders.clip_g(g_ids.to(device))
-    clip = encoders.clip_context(l_hidden, g_hidden, l_ids, [], warn=False)  # reported once
-    if t5_ids is None:
-        t5 = clip.new_zeros(len(l_ids), t5_length, encoders.context_width)
-    else:
-        t5 = encoders.t5(t5_ids.to(device))
-    width = encoders.context_width
-    context = torch.cat(
-        [F.pad(clip, (0, width - clip.shape[-1])), F.pad(t5.to(clip), (0, width - t5.shape[-1]))],
-        dim=1,
-    )
-    return context, torch.cat([l_pooled, g_pooled.to(l_pooled)], dim=-1)
+    """`TextEncoders.embed` without prompt warnings (cut captions are reported once, by
+    `truncation_report`); free of Python strings, so it compiles as one graph."""
+    return encoders.embed(l_ids, g_ids, t5_ids, t5_length)
 
 
 def encode_text(

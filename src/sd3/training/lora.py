@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from sd3.checkpoints import mmdit_diffusers_names, swap_halves
 from sd3.models.mmdit import MMDiT
 
 DEFAULT_TARGETS = ("attn.qkv", "attn.proj")  # diffusers' SD3 LoRA script default: attention only
@@ -97,59 +98,18 @@ def merge_lora(mmdit: nn.Module) -> MMDiT:
 
 
 # ---------------------------------------------------------------------------------------------
-# diffusers naming
-
-BLOCK_NAMES = {  # ours (in joint_blocks.{i}) -> diffusers (in transformer_blocks.{i})
-    "x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "x_block.attn.proj": ("attn.to_out.0",),
-    "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    "context_block.attn.proj": ("attn.to_add_out",),
-    "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
-    "x_block.attn2.proj": ("attn2.to_out.0",),
-    "x_block.mlp.fc1": ("ff.net.0.proj",),
-    "x_block.mlp.fc2": ("ff.net.2",),
-    "context_block.mlp.fc1": ("ff_context.net.0.proj",),
-    "context_block.mlp.fc2": ("ff_context.net.2",),
-    "x_block.adaLN_modulation.1": ("norm1.linear",),
-    "context_block.adaLN_modulation.1": ("norm1_context.linear",),
-}
-TOP_NAMES = {
-    "context_embedder": "context_embedder",
-    "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
-    "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
-    "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
-    "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
-    "final_layer.linear": "proj_out",
-    "final_layer.adaLN_modulation.1": "norm_out.linear",
-}
-
-
-def diffusers_names(name: str, depth: int) -> tuple[tuple[str, ...], bool]:
-    """Our linear layer's diffusers name(s), and whether its output halves are swapped there:
-    diffusers orders the final adaLN modulations (scale, shift), Stability (shift, scale)."""
-    if name in TOP_NAMES:
-        return (TOP_NAMES[name],), name == "final_layer.adaLN_modulation.1"
-    m = re.fullmatch(r"joint_blocks\.(\d+)\.(.+)", name)
-    if m is None or m[2] not in BLOCK_NAMES:
-        raise ValueError(f"no diffusers name for MMDiT layer {name!r}")
-    i, sub = int(m[1]), m[2]
-    swapped = sub == "context_block.adaLN_modulation.1" and i == depth - 1
-    return tuple(f"transformer_blocks.{i}.{d}" for d in BLOCK_NAMES[sub]), swapped
-
-
-def _swap_halves(t: Tensor) -> Tensor:
-    return torch.cat(t.chunk(2)[::-1])
+# diffusers naming (`checkpoints.mmdit_diffusers_names`)
 
 
 def to_diffusers(layers: Mapping[str, LoRALinear], depth: int) -> dict[str, Tensor]:
     """LoRA weights in diffusers' SD3 format; lora_B includes the alpha / rank scale."""
     out = {}
     for name, layer in layers.items():
-        targets, swapped = diffusers_names(name, depth)
+        targets, swapped = mmdit_diffusers_names(name, depth)
         A = layer.lora_A.weight.detach().float()
         B = layer.scale * layer.lora_B.weight.detach().float()
         if swapped:
-            B = _swap_halves(B)
+            B = swap_halves(B)
         for target, B_part in zip(targets, B.chunk(len(targets)), strict=True):
             out[f"transformer.{target}.lora_A.weight"] = A.clone().contiguous()
             out[f"transformer.{target}.lora_B.weight"] = B_part.contiguous()
@@ -164,7 +124,9 @@ def merge_diffusers_lora(mmdit: MMDiT, state_dict: Mapping[str, Tensor], scale: 
     for name, module in mmdit.named_modules():
         if isinstance(module, nn.Linear) and not name.endswith((".lora_A", ".lora_B")):
             try:
-                targets, swapped = diffusers_names(name.removesuffix(".base"), mmdit.config.depth)
+                targets, swapped = mmdit_diffusers_names(
+                    name.removesuffix(".base"), mmdit.config.depth
+                )
             except ValueError:
                 continue
             for j, target in enumerate(targets):
@@ -185,6 +147,6 @@ def merge_diffusers_lora(mmdit: MMDiT, state_dict: Mapping[str, Tensor], scale: 
         weight = module.weight
         rows = weight.shape[0] // parts
         if swapped:
-            delta = _swap_halves(delta)
+            delta = swap_halves(delta)
         weight[j * rows : (j + 1) * rows] += delta.to(weight.dtype)
     return len(keys)
