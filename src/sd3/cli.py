@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from .checkpoints import COMPONENTS, DTYPE_NAMES, find_components, infer_config
 from .models.vae import from_latent_format
-from .pipeline import COMPILE_MODES, Pipeline, Settings, describe_timings, load_image
+from .pipeline import Pipeline, Settings, describe_timings, load_image
 from .presets import detect_model
 from .sampling import SAMPLERS, SkipLayerGuidance
 from .shapes import evaluation
@@ -45,21 +45,13 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--int8", action="store_true", default=None,
         help="int8 T5-XXL and MMDiT blocks: half their memory (a third in fp32); the MMDiT "
-        "multiplies in int8 in fp32 (1.4-1.7x faster on 2 AVX2 cores) and in bf16 on AVX-512 VNNI "
-        "CPUs without AMX (1.16-1.19x on Zen 4), else int8 is weight-only (T5 up to 1.5x slower, "
-        "the MMDiT up to 1.2x); a small output error (see the README)",
+        "multiplies in int8 where the CPU does that faster than in the compute dtype, else the "
+        "weights are dequantized as each layer runs; a small output error (see the README)",
     )  # fmt: skip
     p.add_argument(
         "--compile", action="store_true",
-        help="run the MMDiT under torch.compile: the first step compiles (70-90 s for SD3.5 on an "
-        "H200), then steps run 1.4-1.6x faster on a GPU; on CPUs it replaces sd3's own kernels "
-        "and is slower (0.82x at SD3.5 Medium size on 2 Zen 4 cores)",
-    )  # fmt: skip
-    p.add_argument(
-        "--compile-mode", choices=COMPILE_MODES, metavar="MODE",
-        help="torch.compile's mode for --compile (implies it): " + ", ".join(COMPILE_MODES)
-        + "; reduce-overhead replays CUDA graphs on a GPU (for SD3.5 on an H200 no faster than "
-        "default: 2.54 against 2.55 s for 50 Medium steps at 1024²)",
+        help="run the MMDiT under torch.compile: the first step compiles, later steps run faster "
+        "on a GPU; on CPUs it replaces sd3's own kernels and is slower",
     )  # fmt: skip
     p.add_argument(
         "--low-memory",
@@ -276,7 +268,7 @@ def run_generate(args: argparse.Namespace) -> int:
         raise FileExistsError(
             f"--save-latent {args.save_latent} exists already; sd3 never overwrites a file"
         )
-    pipe = load_pipeline(files, args.device, args.low_memory, args.compile_mode or args.compile)
+    pipe = load_pipeline(files, args.device, args.low_memory, args.compile)
     s = resolve_settings(args, pipe, stored)
     paths = output_paths(args.out, s.seed, s.num_images)
 
@@ -337,9 +329,7 @@ def run_eval(args: argparse.Namespace) -> int:
     """The held-out prompt-adherence benchmark of a model (or of the renderer, with --oracle)."""
     if args.oracle is not None:
         return evaluation.run(args)
-    pipe = load_pipeline(
-        model_files(args), args.device, args.low_memory, args.compile_mode or args.compile
-    )
+    pipe = load_pipeline(model_files(args), args.device, args.low_memory, args.compile)
     base = resolve_settings(args, pipe, None)
 
     def generate(prompts: list[str], seed: int) -> list[Image.Image]:

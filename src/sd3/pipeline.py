@@ -181,8 +181,8 @@ class Pipeline:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     low_memory: bool = False
     int8: bool = False  # int8 T5-XXL and MMDiT blocks (`kernels.quantization`)
-    # the MMDiT under torch.compile: its first step compiles (about 70-90 s for SD3.5 on an H200),
-    # then steps run 1.4-1.6x faster there (README, "Benchmarks"); True is torch.compile's default
+    # the MMDiT under torch.compile, which pays off on GPUs after a first step that compiles
+    # (benchmarks/RESULTS.md); True is torch.compile's default
     # mode, a string one of COMPILE_MODES
     compile: bool | str = False
     model_name: str = ""
@@ -354,7 +354,17 @@ class Pipeline:
     ) -> Tensor:
         """The final latents [N, 16, H/8, W/8] in the MMDiT's latent format."""
         check_settings(s, self.config, init_image is not None)
-        context, pooled, neg_context, neg_pooled = conditioning or self.encode_prompt(s)
+        return self._denoise(s, init_image, callback, conditioning or self.encode_prompt(s))
+
+    def _denoise(
+        self,
+        s: Settings,
+        init_image: Image.Image | None,
+        callback: Callback | None,
+        conditioning: tuple[Tensor, Tensor, Tensor, Tensor],
+    ) -> Tensor:
+        """`sample` after the settings are checked and the prompt encoded."""
+        context, pooled, neg_context, neg_pooled = conditioning
         sigmas = get_sigmas(s.steps, s.shift, s.denoise).to(self.device)
         x = get_noise(s.seed, s.num_images, s.height, s.width).to(self.device)
         if init_image is not None:
@@ -463,7 +473,7 @@ class Pipeline:
                 if callback is not None:
                     callback(*args)
 
-            latents = self.sample(s, init_image, step, conditioning)
+            latents = self._denoise(s, init_image, step, conditioning)
             # a GPU's steps are queued: wait for them, so the time is theirs, not the queueing's
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)

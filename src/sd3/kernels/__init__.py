@@ -16,6 +16,8 @@ stands for, so every model also runs on any device, with gradients, and under to
 - `decode_tiled(decoder, h, tile_size)` with `TileStats`: the VAE's upsampling path on tiles that
   share GroupNorm statistics, to bound memory (`tiling.py`).
 - `for_inference(x)`: a context in which freed activations are kept for reuse (`allocator.py`).
+- `channels_last_for_inference(module, x, probe)`: the layout oneDNN's CPU convolutions run
+  fastest on, for inference (`layout.py`).
 
 `hardware.py` says what the CPU has; `build.py` compiles and loads the C++ kernels (`csrc/`).
 """
@@ -23,12 +25,14 @@ stands for, so every model also runs on any device, with gradients, and under to
 from .allocator import for_inference
 from .flash_attention import attention
 from .fused import group_norm_silu, joint_attention, joint_attention_fusable, linear
+from .layout import channels_last_for_inference
 from .tiling import TileStats, decode_tiled
 from .upsample import upsample_conv3x3_phases, upsample_phases_apply
 
 __all__ = [
     "TileStats",
     "attention",
+    "channels_last_for_inference",
     "decode_tiled",
     "for_inference",
     "group_norm_silu",

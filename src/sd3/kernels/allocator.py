@@ -3,8 +3,8 @@
 torch's CPU tensors come from malloc, and glibc serves every block over 32 MB with a fresh mmap
 and unmaps it on free. A VAE decode at 1024² makes several gigabytes of such temporaries (each
 convolution's and norm's output, 128-512 MB apiece), so most of them are page-faulted and zeroed
-by the kernel page by page on first touch: about 0.25 s per GB on 2 cores, 3.5 s of a 26 s decode.
-The MMDiT at 1024² does the same with its 50 MB MLP activation in each of its 24 blocks.
+by the kernel page by page on first touch, a noticeable share of the decode's time. The MMDiT at
+1024² does the same with its 50 MB MLP activation in each of its blocks.
 `reuse_freed_memory()` tells malloc to serve large blocks from its heap and not to give freed
 memory back, so a freed activation's pages are reused by the next one; on exit it returns the
 free memory to the system (`malloc_trim`) and restores the limits glibc's own adaptive settings
@@ -70,13 +70,9 @@ def for_inference(
     x: Tensor, dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,)
 ) -> contextlib.AbstractContextManager:
     """Where an inference pass on `x` runs: on a CPU, in one of `dtypes` and without gradients,
-    with freed activations kept for reuse; elsewhere as it is.
-
-    Measured on 2 cores. The SD3.5 Medium MMDiT forward (both dtypes; AMX Xeon): 1024² bf16 7.8 s
-    instead of 8.2-8.3 (peak RSS 4.87 against 4.84 GB), 512² bf16 1.77 s instead of 1.9, 1024²
-    fp32 37.4 s instead of 39.1-39.8 (10.25 against 10.20 GB). The VAE (bf16 only; Zen 4): a 1024²
-    decode 22.6 s instead of 26.1 (2.7 GB against diffusers' 2.6); in fp32 it saved no time
-    (50.2 against 50.3 s) and the heap's fragments cost 3 GB (6.7 against 3.7 GB)."""
+    with freed activations kept for reuse; elsewhere as it is. The MMDiT uses it in bf16 and fp32,
+    the VAE in bf16 only: in fp32 it saved the VAE no time and its heap fragments cost memory
+    (benchmarks/RESULTS.md and docs/performance.md have the figures)."""
     if x.device.type != "cpu" or x.dtype not in dtypes or torch.is_grad_enabled():
         return contextlib.nullcontext()
     return reuse_freed_memory()

@@ -2,22 +2,21 @@
 
 Attention is the part of an MMDiT step that torch's CPU kernels run furthest from the machine's
 matmul peak: at 1024² it is most of a step. So bf16 attention with head dim 64 goes through a
-small flash-attention kernel, `sd3/csrc/flash_attention_cpu.cpp`, with the online softmax in
-fp32 and O(L · 64) scratch per thread, in one of two instruction sets:
+small flash-attention kernel, `kernels/csrc/flash_attention_cpu.cpp`, with the online softmax
+in fp32 and O(L · 64) scratch per thread, in one of two instruction sets:
 
-- `amx`: Q Kᵀ and P V on AMX tiles (`tdpbf16ps`; Sapphire Rapids and later). On 2 cores:
-  about 1,200-1,300 GFLOP/s at the MMDiT's shapes, 1.5-1.9x torch's SDPA (which uses AMX too).
-  The tiles' work and the softmax's on the vector units take about half the time each and run
-  one after the other (the kernel's header says why they cannot overlap).
-- `avx512`: the same with `vdpbf16ps` in zmm registers (AVX-512 BF16: Zen 4, Cooper Lake).
-  2.4x SDPA on Zen 4; on AMX CPUs it is slower than SDPA, so it is not chosen there.
+- `amx`: Q Kᵀ and P V on AMX tiles (`tdpbf16ps`), faster than torch's SDPA (which uses AMX
+  too). The tiles' work and the softmax's on the vector units run one after the other (the
+  kernel's header says why they cannot overlap).
+- `avx512`: the same with `vdpbf16ps` in zmm registers (AVX-512 BF16 without AMX), well ahead of
+  SDPA there; on AMX CPUs it is slower than SDPA, so it is not chosen there.
+
+Rates and ratios per machine: benchmarks/RESULTS.md.
 
 `flash_attention_streams` takes the joint sequence as one or two streams, each with its own RMS
 qk-norm that the kernel applies as it reads the rows (`fused.joint_attention` is the MMDiT's
 entry point). `SD3_ATTENTION=auto|amx|avx512|sdpa` overrides the choice (`auto`: the fastest the
-CPU has). The kernel is plain C++ loaded with ctypes, compiled with the system C++ compiler on first use
-(a few seconds; a compiler without AMX support builds it without the AMX path) and cached under
-`~/.cache/sd3`. Everything else (other dtypes, head dims, gradients, GPUs), and any machine where
+CPU has). The kernel is plain C++ loaded with ctypes (`build.py`). Everything else (other dtypes, head dims, gradients, GPUs), and any machine where
 the kernel cannot be built, uses `F.scaled_dot_product_attention`.
 """
 

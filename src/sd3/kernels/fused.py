@@ -4,9 +4,8 @@ with the joint concatenation (through our kernel).
 `nn.Linear` on a CPU runs as addmm: it first fills the output with the broadcast bias, then
 multiplies, and a following GELU reads and writes the whole activation once more. oneDNN's
 fused linear (`torch.ops.mkldnn._linear_pointwise`, what torch.compile's CPU backend emits) adds
-the bias and applies GELU inside the GEMM. On 2 AMX cores at the MMDiT's shapes that is 1.04-1.13x
-for a plain linear and 1.3-1.4x for linear + GELU, and it is exact: the GEMM's output is the same,
-and GELU sees the fp32 accumulator instead of its bf16 rounding.
+the bias and applies GELU inside the GEMM: faster, most of all for linear + GELU, and exact: the
+GEMM's output is the same, and GELU sees the fp32 accumulator instead of its bf16 rounding.
 
 `linear(x, layer, "gelu_tanh")` takes the fused path for bf16 CPU tensors that need no gradient
 and a plain `nn.Linear` or an `Int8Linear` (its weight converted to bf16 first; a LoRA-wrapped
@@ -88,7 +87,7 @@ def linear(x: Tensor, layer: nn.Module, activation: str | None = None) -> Tensor
     if torch.is_grad_enabled() and y.requires_grad:
         return F.gelu(y, approximate=approximate)
     # y is the layer's own new output: GELU in place saves allocating (and page-faulting) another
-    # activation-sized tensor, 1.6x faster at the MMDiT's MLP width on 2 AVX2 cores
+    # activation-sized tensor
     return torch.ops.aten.gelu_(y, approximate=approximate)
 
 

@@ -26,14 +26,14 @@ def cpu_has_bf16() -> bool:
 
 
 def cpu_has_amx() -> bool:
-    """AMX bf16 tiles (Sapphire Rapids and later), which torch's GEMMs and SDPA use."""
+    """AMX bf16 tiles, which torch's GEMMs and SDPA use."""
     return "amx_bf16" in cpu_flags()
 
 
 def cpu_int8_beats_bf16() -> bool:
     """AVX-512 VNNI (vpdpbusd: 64 int8 products per instruction, twice vdpbf16ps's bf16 ones) and
-    no AMX: fbgemm's int8 GEMM outruns a bf16 GEMM (700 vs 400 GFLOP/s at the MMDiT's shapes on 2
-    AMD Zen 4 cores). With AMX, torch's bf16 GEMMs use its tiles and fbgemm's int8 does not."""
+    no AMX: fbgemm's int8 GEMM outruns a bf16 GEMM at the MMDiT's shapes. With AMX, torch's bf16
+    GEMMs use its tiles and fbgemm's int8 does not."""
     return "avx512_vnni" in cpu_flags() and not cpu_has_amx()
 
 
@@ -45,7 +45,7 @@ def cpu_int8_full_range() -> bool:
 
 def warn_if_bf16_is_emulated(what: str) -> None:
     """Warn that `what`, bf16 compute on this CPU, runs emulated: on an x86 CPU without AVX-512
-    BF16 or AMX a bf16 matmul is about 100x slower than fp32 (0.9 vs 94 GFLOP/s on 2 AVX2 cores).
+    BF16 or AMX a bf16 matmul is about two orders of magnitude slower than fp32.
     Silent where the flags are unknown (not x86 Linux)."""
     if cpu_flags() and not cpu_has_bf16():
         warnings.warn(

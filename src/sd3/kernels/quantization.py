@@ -9,9 +9,9 @@ hold nearly all the weights (the MMDiT's joint blocks, T5's encoder blocks); emb
 and the final layer keep the compute dtype.
 
 int8 GEMMs. Where the int8 layers can multiply in int8 faster than in the compute dtype, they do
-(`pack_for_int8_gemm`): fbgemm's dynamic int8 GEMM. That is fp32 compute on a CPU (1.7-2x an fp32
-GEMM at the MMDiT's shapes on 2 AVX2 cores), and bf16 compute on a CPU with AVX-512 VNNI and no
-AMX (1.6-1.8x a bf16 GEMM on 2 AMD Zen 4 cores; `hardware.cpu_int8_beats_bf16`). fbgemm quantizes
+(`pack_for_int8_gemm`): fbgemm's dynamic int8 GEMM. That is fp32 compute on a CPU, and bf16
+compute on a CPU with AVX-512 VNNI and no AMX (`hardware.cpu_int8_beats_bf16`); the speed-ups are
+in benchmarks/RESULTS.md. fbgemm quantizes
 the activation with one scale for the whole tensor, which loses the small tokens next to large
 ones (16-23% error on tokens of log-normal magnitudes), so each token (row) is first divided by
 its max |x| and the output multiplied back: one scale per token, as in LLM.int8 / SmoothQuant's
@@ -110,7 +110,7 @@ class Int8Linear(nn.Module):
 
     def dequantized(self, dtype: torch.dtype) -> Tensor:
         """The weight in `dtype`: converted (exact: |q| <= 127), then scaled in place, two
-        vectorised passes (6x faster than the mixed-dtype int8 * bf16 kernel). Without autograd
+        vectorised passes (far faster than torch's mixed-dtype int8 * bf16 kernel). Without autograd
         it is written into this thread's scratch buffer, valid until the next layer's call: a
         fresh buffer per call costs more in page faults than the conversion itself."""
         weight, scale = self.unpacked()
@@ -136,7 +136,7 @@ class Int8Linear(nn.Module):
         narrowed while it is scaled back)."""
         rows = x.reshape(-1, self.in_features)
         scaled = _scratch(rows.numel(), torch.float32, rows.device, "tokens").view(rows.shape)
-        scaled.copy_(rows)  # max and -min: 4x faster than aminmax, 8x vector_norm(ord=inf)
+        scaled.copy_(rows)  # max and -min: faster than aminmax or vector_norm(ord=inf)
         peak = torch.maximum(
             scaled.amax(dim=1, keepdim=True), scaled.amin(dim=1, keepdim=True).neg_()
         )

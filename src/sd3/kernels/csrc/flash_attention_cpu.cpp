@@ -20,12 +20,12 @@
 // them on AMX tiles, 16 query rows at a time. The packed K and V layouts are exactly the VNNI
 // layouts AMX's B operand wants, so both paths read the same buffers.
 //
-// On AMX the tiles and the softmax take turns: at 4,250 tokens on 2 Sapphire Rapids cores the tile
-// work alone takes 45-53 ms, the vector work alone 44-48 ms, both 92. Interleaving them (a
-// software pipeline: item i's softmax on the vectors while the tiles compute item i+1's Q K^T and
-// item i-1's P V, in slices between rows) ran no faster (92-100 ms): in a micro-benchmark
+// On AMX the tiles and the softmax take turns: the tile work and the vector work each take about
+// half the time. Interleaving them (a software pipeline: item i's softmax on the vectors while
+// the tiles compute item i+1's Q K^T and item i-1's P V, in slices between rows) ran no faster:
 // tdpbf16ps overlaps with vector FMAs, but each tilestored, and to a lesser degree tileloadd,
 // serialises with the vector work around it, and Q K^T's scores must leave the tiles by a store.
+// The measurements are in docs/performance.md.
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -52,7 +52,7 @@ constexpr int DP = D / 2;     // pairs of d, the unit vdpbf16ps contracts over
 constexpr int R = 6;          // query rows per micro-tile (6 x 4 accumulators = 24 zmm)
 constexpr int NV = 4;         // 16-key vectors per Q K^T micro-tile
 constexpr int KT = 16 * NV;   // keys per Q K^T micro-tile; key counts are padded to this
-// Q and K blocks: 48-192 x 128-512 all ran within noise of each other on Zen 4 (tiles stay in L2).
+// Q and K blocks: a wide range of sizes ran within noise of each other (tiles stay in L2).
 constexpr int BLOCK_Q = 96;   // query rows per task (multiple of R)
 constexpr int BLOCK_K = 256;  // keys per online-softmax step (multiple of KT)
 
@@ -95,7 +95,7 @@ struct Seq {
 inline __m512 exp2_ps(__m512 x) {
   // 2^x = 2^n * 2^f with n = round(x), |f| <= 1/2; the degree-3 polynomial for 2^f (a weighted
   // least-squares fit) has relative error < 8e-5, far below the bf16 rounding (4e-3) P gets next,
-  // and is 1.03-1.05x faster over a whole call than degree 4 on AMX. x <= 0 here (the row maximum
+  // and is a little faster over a whole call than degree 4. x <= 0 here (the row maximum
   // is subtracted), and scalef takes any n: 2^n underflows to 0 for x below about -150.
   __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 f = _mm512_sub_ps(x, n);
