@@ -10,7 +10,7 @@ captions:
 - a control, the true one with B's colour changed: false about what is drawn, not about order.
 It prints, per noise level, how much higher the swapped and the control captions' losses are, and
 the share of scenes whose true caption has the lower loss than the swapped one (a diffusion
-classifier of word order: 0.5 means order is ignored). `record.json`'s `order_probe` holds the
+classifier of word order: 0.5 means order is ignored). `docs/default-model-record.json`'s `order_probe` holds the
 bundled model's numbers.
 """
 
