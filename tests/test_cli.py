@@ -1,7 +1,9 @@
 """`sd3 generate` and `sd3 inspect` end to end on a tiny checkpoint in the official layout."""
 
+import hashlib
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -41,6 +43,11 @@ def generate(model_file, out, *extra):
     return main([*base, "--dtype", "fp32", "--out", str(out), *extra])
 
 
+def image_text(path):
+    with Image.open(path) as image:
+        return "".join(image.text.values())
+
+
 def pixels(path):
     return np.asarray(Image.open(path).convert("RGB"))
 
@@ -68,7 +75,10 @@ def test_generate_writes_png_with_metadata_and_latent(model_file, models, tmp_pa
         "a red circle\nNegative prompt: \nSteps: 3, Sampler: euler, CFG scale: 3.5, Seed: 11"
     )
     assert "Size: 32x48" in params
-    assert stored["settings"]["seed"] == 11 and stored["files"]["model"] == str(model_file)
+    digest = hashlib.sha256(model_file.read_bytes()).hexdigest()[:10]
+    assert stored["settings"]["seed"] == 11
+    assert stored["files"]["model"] == {"name": model_file.name, "sha256": digest}  # no folder
+    assert str(model_file.parent) not in image_text(out) and f"Model hash: {digest}" in params
 
     # The saved latent is what the VAE decodes into the PNG.
     latent = load_file(str(latent_file))["latent"]
@@ -81,10 +91,15 @@ def test_generate_writes_png_with_metadata_and_latent(model_file, models, tmp_pa
     assert np.abs(expected.astype(int) - pixels(out).astype(int)).max() <= 1
 
 
-def test_from_png_reproduces_bit_for_bit(model_file, tmp_path):
+def test_from_png_reproduces_bit_for_bit(model_file, tmp_path, capsys):
     first, again, other = tmp_path / "1.png", tmp_path / "2.png", tmp_path / "3.png"
     given = ["--seed", "5", "--negative", "blurry", "--cfg-end", "0.5"]
     assert generate(model_file, first, "two blue squares", *given) == 0
+    # the PNG names the model file, not its folder: not beside the PNG, it must be given again
+    assert main(["generate", "--from-png", str(first), "--out", str(again)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "the model file 'tiny.safetensors'" in err and "--model" in err and not again.exists()
+    shutil.copy(model_file, tmp_path / model_file.name)  # beside the PNG: found by name and hash
     assert main(["generate", "--from-png", str(first), "--out", str(again)]) == 0
     assert np.array_equal(pixels(first), pixels(again))
     with Image.open(first) as a, Image.open(again) as b:

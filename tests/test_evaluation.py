@@ -292,6 +292,7 @@ def test_run_with_oracle_and_with_a_generator(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     sheet = tmp_path / "out" / "sheet.png"
+    sheet.parent.mkdir()  # sd3 writes into existing folders only
     args = parser.parse_args(
         [
             "--oracle",

@@ -1,7 +1,8 @@
 """The `sd3` command line: generate, inspect, train, eval."""
 
 import argparse
-import json
+import io
+import os
 import sys
 import time
 import warnings
@@ -9,12 +10,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from PIL import Image, PngImagePlugin
-from safetensors.torch import save_file
+from PIL import Image
+from safetensors.torch import save
 
+from . import metadata
 from .checkpoints import COMPONENTS, DTYPE_NAMES, find_components, infer_config
 from .models.vae import from_latent_format
-from .pipeline import Pipeline, Settings, describe_timings, load_image
+from .outputs import check_folder, check_new_file, next_free, write_new
+from .pipeline import Pipeline, Settings, check_settings, describe_timings, load_image
 from .presets import detect_model
 from .sampling import SAMPLERS, SkipLayerGuidance
 from .shapes import evaluation
@@ -116,22 +119,10 @@ def parse_layers(text: str) -> tuple[int, ...]:
         ) from None
 
 
-def stored_run(path: str) -> dict:
-    """The settings an sd3 PNG carries in its "sd3" text chunk."""
-    try:
-        with Image.open(path) as image:
-            data = image.text.get("sd3") if hasattr(image, "text") else None
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--from-png {path}: cannot read the image ({e})") from None
-    if data is None:
-        raise ValueError(f"--from-png {path}: this PNG carries no sd3 settings")
-    return json.loads(data)
-
-
-def resolve_settings(args: argparse.Namespace, pipe: Pipeline, stored: dict | None) -> Settings:
+def resolve_settings(args: argparse.Namespace, pipe: Pipeline, stored: Settings | None) -> Settings:
     """The preset, then the PNG's settings, then what was given on the command line."""
     prompt = getattr(args, "prompt", None)
-    s = Settings.from_dict(stored["settings"]) if stored else pipe.settings(prompt or "")
+    s = stored if stored is not None else pipe.settings(prompt or "")
     given = {
         "prompt": prompt,
         "negative_prompt": args.negative,
@@ -169,57 +160,66 @@ def resolve_settings(args: argparse.Namespace, pipe: Pipeline, stored: dict | No
     return s
 
 
+OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
 def output_paths(out: str | None, seed: int, n: int) -> list[Path]:
-    """Where the images go. A given --out must not exist; default names step around existing files."""
+    """Where the images go, checked before any work: a given --out must not exist, must name a
+    format sd3 writes, and its folder must take new files; default names step around existing
+    files. (The writes themselves never replace a file either: `outputs.write_new`.)"""
     if out is not None:
         base = Path(out)
+        if base.suffix.lower() not in OUTPUT_FORMATS:
+            raise ValueError(
+                f"--out {out}: sd3 writes {', '.join(OUTPUT_FORMATS)} files, not {base.suffix!r}"
+            )
         paths = (
             [base]
             if n == 1
             else [base.with_name(f"{base.stem}-{i}{base.suffix}") for i in range(n)]
         )
         for path in paths:
-            if path.exists():
-                raise FileExistsError(f"--out {path} exists already; sd3 never overwrites a file")
-            if not path.parent.is_dir():
-                raise ValueError(f"--out {path}: folder {path.parent} does not exist")
+            check_new_file(path, "--out")
         return paths
+    check_folder(Path.cwd(), "--out", Path.cwd() / f"sd3_{seed}.png")
     paths = []
     for i in range(n):
-        path, k = Path(f"sd3_{seed + i}.png"), 1
-        while path.exists() or path in paths:
-            path, k = Path(f"sd3_{seed + i}_{k}.png"), k + 1
-        paths.append(path)
+        paths.append(next_free(Path(f"sd3_{seed + i}.png"), set(paths)))
     return paths
 
 
-def a1111_parameters(s: Settings, model: str) -> str:
-    """The `parameters` text that A1111, ComfyUI and Civitai read."""
-    fields = [
-        f"Steps: {s.steps}",
-        f"Sampler: {s.sampler}",
-        f"CFG scale: {s.cfg}",
-        f"Seed: {s.seed}",
-        f"Size: {s.width}x{s.height}",
-        f"Model: {Path(model).name}",
-        f"Shift: {s.shift}",
-    ]
-    if (s.cfg_start, s.cfg_end) != (0.0, 1.0):
-        fields.append(f"CFG interval: {s.cfg_start}-{s.cfg_end}")
-    if s.denoise < 1:
-        fields.append(f"Denoising strength: {s.denoise}")
-    if s.slg is not None:
-        layers = ",".join(map(str, s.slg.layers))
-        fields.append(f"SLG: scale {s.slg.scale}, layers {layers}, {s.slg.start}-{s.slg.end}")
-    if not s.use_t5:
-        fields.append("T5: off")
-    return f"{s.prompt}\nNegative prompt: {s.negative_prompt}\n" + ", ".join(fields)
+def parse_device(text: str) -> torch.device:
+    """A torch device this machine has, or one ValueError naming --device."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ValueError(
+            f"--device {text!r} is not a device name (cpu, cuda, cuda:1, mps)"
+        ) from None
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", lambda: False)
+    if not available():
+        raise ValueError(f"--device {text}: this machine has no {device.type} device")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"--device {text}: this machine has {count} {device.type} device(s)")
+    return device
 
 
 def model_files(args: argparse.Namespace, stored: dict | None = None) -> dict:
-    """The files to load: stored ones (from a PNG), replaced by those given, else the bundled model."""
-    files = dict(stored["files"]) if stored else {}
-    for key in ("model", "clip_l", "clip_g", "t5xxl", "vae", "init_image", "dtype", "int8"):
+    """The files to load: those given, else those a PNG records (found by name and hash next
+    to it or in the current folder), else the bundled model; plus dtype and int8."""
+    files = {}
+    for key, value in (stored["files"] if stored else {}).items():
+        if getattr(args, key, None) is not None or value is None:
+            continue
+        if key in metadata.FILE_KEYS:
+            files[key] = str(metadata.locate(key, value, Path(args.from_png), DEFAULT_MODEL))
+        else:
+            files[key] = value
+    for key in (*metadata.FILE_KEYS, "dtype", "int8"):
         if getattr(args, key, None) is not None:
             files[key] = getattr(args, key)
     if files.get("model") is None:
@@ -231,10 +231,18 @@ def model_files(args: argparse.Namespace, stored: dict | None = None) -> dict:
     return files
 
 
-def load_pipeline(
-    files: dict, device: str, low_memory: bool | None = None, compile: bool | str = False
+def file_records(files: dict) -> dict:
+    """What an image records of its inputs: names and short hashes, dtype and int8."""
+    return {
+        key: metadata.file_record(value) if key in metadata.FILE_KEYS else value
+        for key, value in files.items()
+    }
+
+
+def open_pipeline(
+    files: dict, device: torch.device, low_memory: bool | None = None, compile: bool = False
 ) -> Pipeline:
-    started = time.perf_counter()
+    """The pipeline over the files, every key and shape checked, no weights read yet."""
     pipe = Pipeline.from_single_file(
         files["model"],
         clip_l=files.get("clip_l"),
@@ -246,44 +254,69 @@ def load_pipeline(
         low_memory=low_memory,
         int8=bool(files.get("int8")),
         compile=compile,
+        load=False,
     )
-    dtype_name = {v: k for k, v in DTYPE_NAMES.items()}[pipe.dtype]
-    files["dtype"] = dtype_name
-    bundled = Path(files["model"]).resolve() == DEFAULT_MODEL.resolve()
-    print(
-        f"{pipe.preset.name}{' (bundled)' if bundled else ''}, {dtype_name}{' (int8 weights)' if pipe.int8 else ''} on {pipe.device}"
-        f"{', low-memory mode' if pipe.low_memory else ''}{', MMDiT compiled on its first step' if compile else ''}, loaded in {time.perf_counter() - started:.1f}s",
-        file=sys.stderr,
-    )
+    files["dtype"] = {v: k for k, v in DTYPE_NAMES.items()}[pipe.dtype]
     return pipe
 
 
+def load_weights(pipe: Pipeline, files: dict) -> None:
+    started = time.perf_counter()
+    pipe.load()
+    bundled = Path(files["model"]).resolve() == DEFAULT_MODEL.resolve()
+    print(
+        f"{pipe.preset.name}{' (bundled)' if bundled else ''}, {files['dtype']}{' (int8 weights)' if pipe.int8 else ''} on {pipe.device}"
+        f"{', low-memory mode' if pipe.low_memory else ''}{', MMDiT compiled on its first step' if pipe.compile else ''}, loaded in {time.perf_counter() - started:.1f}s",
+        file=sys.stderr,
+    )
+
+
+def encoded_image(image: Image.Image, path: Path, s: Settings, records: dict) -> bytes:
+    """The image file's bytes: PNG with both metadata chunks; JPEG and WebP with A1111's
+    parameters in EXIF UserComment, as A1111 writes them (`--from-png` needs the PNG)."""
+    buffer = io.BytesIO()
+    kind = OUTPUT_FORMATS[path.suffix.lower()]
+    if kind == "PNG":
+        image.save(buffer, format="PNG", pnginfo=metadata.png_info(s, records))
+    else:
+        exif = Image.Exif()
+        text = metadata.a1111_parameters(s, records["model"])
+        exif[0x9286] = b"UNICODE\0" + text.encode("utf-16-be")  # UserComment
+        image.save(buffer, format=kind, exif=exif, quality=95)
+    return buffer.getvalue()
+
+
 def run_generate(args: argparse.Namespace) -> int:
-    stored = stored_run(args.from_png) if args.from_png else None
+    # Everything that can be checked is checked before the weights load.
+    stored = metadata.read_png(args.from_png) if args.from_png else None
     if args.prompt is None and not stored:  # "" is a prompt: unconditional, as in diffusers
         raise ValueError("give a prompt (or --from-png FILE)")
+    device = parse_device(args.device)
     files = model_files(args, stored)
-    init_image = load_image(files["init_image"]) if files.get("init_image") else None
-    if args.save_latent and Path(args.save_latent).exists():
-        raise FileExistsError(
-            f"--save-latent {args.save_latent} exists already; sd3 never overwrites a file"
-        )
-    pipe = load_pipeline(files, args.device, args.low_memory, args.compile)
-    s = resolve_settings(args, pipe, stored)
+    init_image = (
+        load_image(files["init_image"], "--init-image") if files.get("init_image") else None
+    )
+    if args.save_latent:
+        check_new_file(args.save_latent, "--save-latent")
+    pipe = open_pipeline(files, device, args.low_memory, args.compile)
+    s = resolve_settings(args, pipe, stored["settings"] if stored else None)
+    check_settings(s, pipe.config, init_image is not None)
     paths = output_paths(args.out, s.seed, s.num_images)
+    records = file_records(files)
 
+    load_weights(pipe, files)
     pipe.progress = True
     latents, images = pipe.generate(s, init_image)
     print(describe_timings(pipe.timings), file=sys.stderr)
     if args.save_latent:
-        save_file({"latent": from_latent_format(latents).contiguous()}, args.save_latent)
+        data = save({"latent": from_latent_format(latents).contiguous()})
+        write_new(args.save_latent, data, "--save-latent", move_if_taken=False)
     for i, (image, path) in enumerate(zip(images, paths, strict=True)):
         one = replace(s, seed=s.seed + i, num_images=1)
-        info = PngImagePlugin.PngInfo()
-        info.add_text("parameters", a1111_parameters(one, files["model"]))
-        info.add_text("sd3", json.dumps({"settings": one.to_dict(), "files": files}))
-        image.save(path, pnginfo=info)
-        print(path)
+        written = write_new(path, encoded_image(image, path, one, records), "--out")
+        if written != path:
+            print(f"sd3 generate: {path} was taken meanwhile; wrote {written}", file=sys.stderr)
+        print(written)
     return 0
 
 
@@ -327,10 +360,14 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     """The held-out prompt-adherence benchmark of a model (or of the renderer, with --oracle)."""
+    evaluation.check_arguments(args)
     if args.oracle is not None:
         return evaluation.run(args)
-    pipe = load_pipeline(model_files(args), args.device, args.low_memory, args.compile)
+    files = model_files(args)
+    pipe = open_pipeline(files, parse_device(args.device), args.low_memory, args.compile)
     base = resolve_settings(args, pipe, None)
+    check_settings(base, pipe.config, has_init_image=False)
+    load_weights(pipe, files)
 
     def generate(prompts: list[str], seed: int) -> list[Image.Image]:
         # All prompts as one batch: image i gets seed + 1000 * seed_index + i, a fixed draw.
@@ -379,11 +416,31 @@ def main(argv: list[str] | None = None) -> int:
             )
             return args.run(args)
     except (ValueError, FileExistsError, FileNotFoundError) as e:  # CheckpointError is a ValueError
-        print(f"sd3 {args.command}: error: {e}", file=sys.stderr)
+        print(f"sd3 {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sd3 {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the file system said no: name the file
+        where = f"{e.filename}: " if e.filename else ""
+        print(
+            f"sd3 {args.command}: error: {where}{os.strerror(e.errno) if e.errno else e}",
+            file=sys.stderr,
+        )
+        return 1
+    except Exception as e:  # a bug or a case not foreseen: one line, the traceback on request
+        if os.environ.get("SD3_DEBUG"):
+            raise
+        print(
+            f"sd3 {args.command}: error: unexpected {type(e).__name__}: {one_line(e)} "
+            "(run with SD3_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -107,8 +107,16 @@ def nearest_multiples(value: int, base: int = 16) -> str:
     return f"{lower} or {lower + base}" if value > base else str(base)
 
 
+MAX_SEED = 2**63 - 1
+
+
 def check_settings(s: Settings, config: MMDiTConfig, has_init_image: bool) -> None:
     """One clear ValueError, naming the argument, for each impossible setting."""
+    if not isinstance(s.seed, int) or not 0 <= s.seed <= MAX_SEED - max(s.num_images - 1, 0):
+        raise ValueError(
+            f"seed {s.seed} is out of range: seeds run from 0 to 2**63 - 1, and image i of a "
+            f"batch uses seed + i"
+        )
     limit = config.pos_embed_max_size * config.patch_size * 8
     for name, value in (("width", s.width), ("height", s.height)):
         if value < 16 or value % 16:
@@ -133,6 +141,17 @@ def check_settings(s: Settings, config: MMDiTConfig, has_init_image: bool) -> No
         raise ValueError(f"denoise must be in (0, 1], got {s.denoise}")
     if s.denoise < 1 and not has_init_image:
         raise ValueError(f"denoise {s.denoise} needs an init image (img2img)")
+    if has_init_image and int(s.steps * (1 - s.denoise)) == 0:
+        # the first step would start from pure noise: the init image would change nothing
+        fix = (
+            f"use at least {math.ceil(1 / (1 - s.denoise))} steps or a lower denoise"
+            if s.denoise < 1
+            else "use a denoise below 1"
+        )
+        raise ValueError(
+            f"denoise {s.denoise} with {s.steps} steps starts from pure noise, so the init image "
+            f"would have no effect: {fix}"
+        )
     if s.num_images < 1:
         raise ValueError(f"the number of images must be >= 1, got {s.num_images}")
     if s.t5_length is not None and s.t5_length < 1:
@@ -205,13 +224,16 @@ class Pipeline:
         low_memory: bool | None = None,
         int8: bool = False,
         compile: bool | str = False,
+        load: bool = True,
     ) -> "Pipeline":
-        """A Stability single file (encoders bundled or given separately) or a diffusers folder."""
+        """A Stability single file (encoders bundled or given separately) or a diffusers folder.
+        Every file's keys and shapes are checked first; `load=False` leaves reading the weights
+        to `load()` or first use, so settings can be checked against the model before."""
         components = find_components(path, clip_l=clip_l, clip_g=clip_g, t5xxl=t5xxl, vae=vae)
         folder = path is not None and Path(path).is_dir()
         tokenizers = Tokenizers.from_folder(path) if folder else Tokenizers.default()
         return cls.from_components(
-            components, tokenizers, dtype, device, low_memory, str(path or ""), int8, compile
+            components, tokenizers, dtype, device, low_memory, str(path or ""), int8, compile, load
         )
 
     from_pretrained = from_single_file  # a diffusers folder, in diffusers' vocabulary
@@ -227,6 +249,7 @@ class Pipeline:
         model_name: str = "",
         int8: bool = False,
         compile: bool | str = False,
+        load: bool = True,
     ) -> "Pipeline":
         """`low_memory=None` turns it on when all weights in `dtype` (int8 where `int8` quantizes
         them) need over 60% of the free memory."""
@@ -268,10 +291,15 @@ class Pipeline:
             compile=compile,
             model_name=model_name,
         )
-        if not low_memory:
-            pipe.module("mmdit")
-            pipe.module("vae")
+        if load:
+            pipe.load()
         return pipe
+
+    def load(self) -> None:
+        """Read the MMDiT's and the VAE's weights now (in low-memory mode each loads when used)."""
+        if not self.low_memory:
+            self.module("mmdit")
+            self.module("vae")
 
     # --- loading and releasing ------------------------------------------------------------
 
@@ -504,10 +532,34 @@ def describe_timings(timings: dict[str, float]) -> str:
     )
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """An image file, or a ValueError naming it."""
+MAX_IMAGE_PIXELS = 1 << 26  # 8192 x 8192: larger inputs are refused before they are decoded
+
+
+def load_image(path: str | Path, option: str = "image") -> Image.Image:
+    """An RGB image from a file, or one ValueError naming `option` and the file: the size is
+    checked from the header before decoding, and 16-bit and float images are scaled to 8 bits,
+    not clipped."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read the image ({e})") from None
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise ValueError(
+                    f"{width}x{height} pixels is more than sd3 reads ({MAX_IMAGE_PIXELS:,})"
+                )
+            image.load()
+            return to_rgb(image)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{option} {path}: cannot read the image ({e})") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB: 16-bit integer images (PNG's "I;16" and "I") scaled by 255/65535, float ones
+    ("F") read as 0..1, everything else through PIL's own conversion."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        array = np.asarray(image, dtype=np.float64) * (255 / 65535)
+    elif image.mode == "F":
+        array = np.asarray(image, dtype=np.float64) * 255
+    else:
+        return image.convert("RGB")
+    grey = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
+    return grey.convert("RGB")

@@ -4,6 +4,7 @@ The values are the published ones (the models' scheduler configs and Stability's
 every one of them can be overridden per call.
 """
 
+import dataclasses
 import json
 from dataclasses import dataclass
 
@@ -59,13 +60,48 @@ def detect_model(config: MMDiTConfig, filename: str = "") -> str:
 PRESET_METADATA = "sd3_preset"  # a file's own preset, as JSON in its safetensors metadata
 
 
+def stored_preset(text: str, filename: str) -> Preset:
+    """A preset stored as JSON in a file's metadata, every field checked: one ValueError naming
+    the file and the field otherwise."""
+    where = f"{filename or 'the model file'}: its embedded preset ({PRESET_METADATA})"
+    try:
+        fields = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{where} is not valid JSON ({e})") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"{where} must be a JSON object")
+    known = {f.name: f for f in dataclasses.fields(Preset)}
+    unknown = sorted(set(fields) - set(known))
+    missing = sorted(
+        f.name
+        for f in known.values()
+        if f.name not in fields and f.default is f.default_factory is dataclasses.MISSING
+    )
+    if unknown or missing:
+        raise ValueError(f"{where} has unknown fields {unknown} or lacks {missing}")
+    slg = fields.pop("slg", None)
+    try:
+        preset = Preset(**fields, slg=SkipLayerGuidance(**slg) if slg else None)
+    except TypeError as e:
+        raise ValueError(f"{where}: field slg is malformed ({e})") from None
+    numbers = {
+        "steps": int, "cfg": (int, float), "shift": (int, float), "cfg_start": (int, float),
+        "cfg_end": (int, float), "size": int, "clip_length": int,
+    }  # fmt: skip
+    for name, kinds in numbers.items():
+        value = getattr(preset, name)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise ValueError(f"{where}: field {name} must be a number, got {value!r}")
+    if not isinstance(preset.name, str) or not isinstance(preset.sampler, str):
+        raise ValueError(f"{where}: fields name and sampler must be strings")
+    return preset
+
+
 def preset_for(config: MMDiTConfig, filename: str = "", metadata: dict | None = None) -> Preset:
     """The preset a file carries in its metadata, else that of the detected model; a custom-size
     model gets SD3-style defaults at the largest size its positional table allows (up to 1024)."""
     if metadata and PRESET_METADATA in metadata:
-        fields = json.loads(metadata[PRESET_METADATA])
-        slg = fields.pop("slg", None)
-        return Preset(**fields, slg=SkipLayerGuidance(**slg) if slg else None)
+        return stored_preset(metadata[PRESET_METADATA], filename)
     key = detect_model(config, filename)
     if key in PRESETS:
         return PRESETS[key]

@@ -26,6 +26,7 @@ objects of a position prompt swapped (the opposite relation holds), or otherwise
 """
 
 import argparse
+import io
 import math
 import sys
 import zlib
@@ -38,6 +39,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from sd3.outputs import check_new_file, write_new
 from sd3.shapes.scenes import (
     BACKGROUND,
     CATEGORIES,
@@ -341,8 +343,11 @@ def save_contact_sheet(
         thumb = image.convert("RGB").resize(size, Image.Resampling.NEAREST)
         sheet.paste(thumb, (x + border, y + border))
         draw.text((x + border, y + cell + 2 * border), text, fill=(0, 0, 0), font=font)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG")
+    written = write_new(path, buffer.getvalue(), "--contact-sheet")
+    if written != Path(path):
+        print(f"--contact-sheet {path} was taken meanwhile: wrote {written}", file=sys.stderr)
 
 
 _MARK = {True: (0, 170, 0), False: (210, 0, 0)}
@@ -392,6 +397,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """One ValueError naming the option, before any image is made."""
+    select_prompts(heldout_prompts(), args.categories, args.limit)
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.oracle is not None and args.oracle < 16:
+        raise ValueError(f"--oracle must be at least 16 pixels, got {args.oracle}")
+    if args.contact_sheet is not None:
+        if args.contact_sheet.suffix.lower() != ".png":
+            raise ValueError(f"--contact-sheet {args.contact_sheet}: must be a .png file")
+        check_new_file(args.contact_sheet, "--contact-sheet")
+
+
 def run(args: argparse.Namespace, generate: Generate | None = None) -> int:
     """`sd3 eval`: the held-out prompts through `generate` (or the oracle), then the report."""
     if generate is None:
@@ -399,6 +417,7 @@ def run(args: argparse.Namespace, generate: Generate | None = None) -> int:
             print("sd3 eval: no model to evaluate (pass one, or --oracle SIZE)", file=sys.stderr)
             return 2
         generate = perfect_generator(args.oracle)
+    check_arguments(args)
     prompts = select_prompts(heldout_prompts(), args.categories, args.limit)
     evaluate(generate, prompts, args.seeds, args.contact_sheet, progress=True)
     return 0

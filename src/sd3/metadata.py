@@ -1,0 +1,243 @@
+"""What an image records about how it was made, and reading it back (`--from-png`).
+
+A PNG carries two text chunks: `parameters`, the A1111 text that A1111, ComfyUI and Civitai read,
+and `sd3`, JSON with every `Settings` field and the input files. Files are recorded by name and a
+short sha256 (its first 10 hex digits, as A1111's model hashes), never by path, so an image
+carries no folder names from the machine that made it. `--from-png` finds each file by name next
+to the PNG, in the current folder or as the bundled model, checks its hash, and takes any file
+given again on the command line instead.
+"""
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+from .pipeline import Settings
+from .sampling import SkipLayerGuidance
+
+FILE_KEYS = ("model", "clip_l", "clip_g", "t5xxl", "vae", "init_image")
+OPTION_OF = {
+    "model": "--model",
+    "clip_l": "--clip-l",
+    "clip_g": "--clip-g",
+    "t5xxl": "--t5xxl",
+    "vae": "--vae",
+    "init_image": "--init-image",
+}
+HASH_DIGITS = 10
+MAX_METADATA = 1 << 20  # bytes of JSON: far above what sd3 writes
+
+
+class MetadataError(ValueError):
+    pass
+
+
+# --- file identity -----------------------------------------------------------------------------
+
+
+def short_hash(path: str | Path) -> str | None:
+    """The first 10 hex digits of the file's sha256 (None for a folder), cached by path, size and
+    modification time in ~/.cache/sd3/hashes.json, since full-size checkpoints take seconds."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    stat = path.stat()
+    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    cache_file = (
+        Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sd3" / "hashes.json"
+    )
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if isinstance(cache, dict) and isinstance(cache.get(key), str):
+        return cache[key]
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    value = digest.hexdigest()[:HASH_DIGITS]
+    try:  # a cache, not a product: failing to write it changes nothing
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".hashes.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**(cache if isinstance(cache, dict) else {}), key: value}))
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass
+    return value
+
+
+def file_record(path: str | Path) -> dict:
+    """{"name": file name, "sha256": short hash or None}: what an image records of an input."""
+    return {"name": Path(path).name, "sha256": short_hash(path)}
+
+
+def locate(key: str, record: dict, png: Path, bundled: Path) -> Path:
+    """The file a PNG's record names: next to the PNG, in the current folder, or the bundled
+    model, whichever has its name and hash; else one MetadataError saying what to pass."""
+    name, digest = record["name"], record["sha256"]
+    candidates = [png.parent / name, Path.cwd() / name]
+    if name == bundled.name:
+        candidates.append(bundled)
+    for candidate in candidates:
+        if candidate.exists() and (digest is None or short_hash(candidate) == digest):
+            return candidate
+    hashed = f" (sha256 {digest}...)" if digest else ""
+    raise MetadataError(
+        f"--from-png {png}: the {key} file {name!r}{hashed} is not next to the PNG or in the "
+        f"current folder; give it again with {OPTION_OF[key]}"
+    )
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+
+def a1111_parameters(s: Settings, model: dict) -> str:
+    """The `parameters` text that A1111, ComfyUI and Civitai read."""
+    fields = [
+        f"Steps: {s.steps}",
+        f"Sampler: {s.sampler}",
+        f"CFG scale: {s.cfg}",
+        f"Seed: {s.seed}",
+        f"Size: {s.width}x{s.height}",
+    ]
+    if model.get("sha256"):
+        fields.append(f"Model hash: {model['sha256']}")
+    fields += [f"Model: {Path(model['name']).stem}", f"Shift: {s.shift}"]
+    if (s.cfg_start, s.cfg_end) != (0.0, 1.0):
+        fields.append(f"CFG interval: {s.cfg_start}-{s.cfg_end}")
+    if s.denoise < 1:
+        fields.append(f"Denoising strength: {s.denoise}")
+    if s.slg is not None:
+        layers = ",".join(map(str, s.slg.layers))
+        fields.append(f"SLG: scale {s.slg.scale}, layers {layers}, {s.slg.start}-{s.slg.end}")
+    if not s.use_t5:
+        fields.append("T5: off")
+    return f"{s.prompt}\nNegative prompt: {s.negative_prompt}\n" + ", ".join(fields)
+
+
+def png_info(s: Settings, files: dict) -> PngImagePlugin.PngInfo:
+    """Both text chunks for one image; `files` maps FILE_KEYS to records, plus dtype and int8."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", a1111_parameters(s, files["model"]))
+    info.add_text("sd3", json.dumps({"settings": s.to_dict(), "files": files}))
+    return info
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+NUMBER = (int, float)
+SETTING_TYPES = {
+    "prompt": (str,),
+    "negative_prompt": (str,),
+    "steps": (int,),
+    "cfg": NUMBER,
+    "cfg_start": NUMBER,
+    "cfg_end": NUMBER,
+    "sampler": (str,),
+    "shift": NUMBER,
+    "seed": (int,),
+    "width": (int,),
+    "height": (int,),
+    "num_images": (int,),
+    "denoise": NUMBER,
+    "slg": (dict, type(None)),
+    "t5_length": (int, type(None)),
+    "use_t5": (bool,),
+}
+SLG_TYPES = {"scale": NUMBER, "layers": (list,), "start": NUMBER, "end": NUMBER}
+
+
+def read_png(path: str | Path) -> dict:
+    """{"settings": Settings, "files": {...}} from an sd3 PNG, every field checked: one
+    MetadataError naming the field otherwise."""
+    where = f"--from-png {path}"
+    try:
+        with Image.open(path) as image:
+            if image.format != "PNG":
+                raise MetadataError(f"{where}: not a PNG ({image.format} file)")
+            text = getattr(image, "text", {}).get("sd3")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        if isinstance(e, MetadataError):
+            raise
+        raise MetadataError(f"{where}: cannot read the image ({e})") from None
+    if text is None:
+        raise MetadataError(f"{where}: this PNG carries no sd3 settings")
+    if len(text) > MAX_METADATA:
+        raise MetadataError(f"{where}: its sd3 settings are implausibly large ({len(text)} bytes)")
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise MetadataError(f"{where}: its sd3 settings are not valid JSON ({e})") from None
+    if not isinstance(data, dict) or set(data) != {"settings", "files"}:
+        raise MetadataError(f'{where}: its sd3 settings must hold "settings" and "files" only')
+    return {"settings": _settings(data["settings"], where), "files": _files(data["files"], where)}
+
+
+def _check_fields(d, types: dict, what: str) -> None:
+    if not isinstance(d, dict):
+        raise MetadataError(f"{what} must be a JSON object, got {type(d).__name__}")
+    unknown = sorted(set(d) - set(types))
+    if unknown:
+        raise MetadataError(f"{what} has unknown fields {unknown}")
+    missing = sorted(set(types) - set(d))
+    if missing:
+        raise MetadataError(f"{what} lacks the fields {missing}")
+    for name, allowed in types.items():
+        value = d[name]
+        if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise MetadataError(f"{what}: field {name!r} must be {names}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise MetadataError(f"{what}: field {name!r} must be finite, got {value!r}")
+
+
+def _settings(d, where: str) -> Settings:
+    _check_fields(d, SETTING_TYPES, f"{where}: settings")
+    d = dict(d)
+    if d["slg"] is not None:
+        _check_fields(d["slg"], SLG_TYPES, f"{where}: settings.slg")
+        layers = d["slg"]["layers"]
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+            raise MetadataError(f"{where}: settings.slg.layers must be whole numbers, got {layers}")
+        d["slg"] = SkipLayerGuidance(**{**d["slg"], "layers": tuple(layers)})
+    return Settings(**d)
+
+
+def _files(d, where: str) -> dict:
+    if not isinstance(d, dict):
+        raise MetadataError(f"{where}: files must be a JSON object")
+    unknown = sorted(set(d) - {*FILE_KEYS, "dtype", "int8"})
+    if unknown:
+        raise MetadataError(f"{where}: files has unknown fields {unknown}")
+    if "model" not in d:
+        raise MetadataError(f"{where}: files lacks the field 'model'")
+    out = {}
+    for key, value in d.items():
+        if key == "dtype":
+            if value is not None and value not in ("bf16", "fp16", "fp32"):
+                raise MetadataError(f"{where}: files.dtype {value!r} is not bf16, fp16 or fp32")
+        elif key == "int8":
+            if not isinstance(value, bool | None):
+                raise MetadataError(f"{where}: files.int8 must be true, false or null")
+        elif value is not None:
+            if isinstance(value, str):  # written by sd3 before files were recorded by name
+                value = {"name": Path(value).name, "sha256": None}
+            if not (
+                isinstance(value, dict)
+                and set(value) == {"name", "sha256"}
+                and isinstance(value["name"], str)
+                and value["name"] not in ("", ".", "..")
+                and Path(value["name"]).name == value["name"]
+                and isinstance(value["sha256"], str | None)
+            ):
+                raise MetadataError(
+                    f'{where}: files.{key} must be {{"name": FILE_NAME, "sha256": HASH}}, '
+                    f"got {value!r}"
+                )
+        out[key] = value
+    return out
