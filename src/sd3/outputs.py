@@ -68,11 +68,7 @@ def write_new(path: str | Path, data: bytes, option: str, move_if_taken: bool = 
         raise OutputError(f"{option} {path}: cannot write in {folder} ({describe(e)})") from None
     try:
         try:
-            with os.fdopen(fd, "wb") as f:
-                os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # as a plain open() would (mkstemp: 0600)
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            _write_all(fd, data)
         except OSError as e:
             raise OutputError(f"{option} {path}: cannot write it ({describe(e)})") from None
         target = path
@@ -92,6 +88,15 @@ def write_new(path: str | Path, data: bytes, option: str, move_if_taken: bool = 
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write, flush and sync `data` to the open file `fd`, then close it."""
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # as a plain open() would (mkstemp gives 0600)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _link_new(tmp: str, target: Path) -> None:
