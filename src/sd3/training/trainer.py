@@ -35,6 +35,7 @@ from sd3.text import T5_MIN_LENGTH, TextEncoders
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .conditioning import TextCache, embed, t5_length_for, tokenize, truncation_report
+from .data import check_pairs
 from .flow import TimestepSampling, flow_loss
 from .lora import DEFAULT_TARGETS, add_lora
 
@@ -100,8 +101,8 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.text_dropout <= 1:
             raise ValueError(f"text_dropout must be in [0, 1], got {self.text_dropout}")
-        if self.paired and self.batch_size % 2:
-            raise ValueError(f"paired examples need an even batch_size, got {self.batch_size}")
+        if self.paired:
+            check_pairs("paired examples need", {"batch_size": self.batch_size})
         if self.pair_contrast < 0 or (self.pair_contrast and not self.paired):
             raise ValueError(
                 f"pair_contrast must be >= 0 and needs paired, got {self.pair_contrast}"
@@ -179,8 +180,8 @@ class Trainer:
             raise ValueError(
                 f"need as many captions as latents (>= 1), got {len(captions)} and {len(latents)}"
             )
-        if config.paired and len(latents) % 2:
-            raise ValueError(f"paired examples need an even number of latents, got {len(latents)}")
+        if config.paired:
+            check_pairs("paired examples need", {"number of latents": len(latents)})
         self.config = c = config
         self.out_dir = Path(out_dir)
         self.metadata = metadata or {}
@@ -192,11 +193,9 @@ class Trainer:
             raise ValueError(
                 f"batch_size {c.batch_size} must be divisible by the number of processes {self.world}"
             )
-        if c.paired and (c.batch_size // self.world) % 2:
-            raise ValueError(
-                f"paired examples need an even batch per process, got {c.batch_size} over "
-                f"{self.world} processes"
-            )
+        if c.paired:  # every process's slice of the batch holds whole pairs
+            per_process = f"batch per process ({c.batch_size} over {self.world} processes)"
+            check_pairs("paired examples need", {per_process: c.batch_size // self.world})
         self.device = next(mmdit.parameters()).device
         if c.bf16 and self.device.type == "cpu" and self.rank == 0:
             warn_if_bf16_is_emulated("bf16 autocast on the CPU")
