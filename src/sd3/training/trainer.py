@@ -17,9 +17,10 @@ import math
 import signal
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -74,7 +75,8 @@ class TrainConfig:
     # examples 2k and 2k + 1 form a pair (e.g. a scene and its mirror, `ShapesDataset`): shuffled
     # together into one batch, with the same noise, timestep and text dropout
     paired: bool = False
-    pair_contrast: float = 0.0  # extra weight on the difference of a pair's errors (`flow_loss`)
+    # > 0: the pairs' loss is `sd3.shapes.objective.pair_contrast_loss` of this weight
+    pair_contrast: float = 0.0
 
     def __post_init__(self):
         self.adam_betas = tuple(self.adam_betas)
@@ -134,15 +136,19 @@ def enable_gradient_checkpointing(mmdit: MMDiT) -> None:
 
 class FlowObjective(nn.Module):
     """The trainable networks and the loss as one module (what DDP wraps). With trainable text
-    encoders the prompts are encoded here, with autograd; otherwise (context, pooled) come cached."""
+    encoders the prompts are encoded here, with autograd; otherwise (context, pooled) come cached.
+    `loss` has `flow_loss`'s signature (an experiment may weight the error otherwise)."""
 
     def __init__(
-        self, mmdit: MMDiT, text_encoders: TextEncoders | None = None, pair_contrast: float = 0.0
+        self,
+        mmdit: MMDiT,
+        text_encoders: TextEncoders | None = None,
+        loss: Callable[..., Tensor] = flow_loss,
     ):
         super().__init__()
         self.mmdit = mmdit
         self.text_encoders = text_encoders
-        self.pair_contrast = pair_contrast
+        self.loss = loss
 
     def forward(
         self,
@@ -158,7 +164,7 @@ class FlowObjective(nn.Module):
     ) -> Tensor:
         if l_ids is not None:
             context, pooled = embed(self.text_encoders, l_ids, g_ids, t5_ids, t5_length)
-        return flow_loss(self.mmdit, x0, noise, sigma, context, pooled, self.pair_contrast)
+        return self.loss(self.mmdit, x0, noise, sigma, context, pooled)
 
 
 class Trainer:
@@ -232,8 +238,13 @@ class Trainer:
             ) as bar:  # fmt: skip
                 self.text_cache = TextCache(text_encoders, captions, progress=bar.update)
             self.rows = self.text_cache.rows(captions)
+        loss = flow_loss
+        if c.pair_contrast:  # the mirror-pairs experiment's objective
+            from sd3.shapes.objective import pair_contrast_loss
+
+            loss = partial(pair_contrast_loss, weight=c.pair_contrast)
         self.objective = FlowObjective(
-            mmdit, text_encoders if self.text_cache is None else None, c.pair_contrast
+            mmdit, text_encoders if self.text_cache is None else None, loss
         )
         self.objective.train()
         trained = [(n, p) for n, p in self.objective.named_parameters() if p.requires_grad]
@@ -254,7 +265,7 @@ class Trainer:
         )
         self.ema = {n: p.detach().clone() for n, p in self.params.items()} if c.ema_decay else {}
         self.model = DistributedDataParallel(self.objective) if self.world > 1 else self.objective
-        if c.compile:  # fuses the elementwise ops small models are bound by (1.3x at hidden 192)
+        if c.compile:  # fuses the elementwise ops small models are bound by (docs/default-model.md)
             self.model = torch.compile(self.model)
         self.step = 0  # steps completed
         self._orders: dict[int, Tensor] = {}
