@@ -111,7 +111,8 @@ def main() -> int:
 
     # 1. the autoencoder
     vae = autoencoder(args, family, data, init, record)
-    # 2. the text encoders: frozen at random init, or pre-trained on the captions' structure
+    # 2. the text encoders (and the MMDiT), fresh or --init's; frozen at random init, or
+    # pre-trained on the captions' structure
     encoders, model = fresh_networks(args, family)
     text = TextEncoders(
         encoders["clip_l"], encoders["clip_g"], encoders["t5xxl"],
