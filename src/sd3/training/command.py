@@ -20,19 +20,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
-from sd3.checkpoints import (
-    DTYPE_NAMES,
-    CheckpointError,
-    SafetensorsFile,
-    find_components,
-    load_component,
-)
+from sd3.checkpoints import DTYPE_NAMES, find_components, load_component
 from sd3.text import TextEncoders
 
-from .checkpoint import read_state, save_atomic
-from .data import ImageCaptionFolder, encode_latents
+from .checkpoint import read_state
+from .data import ImageCaptionFolder, cached_latents, check_pairs, load_latents
 from .export import export_single_file, save_lora
 from .flow import SAMPLINGS
 from .fresh import INIT_CONFIGS, fresh_models
@@ -243,25 +236,13 @@ def _latents(args, dataset, key: str, vae, rank: int, quiet: bool):
     """VAE latents of the dataset, cached in --out/latents.safetensors (computed by process 0)."""
     with torch.no_grad():
         vae_key = f"{sum(p.double().sum().item() for p in vae.encoder.parameters()):.10e}"
-    cache = args.out / "latents.safetensors"
+    cache, key = args.out / "latents.safetensors", {"data": key, "vae": vae_key}
     if rank == 0:
-        fresh = True
-        if cache.is_file():
-            try:
-                meta = SafetensorsFile(cache).metadata
-                fresh = meta.get("data") != key or meta.get("vae") != vae_key
-            except CheckpointError:
-                pass
-        if fresh:
-            bar = tqdm(total=len(dataset), desc="encoding images", unit="img", disable=quiet)
-            latents, captions = encode_latents(dataset, vae, progress=bar.update)
-            bar.close()
-            meta = {"data": key, "vae": vae_key, "captions": json.dumps(captions)}
-            save_atomic(cache, {"latents": latents}, meta)
+        progress = {"desc": "encoding images", "unit": "img", "disable": quiet}
+        latents, captions = cached_latents(cache, dataset, vae, key, progress=progress)
     if dist.is_initialized():
         dist.barrier()
-    file = SafetensorsFile(cache)
-    return file.get("latents").clone(), json.loads(file.metadata["captions"])
+    return (latents, captions) if rank == 0 else load_latents(cache)
 
 
 def _resume_args(args: argparse.Namespace, given: set[str]) -> argparse.Namespace:
@@ -290,11 +271,10 @@ def _check_sources(args: argparse.Namespace) -> None:
     if args.shapes_mirror_pairs:
         if args.shapes is None:
             raise ValueError("--shapes-mirror-pairs applies to --shapes N only")
-        if args.shapes % 2 or args.batch_size % 2:
-            raise ValueError(
-                f"--shapes-mirror-pairs needs an even --shapes and --batch-size, got {args.shapes} "
-                f"and {args.batch_size}"
-            )
+        check_pairs(
+            "--shapes-mirror-pairs needs",
+            {"--shapes": args.shapes, "--batch-size": args.batch_size},
+        )
     if args.pair_contrast and not args.shapes_mirror_pairs:
         raise ValueError("--pair-contrast needs --shapes-mirror-pairs (the pairs it contrasts)")
     if args.resolution % 16:

@@ -3,13 +3,13 @@
 The folder convention is kohya-ss', OneTrainer's and SimpleTuner's: `cat.png` is captioned by
 `cat.txt`. Images are resized (short side to the training size) and centre-cropped square, in
 [-1, 1] as the VAE expects. Since the VAE stays frozen, every image is encoded once (the posterior
-mean, in the MMDiT's latent format) and training reads latents from memory; `encode_latents` can
-keep them in a safetensors file so a second run skips the VAE.
+mean, in the MMDiT's latent format) and training reads latents from memory; `cached_latents`
+keeps them in a safetensors file so a second run skips the VAE.
 """
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +17,25 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
+from sd3.checkpoints import CheckpointError, SafetensorsFile
 from sd3.models.vae import AutoEncoder
+
+from .checkpoint import save_atomic
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 Example = tuple[Tensor, str]  # image [3, H, W] in [-1, 1], caption
+
+
+def check_pairs(subject: str, counts: Mapping[str, int]) -> None:
+    """Paired examples (2k and 2k + 1, e.g. a shapes scene and its mirror, `TrainConfig.paired`)
+    come in twos, so every count of them must be even; else ValueError("{subject} an even {names},
+    got {counts}"), e.g. check_pairs("paired examples need", {"batch_size": 5})."""
+    if any(n % 2 for n in counts.values()):
+        names, values = " and ".join(counts), " and ".join(str(n) for n in counts.values())
+        raise ValueError(f"{subject} an even {names}, got {values}")
 
 
 def load_image(path: str | Path, size: int) -> Tensor:
@@ -100,3 +113,35 @@ def encode_latents(
         if progress is not None:
             progress(len(examples))
     return torch.cat(latents), captions
+
+
+def cached_latents(
+    path: str | Path,
+    dataset: Dataset,
+    vae: AutoEncoder,
+    key: Mapping[str, str] | None = None,
+    batch_size: int = 8,
+    progress: dict | None = None,
+) -> tuple[Tensor, list[str]]:
+    """The dataset's latents and captions (`encode_latents`), kept in the safetensors file `path`:
+    read from it if it carries every metadata entry of `key` (what the data and the VAE were; no
+    key: any readable file will do), else encoded and written atomically. `progress`: tqdm options
+    of the bar shown while encoding (None: no bar)."""
+    key = dict(key or {})
+    try:
+        cached = SafetensorsFile(path).metadata
+    except CheckpointError:  # no file, or a torn one
+        cached = None
+    if cached is not None and all(cached.get(k) == v for k, v in key.items()):
+        return load_latents(path)
+    options = {"total": len(dataset), "disable": progress is None} | (progress or {})
+    with tqdm(**options) as bar:
+        latents, captions = encode_latents(dataset, vae, batch_size, progress=bar.update)
+    save_atomic(path, {"latents": latents}, {**key, "captions": json.dumps(captions)})
+    return latents, captions
+
+
+def load_latents(path: str | Path) -> tuple[Tensor, list[str]]:
+    """(latents, captions) of a file written by `cached_latents`."""
+    file = SafetensorsFile(path)
+    return file.get("latents").clone(), json.loads(file.metadata["captions"])

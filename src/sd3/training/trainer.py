@@ -17,9 +17,10 @@ import math
 import signal
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ from sd3.text import T5_MIN_LENGTH, TextEncoders
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .conditioning import TextCache, embed, t5_length_for, tokenize, truncation_report
+from .data import check_pairs
 from .flow import TimestepSampling, flow_loss
 from .lora import DEFAULT_TARGETS, add_lora
 
@@ -73,7 +75,8 @@ class TrainConfig:
     # examples 2k and 2k + 1 form a pair (e.g. a scene and its mirror, `ShapesDataset`): shuffled
     # together into one batch, with the same noise, timestep and text dropout
     paired: bool = False
-    pair_contrast: float = 0.0  # extra weight on the difference of a pair's errors (`flow_loss`)
+    # > 0: the pairs' loss is `sd3.shapes.objective.pair_contrast_loss` of this weight
+    pair_contrast: float = 0.0
 
     def __post_init__(self):
         self.adam_betas = tuple(self.adam_betas)
@@ -100,8 +103,8 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.text_dropout <= 1:
             raise ValueError(f"text_dropout must be in [0, 1], got {self.text_dropout}")
-        if self.paired and self.batch_size % 2:
-            raise ValueError(f"paired examples need an even batch_size, got {self.batch_size}")
+        if self.paired:
+            check_pairs("paired examples need", {"batch_size": self.batch_size})
         if self.pair_contrast < 0 or (self.pair_contrast and not self.paired):
             raise ValueError(
                 f"pair_contrast must be >= 0 and needs paired, got {self.pair_contrast}"
@@ -133,15 +136,19 @@ def enable_gradient_checkpointing(mmdit: MMDiT) -> None:
 
 class FlowObjective(nn.Module):
     """The trainable networks and the loss as one module (what DDP wraps). With trainable text
-    encoders the prompts are encoded here, with autograd; otherwise (context, pooled) come cached."""
+    encoders the prompts are encoded here, with autograd; otherwise (context, pooled) come cached.
+    `loss` has `flow_loss`'s signature (an experiment may weight the error otherwise)."""
 
     def __init__(
-        self, mmdit: MMDiT, text_encoders: TextEncoders | None = None, pair_contrast: float = 0.0
+        self,
+        mmdit: MMDiT,
+        text_encoders: TextEncoders | None = None,
+        loss: Callable[..., Tensor] = flow_loss,
     ):
         super().__init__()
         self.mmdit = mmdit
         self.text_encoders = text_encoders
-        self.pair_contrast = pair_contrast
+        self.loss = loss
 
     def forward(
         self,
@@ -157,7 +164,7 @@ class FlowObjective(nn.Module):
     ) -> Tensor:
         if l_ids is not None:
             context, pooled = embed(self.text_encoders, l_ids, g_ids, t5_ids, t5_length)
-        return flow_loss(self.mmdit, x0, noise, sigma, context, pooled, self.pair_contrast)
+        return self.loss(self.mmdit, x0, noise, sigma, context, pooled)
 
 
 class Trainer:
@@ -179,8 +186,8 @@ class Trainer:
             raise ValueError(
                 f"need as many captions as latents (>= 1), got {len(captions)} and {len(latents)}"
             )
-        if config.paired and len(latents) % 2:
-            raise ValueError(f"paired examples need an even number of latents, got {len(latents)}")
+        if config.paired:
+            check_pairs("paired examples need", {"number of latents": len(latents)})
         self.config = c = config
         self.out_dir = Path(out_dir)
         self.metadata = metadata or {}
@@ -192,11 +199,9 @@ class Trainer:
             raise ValueError(
                 f"batch_size {c.batch_size} must be divisible by the number of processes {self.world}"
             )
-        if c.paired and (c.batch_size // self.world) % 2:
-            raise ValueError(
-                f"paired examples need an even batch per process, got {c.batch_size} over "
-                f"{self.world} processes"
-            )
+        if c.paired:  # every process's slice of the batch holds whole pairs
+            per_process = f"batch per process ({c.batch_size} over {self.world} processes)"
+            check_pairs("paired examples need", {per_process: c.batch_size // self.world})
         self.device = next(mmdit.parameters()).device
         if c.bf16 and self.device.type == "cpu" and self.rank == 0:
             warn_if_bf16_is_emulated("bf16 autocast on the CPU")
@@ -233,8 +238,13 @@ class Trainer:
             ) as bar:  # fmt: skip
                 self.text_cache = TextCache(text_encoders, captions, progress=bar.update)
             self.rows = self.text_cache.rows(captions)
+        loss = flow_loss
+        if c.pair_contrast:  # the mirror-pairs experiment's objective
+            from sd3.shapes.objective import pair_contrast_loss
+
+            loss = partial(pair_contrast_loss, weight=c.pair_contrast)
         self.objective = FlowObjective(
-            mmdit, text_encoders if self.text_cache is None else None, c.pair_contrast
+            mmdit, text_encoders if self.text_cache is None else None, loss
         )
         self.objective.train()
         trained = [(n, p) for n, p in self.objective.named_parameters() if p.requires_grad]
@@ -255,7 +265,7 @@ class Trainer:
         )
         self.ema = {n: p.detach().clone() for n, p in self.params.items()} if c.ema_decay else {}
         self.model = DistributedDataParallel(self.objective) if self.world > 1 else self.objective
-        if c.compile:  # fuses the elementwise ops small models are bound by (1.3x at hidden 192)
+        if c.compile:  # fuses the elementwise ops small models are bound by (docs/default-model.md)
             self.model = torch.compile(self.model)
         self.step = 0  # steps completed
         self._orders: dict[int, Tensor] = {}
