@@ -548,9 +548,10 @@ def _is_training_log(path: Path) -> bool:
         return False
     for i, line in enumerate(lines):
         try:
-            ok = isinstance(json.loads(line), dict) and "step" in json.loads(line)
+            entry = json.loads(line)
+            ok = isinstance(entry, dict) and "step" in entry
         except json.JSONDecodeError:
-            ok = i == len(lines) - 1
+            ok = i == len(lines) - 1 and line.startswith('{"step": ')
         if not ok:
             return False
     return True
