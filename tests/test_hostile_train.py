@@ -459,14 +459,16 @@ def test_weights_that_stop_being_finite_are_never_saved(
     assert not list(out.glob("model*"))
 
 
-def interrupt_at(monkeypatch, step: int, signum=signal.SIGINT):
-    """Deliver `signum` to this process as training step `step` runs (as Ctrl-C would)."""
+def interrupt_at(monkeypatch, step: int, signum=signal.SIGINT, times: int = 1):
+    """Deliver `signum` to this process `times` times as training step `step` runs (as Ctrl-C
+    would: twice under torchrun, from the terminal and from torchrun)."""
     real = Trainer.train_step
 
     def step_then_signal(self):
         result = real(self)
         if self.step == step:
-            os.kill(os.getpid(), signum)
+            for _ in range(times):
+                os.kill(os.getpid(), signum)
         return result
 
     monkeypatch.setattr(Trainer, "train_step", step_then_signal)
@@ -505,20 +507,22 @@ def test_ctrl_c_saves_exits_130_and_says_how_to_resume_without_exporting(
 def test_a_second_ctrl_c_during_the_save_leaves_the_last_checkpoint_whole(
     model_file, data_dir, tmp_path, capsys, monkeypatch
 ):
+    monkeypatch.setattr(trainer_module, "SAME_SIGNAL_S", 0.0)  # every repeat is a new Ctrl-C
+    interrupt_at(monkeypatch, 2)  # the first: finish step 2, save it, stop
     real = checkpoint_module.save_file
     saves = []
 
-    def interrupted_halfway(tensors, filename, metadata=None):
+    def second_ctrl_c_halfway(tensors, filename, metadata=None):
         if Path(filename).name == "checkpoint.safetensors":
             saves.append(filename)
-            if len(saves) == 2:
+            if len(saves) == 2:  # the save of step 2: half written, then Ctrl-C again
                 real(tensors, filename, metadata=metadata)
                 with open(filename, "r+b") as f:
                     f.truncate(f.seek(0, 2) // 2)
-                raise KeyboardInterrupt
+                os.kill(os.getpid(), signal.SIGINT)
         real(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(checkpoint_module, "save_file", interrupted_halfway)
+    monkeypatch.setattr(checkpoint_module, "save_file", second_ctrl_c_halfway)
     out = tmp_path / "out"
     rc, _, err = train(
         capsys, *args(model_file, data_dir, out, "--steps", 4, "--checkpoint-every", 1)

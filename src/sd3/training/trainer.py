@@ -47,6 +47,7 @@ from .lora import DEFAULT_TARGETS, add_lora
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "log.jsonl"
 TEXT_CACHE_BYTES = 8 * 2**30  # beyond this, frozen text encoders run every step instead
+SAME_SIGNAL_S = 1.0  # a signal repeated within this many seconds asks the same (`_catch_interrupt`)
 SEEDS = 2**64  # torch.Generator seeds: (seed, step) and (seed, epoch) map into them modulo this
 
 
@@ -443,17 +444,12 @@ class Trainer:
     def _catch_interrupt(self, stop: dict):
         """Ctrl-C (or SIGTERM, as torchrun and schedulers send) finishes the current step, saves
         and stops; a second one aborts at once, even mid-save (the checkpoint file is replaced in
-        one step, so it holds the previous save or this one, never a torn file)."""
+        one step, so it holds the previous save or this one, never a torn file). A repeat within
+        SAME_SIGNAL_S is the same request: torchrun passes the terminal's Ctrl-C on to workers
+        that the terminal told already."""
         signals = (signal.SIGINT, signal.SIGTERM)
         try:
             previous = {s: signal.getsignal(s) for s in signals}
-
-            def handler(signum, frame):
-                stop["requested"], stop["signal"] = True, signum
-                signal.signal(signum, previous[signum])
-
-            for s in signals:
-                signal.signal(s, handler)
         except ValueError:  # not the main thread: no handler
             return lambda: None
 
@@ -461,6 +457,22 @@ class Trainer:
             for s, h in previous.items():
                 signal.signal(s, h)
 
+        def handler(signum, frame):
+            now = time.monotonic()
+            if stop["signal"] is None:
+                stop["requested"], stop["signal"], stop["at"] = True, signum, now
+            elif now - stop["at"] >= SAME_SIGNAL_S:  # asked again: abort as if never caught
+                restore()
+                if callable(previous[signum]):
+                    previous[signum](signum, frame)
+                else:
+                    os.kill(os.getpid(), signum)
+
+        try:
+            for s in signals:
+                signal.signal(s, handler)
+        except ValueError:
+            return lambda: None
         return restore
 
     # --- checkpoints -----------------------------------------------------------------------
