@@ -24,6 +24,7 @@ import sd3.training.trainer as trainer_module
 from sd3 import outputs
 from sd3.checkpoints import SafetensorsFile
 from sd3.cli import main
+from sd3.models.clip import CLIPConfig, CLIPTextModel
 from sd3.training.checkpoint import load_checkpoint, read_state
 from sd3.training.data import load_image
 from sd3.training.trainer import Trainer
@@ -301,6 +302,8 @@ def test_model_files_that_are_not_models_are_refused_before_loading(
     clip = save_single_file(
         tmp_path / "clip.safetensors", {"clip_l": parts["clip_l"]}, prefixed=False
     )
+    wide = CLIPTextModel(CLIPConfig(width=128, layers=1, heads=2, mlp_width=128))  # not tiny's
+    wide = save_single_file(tmp_path / "wide.safetensors", {"clip_l": wide}, prefixed=False)
     cases = [
         (["--model", tmp_path / "nope.safetensors"], "--model {t}/nope.safetensors: no such file"),
         (["--model", text], "--model {t}/notes.safetensors: not a safetensors file"),
@@ -310,6 +313,7 @@ def test_model_files_that_are_not_models_are_refused_before_loading(
         (["--model", no_vae], "--model {t}/no_vae.safetensors: no vae found"),
         (["--model", model_file, "--vae", clip], "vae (--vae) {t}/clip.safetensors: unknown model"),
         (["--model", model_file, "--clip-g", text], "clip_g (--clip-g) {t}/notes.safetensors"),
+        (["--model", model_file, "--clip-l", wide], "the text encoders do not fit the MMDiT"),
     ]
     for model, message in cases:
         argv = ["--data", data_dir, "--out", out, "--resolution", 32, "--quiet", *model]

@@ -350,6 +350,8 @@ def _check_models(args: argparse.Namespace) -> dict[str, Component]:
                 "them or the separate --vae / --clip-l / --clip-g files"
             )
     modules |= {name: check_component(comp) for name, comp in found.items()}
+    if not args.init_config:
+        _check_text_widths(modules)
     latent = args.resolution // modules["vae"].downscale
     try:
         modules["mmdit"].check_size(latent, latent)
@@ -362,6 +364,21 @@ def _check_models(args: argparse.Namespace) -> dict[str, Component]:
         except ValueError as e:
             raise ValueError(f"--lora-targets {args.lora_targets}: {e}") from None
     return found
+
+
+def _check_text_widths(modules: dict) -> None:
+    """The text encoders' widths fit the MMDiT's (else the first step fails on a shape): pooled =
+    CLIP-L | CLIP-G pooled, the context holds CLIP-L | CLIP-G and T5 side by side."""
+    c = modules["mmdit"].config
+    l_width, g_width = modules["clip_l"].config.width, modules["clip_g"].config.width
+    t5 = modules.get("t5xxl")
+    t5_width = t5.config.d_model if t5 is not None else 0
+    if l_width + g_width != c.pooled_dim or max(l_width + g_width, t5_width) > c.context_dim:
+        raise ValueError(
+            f"the text encoders do not fit the MMDiT of --model: CLIP-L {l_width} + CLIP-G "
+            f"{g_width} wide (its pooled input is {c.pooled_dim}), T5 {t5_width} wide (its context "
+            f"is {c.context_dim}); check --clip-l, --clip-g and --t5xxl"
+        )
 
 
 def _cache_names(text: object) -> list[str] | None:
