@@ -638,6 +638,36 @@ def test_exports_never_replace_a_file_nor_leave_a_partial_one(
     ]  # fmt: skip
 
 
+def test_a_full_disk_keeps_the_last_checkpoint_and_leaves_no_partial_file(
+    model_file, data_dir, tmp_path, capsys, monkeypatch
+):
+    real = checkpoint_module.save_file
+    saves = []
+
+    def full_at_the_second_checkpoint(tensors, filename, metadata=None):
+        if Path(filename).name == "checkpoint.safetensors":
+            saves.append(filename)
+            if len(saves) == 2:
+                with open(filename, "wb") as f:
+                    f.write(b"\0" * 100)  # part of the file, then the disk is full
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint_module, "save_file", full_at_the_second_checkpoint)
+    out = tmp_path / "out"
+    rc, _, err = train(
+        capsys, *args(model_file, data_dir, out, "--steps", 3, "--checkpoint-every", 1)
+    )
+    assert rc == 1
+    assert f"sd3 train: error: {out}/checkpoint.safetensors: No space left on device" in error_line(
+        err
+    )
+    assert read_state(out / "checkpoint.safetensors")["step"] == 1
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint.safetensors", "latents.safetensors", "log.jsonl",
+    ]  # fmt: skip
+
+
 def test_the_largest_seed_trains_and_a_warmup_longer_than_the_run_is_flagged(
     model_file, data_dir, tmp_path, capsys
 ):

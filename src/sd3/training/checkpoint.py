@@ -67,6 +67,8 @@ def save_atomic(
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates files as 0600
         os.replace(tmp, path)
+    except OSError as e:  # e.g. a full disk: name the file the user knows, not the scratch one
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable

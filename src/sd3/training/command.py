@@ -407,12 +407,11 @@ def _dataset(args: argparse.Namespace, rank: int, quiet: bool):
             try:
                 dataset.check_images(args.skip_bad_images, progress)
             except ValueError as e:
-                hint = (
-                    ""
-                    if args.skip_bad_images
-                    else "; or pass --skip-bad-images to leave such files out"
-                )
-                raise ValueError(f"{e}{hint}") from None
+                if args.skip_bad_images:  # none readable
+                    raise
+                raise ValueError(
+                    f"{e}; or pass --skip-bad-images to leave such files out"
+                ) from None
         if rank == 0:
             _report(dataset)
         skipped = json.dumps([dataset.name(p) for p, _ in dataset.skipped])
