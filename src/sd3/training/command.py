@@ -159,7 +159,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--out", type=Path, required=True, help="output folder")
     run.add_argument(
         "--resume", action="store_true",
-        help="continue from --out's checkpoint, with its settings (--steps may be raised)",
+        help="continue from --out's checkpoint, with its settings: only --steps (raised), "
+        "--checkpoint-every, --device, --export-dtype, --export-on-interrupt, --threads and "
+        "--quiet may change",
     )  # fmt: skip
     run.add_argument(
         "--steps", type=_whole(1), help=f"total optimizer steps (default {d['steps']})"
