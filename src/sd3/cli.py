@@ -6,6 +6,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -409,22 +410,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return guarded(args.command, lambda: args.run(args))
+
+
+def guarded(command: str, work: Callable[[], int]) -> int:
+    """Run `work` as `sd3 COMMAND`: its exit status, or one line per error and the status that
+    says what kind it was (2: a setting or file the user can fix; 1: the system or sd3 itself;
+    130: Ctrl-C); warnings as one line each."""
     try:
         with warnings.catch_warnings():  # one line each, not the source line that raised it
             warnings.showwarning = lambda message, *_, **__: print(
-                f"sd3 {args.command}: warning: {message}", file=sys.stderr
+                f"sd3 {command}: warning: {message}", file=sys.stderr
             )
-            return args.run(args)
+            return work()
     except (ValueError, FileExistsError, FileNotFoundError) as e:  # CheckpointError is a ValueError
-        print(f"sd3 {args.command}: error: {one_line(e)}", file=sys.stderr)
+        print(f"sd3 {command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"sd3 {args.command}: interrupted", file=sys.stderr)
+        print(f"sd3 {command}: interrupted", file=sys.stderr)
         return 130
     except OSError as e:  # the file system said no: name the file
         where = f"{e.filename}: " if e.filename else ""
         print(
-            f"sd3 {args.command}: error: {where}{os.strerror(e.errno) if e.errno else e}",
+            f"sd3 {command}: error: {where}{os.strerror(e.errno) if e.errno else e}",
             file=sys.stderr,
         )
         return 1
@@ -432,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("SD3_DEBUG"):
             raise
         print(
-            f"sd3 {args.command}: error: unexpected {type(e).__name__}: {one_line(e)} "
+            f"sd3 {command}: error: unexpected {type(e).__name__}: {one_line(e)} "
             "(run with SD3_DEBUG=1 for the traceback)",
             file=sys.stderr,
         )

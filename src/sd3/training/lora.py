@@ -54,14 +54,9 @@ def _matches(name: str, targets: Sequence[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def add_lora(
-    mmdit: MMDiT, rank: int, alpha: float | None = None, targets: Sequence[str] = DEFAULT_TARGETS
-) -> dict[str, LoRALinear]:
-    """Freeze the MMDiT and put LoRA on the linear layers named by `targets`. Returns them by name."""
-    if rank < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-    alpha = float(rank if alpha is None else alpha)
-    mmdit.requires_grad_(False)
+def lora_targets(mmdit: MMDiT, targets: Sequence[str]) -> list[str]:
+    """The names of the MMDiT's linear layers that `targets` select (checkable on a model on the
+    meta device, before any weight is read), or a ValueError listing the layers there are."""
     linear = [
         name
         for name, m in mmdit.named_modules()
@@ -73,6 +68,18 @@ def add_lora(
         raise ValueError(
             f"LoRA targets {list(targets)} match no linear layer of the MMDiT; its layers are {kinds}"
         )
+    return chosen
+
+
+def add_lora(
+    mmdit: MMDiT, rank: int, alpha: float | None = None, targets: Sequence[str] = DEFAULT_TARGETS
+) -> dict[str, LoRALinear]:
+    """Freeze the MMDiT and put LoRA on the linear layers named by `targets`. Returns them by name."""
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    alpha = float(rank if alpha is None else alpha)
+    chosen = lora_targets(mmdit, targets)
+    mmdit.requires_grad_(False)
     layers = {}
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
