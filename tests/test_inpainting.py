@@ -231,3 +231,25 @@ def test_bad_masks_and_settings_are_one_error_each(model_file, tmp_path, capsys)
         err = capsys.readouterr().err
         assert rc == 2 and message in err and "Traceback" not in err, (extra, err)
         assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "sampler", ["euler", "heun", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde"]
+)
+def test_every_sampler_holds_the_unmasked_latent_and_repaints_the_rest(pipe, sampler):
+    init, mask = random_image(32, 32, seed=6), box_mask(32, 32, (8, 8, 23, 23))
+    s = Settings(
+        prompt="x", steps=4, cfg=2.0, sampler=sampler, seed=9, width=32, height=32, num_images=2,
+        inpaint=Inpaint(paste_back=False),
+    )  # fmt: skip
+    latents, images = pipe.generate(s, init, mask_image=mask)
+    with torch.no_grad():
+        latent = pipe.vae.encode(to_image_tensor(init, 32, 32))
+    kept = torch.ones(4, 4, dtype=torch.bool)
+    kept[1:3, 1:3] = False
+    for i in range(2):
+        assert torch.equal(latents[i][:, kept], latent[0][:, kept])
+        assert not torch.equal(latents[i][:, ~kept], latent[0][:, ~kept])
+    assert not torch.equal(latents[0], latents[1])  # image i of a batch: seed + i
+    alone = Settings(**{**s.__dict__, "seed": 10, "num_images": 1})
+    assert max_rel_err(pipe.generate(alone, init, mask_image=mask)[0][0], latents[1]) < 1e-5

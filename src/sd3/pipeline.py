@@ -426,7 +426,7 @@ class Pipeline:
                 denoiser,
                 x,
                 sigmas,
-                generator=torch.Generator().manual_seed(s.seed),
+                generator=[torch.Generator().manual_seed(s.seed + i) for i in range(len(x))],
                 callback=callback,
             )
         return x if mask is None else inpainting.hold(x, latent, mask, sigmas)
