@@ -4,7 +4,8 @@
 
 Inpainting: a rendered two-object scene ("A <relation> B"), B masked (its box grown by a few
 pixels), the caption changed to ask for B in another colour (half the scenes) or another shape
-(the other half). A scene passes when the shapes checker finds exactly two objects: the requested
+(the other half; another colour where the training items have no other shape of that colour). A
+scene passes when the shapes checker finds exactly two objects: the requested
 one with its centre inside the mask, and A where it was; and every pixel outside the mask equals
 the input. Outpainting: a scene "A left of B" cut to its left half, which holds A, is extended to
 the right by half its width with the full caption; it passes when the checker finds A left of B.
@@ -22,7 +23,6 @@ from sd3.pipeline import Pipeline
 from sd3.shapes.evaluation import check, detect_objects
 from sd3.shapes.scenes import (
     RELATIONS,
-    SHAPES,
     TRAIN_ITEMS,
     EvalPrompt,
     ObjectSpec,
@@ -50,14 +50,10 @@ def inpaint_case(pipe: Pipeline, k: int) -> tuple[bool, Image.Image, Image.Image
     others = [
         item for item in TRAIN_ITEMS if item not in ((a.colour, a.shape), (b.colour, b.shape))
     ]
-    if k % 2 == 0:  # another colour, same shape
-        choices = [c for c, s in others if s == b.shape]
-        wanted = ObjectSpec(choices[rng.integers(len(choices))], b.shape)
-    else:  # another shape, same colour
-        choices = [s for c, s in others if c == b.colour and s != b.shape] or [
-            s for s in SHAPES if s != b.shape
-        ]
-        wanted = ObjectSpec(b.colour, choices[rng.integers(len(choices))])
+    same_shape = [item for item in others if item[1] == b.shape]  # another colour
+    same_colour = [item for item in others if item[0] == b.colour]  # another shape
+    choices = (same_colour if k % 2 and same_colour else same_shape) or others
+    wanted = ObjectSpec(*choices[rng.integers(len(choices))])
     image = render(scene, SIZE)
     x0, y0, x1, y1 = (round(v * SIZE) for v in scene.objects[1].bbox)
     box = (max(x0 - GROW, 0), max(y0 - GROW, 0), min(x1 + GROW, SIZE) - 1, min(y1 + GROW, SIZE) - 1)
