@@ -16,6 +16,7 @@ from safetensors.torch import save
 
 from . import metadata
 from .checkpoints import COMPONENTS, DTYPE_NAMES, find_components, infer_config
+from .inpainting import OUTPAINT_FILLS, Inpaint, outpaint_size
 from .models.vae import from_latent_format
 from .outputs import check_folder, check_new_file, next_free, write_new
 from .pipeline import Pipeline, Settings, check_settings, describe_timings, load_image
@@ -104,8 +105,31 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, help="number of images (default: 1)")
     p.add_argument("--init-image", help="image file for img2img")
     p.add_argument(
-        "--denoise", type=float, help="img2img strength in (0, 1] (default 0.6 with --init-image)"
+        "--denoise", type=float,
+        help="img2img strength in (0, 1] (default 0.6 with --init-image, 1 with --mask/--outpaint)",
+    )  # fmt: skip
+    p.add_argument(
+        "--mask", help="inpaint the init image where this image is white (grey: partly, later)"
     )
+    p.add_argument("--mask-blur", type=float, help="feather the mask: Gaussian sigma in pixels")
+    p.add_argument("--mask-grow", type=int, help="dilate the mask by this many pixels first")
+    p.add_argument(
+        "--no-paste-back", action="store_true", default=None,
+        help="keep the decoded image as it is (default: unmasked pixels are the input's)",
+    )  # fmt: skip
+    p.add_argument(
+        "--inpaint-crop", type=int, metavar="PAD",
+        help="inpaint a box around the mask, grown by PAD pixels, at the full working size",
+    )  # fmt: skip
+    p.add_argument(
+        "--outpaint", metavar="L,T,R,B",
+        help="extend the init image by these pixels left, top, right, bottom (the canvas grows "
+        "right and down to multiples of 16) and paint the new area",
+    )  # fmt: skip
+    p.add_argument(
+        "--outpaint-fill", choices=OUTPAINT_FILLS,
+        help="what the new area starts from (default: edge-noise, the edge pixels plus noise)",
+    )  # fmt: skip
     p.add_argument("--out", help="output PNG (default: sd3_SEED.png); never overwritten")
     p.add_argument("--save-latent", help="also write the final latent (what the VAE decodes) here")
     p.add_argument("--from-png", help="re-run the settings stored in a PNG made by sd3")
@@ -142,7 +166,10 @@ def resolve_settings(args: argparse.Namespace, pipe: Pipeline, stored: Settings 
         "use_t5": False if args.no_t5 else None,
     }
     s = replace(s, **{k: v for k, v in given.items() if v is not None})
-    if getattr(args, "init_image", None) and args.denoise is None and not stored:
+    inpaint = resolve_inpaint(args, s.inpaint)
+    if inpaint is not None:
+        s = replace(s, inpaint=inpaint)
+    elif getattr(args, "init_image", None) and args.denoise is None and not stored:
         s = replace(s, denoise=0.6)
     slg_given = [args.slg_scale, args.slg_layers, args.slg_start, args.slg_end]
     if any(v is not None for v in slg_given):
@@ -162,6 +189,36 @@ def resolve_settings(args: argparse.Namespace, pipe: Pipeline, stored: Settings 
 
 
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def parse_pads(text: str) -> tuple[int, int, int, int]:
+    try:
+        pads = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        pads = ()
+    if len(pads) != 4:
+        raise ValueError(f"--outpaint {text!r} must be four whole numbers: LEFT,TOP,RIGHT,BOTTOM")
+    return pads
+
+
+def resolve_inpaint(args: argparse.Namespace, stored: Inpaint | None) -> Inpaint | None:
+    """The masked-generation settings: stored ones (from a PNG), then those given."""
+    given = {
+        "mask_blur": getattr(args, "mask_blur", None),
+        "mask_grow": getattr(args, "mask_grow", None),
+        "paste_back": False if getattr(args, "no_paste_back", None) else None,
+        "crop": getattr(args, "inpaint_crop", None),
+        "outpaint": parse_pads(args.outpaint) if getattr(args, "outpaint", None) else None,
+        "outpaint_fill": getattr(args, "outpaint_fill", None),
+    }
+    masked = getattr(args, "mask", None) is not None or given["outpaint"] is not None
+    if stored is None and not masked:
+        used = [k for k, v in given.items() if v is not None]
+        if used:
+            names = ", ".join("--" + k.replace("_", "-") for k in used)
+            raise ValueError(f"{names} apply to inpainting: give --mask (or --outpaint)")
+        return None
+    return replace(stored or Inpaint(), **{k: v for k, v in given.items() if v is not None})
 
 
 def output_paths(out: str | None, seed: int, n: int) -> list[Path]:
@@ -297,17 +354,37 @@ def run_generate(args: argparse.Namespace) -> int:
     init_image = (
         load_image(files["init_image"], "--init-image") if files.get("init_image") else None
     )
+    mask_image = load_image(files["mask"], "--mask") if files.get("mask") else None
     if args.save_latent:
         check_new_file(args.save_latent, "--save-latent")
     pipe = open_pipeline(files, device, args.low_memory, args.compile)
     s = resolve_settings(args, pipe, stored["settings"] if stored else None)
-    check_settings(s, pipe.config, init_image is not None)
+    if s.inpaint is not None and s.inpaint.outpaint is not None and init_image is not None:
+        s.inpaint.check(mask_image is not None)  # before the canvas is sized from it
+        width, height = outpaint_size(init_image.size, s.inpaint.outpaint)
+        if (args.width, args.height) != (None, None) and (args.width, args.height) != (
+            width,
+            height,
+        ):
+            raise ValueError(
+                f"--outpaint makes a {width}x{height} canvas from the init image: leave out "
+                "--width and --height"
+            )
+        if width * height != (init_image.width + sum(s.inpaint.outpaint[::2])) * (
+            init_image.height + sum(s.inpaint.outpaint[1::2])
+        ):
+            print(
+                f"sd3 generate: the canvas grows to {width}x{height} (multiples of 16)",
+                file=sys.stderr,
+            )
+        s = replace(s, width=width, height=height)
+    check_settings(s, pipe.config, init_image is not None, mask_image is not None)
     paths = output_paths(args.out, s.seed, s.num_images)
     records = file_records(files)
 
     load_weights(pipe, files)
     pipe.progress = True
-    latents, images = pipe.generate(s, init_image)
+    latents, images = pipe.generate(s, init_image, mask_image=mask_image)
     print(describe_timings(pipe.timings), file=sys.stderr)
     if args.save_latent:
         data = save({"latent": from_latent_format(latents).contiguous()})

@@ -16,10 +16,11 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from .inpainting import Inpaint
 from .pipeline import Settings
 from .sampling import SkipLayerGuidance
 
-FILE_KEYS = ("model", "clip_l", "clip_g", "t5xxl", "vae", "init_image")
+FILE_KEYS = ("model", "clip_l", "clip_g", "t5xxl", "vae", "init_image", "mask")
 OPTION_OF = {
     "model": "--model",
     "clip_l": "--clip-l",
@@ -27,6 +28,7 @@ OPTION_OF = {
     "t5xxl": "--t5xxl",
     "vae": "--vae",
     "init_image": "--init-image",
+    "mask": "--mask",
 }
 HASH_DIGITS = 10
 MAX_METADATA = 1 << 20  # bytes of JSON: far above what sd3 writes
@@ -148,6 +150,16 @@ SETTING_TYPES = {
     "slg": (dict, type(None)),
     "t5_length": (int, type(None)),
     "use_t5": (bool,),
+    "inpaint": (dict, type(None)),
+}
+OPTIONAL_SETTINGS = {"inpaint": None}  # added after the first release: absent in older PNGs
+INPAINT_TYPES = {
+    "mask_blur": NUMBER,
+    "mask_grow": (int,),
+    "paste_back": (bool,),
+    "crop": (int, type(None)),
+    "outpaint": (list, type(None)),
+    "outpaint_fill": (str,),
 }
 SLG_TYPES = {"scale": NUMBER, "layers": (list,), "start": NUMBER, "end": NUMBER}
 
@@ -197,8 +209,18 @@ def _check_fields(d, types: dict, what: str) -> None:
 
 
 def _settings(d, where: str) -> Settings:
+    if isinstance(d, dict):
+        d = {**OPTIONAL_SETTINGS, **d}
     _check_fields(d, SETTING_TYPES, f"{where}: settings")
     d = dict(d)
+    if d["inpaint"] is not None:
+        _check_fields(d["inpaint"], INPAINT_TYPES, f"{where}: settings.inpaint")
+        pads = d["inpaint"]["outpaint"]
+        if pads is not None and not (
+            len(pads) == 4 and all(isinstance(p, int) and not isinstance(p, bool) for p in pads)
+        ):
+            raise MetadataError(f"{where}: settings.inpaint.outpaint must be 4 whole numbers")
+        d["inpaint"] = Inpaint(**{**d["inpaint"], "outpaint": tuple(pads) if pads else None})
     if d["slg"] is not None:
         _check_fields(d["slg"], SLG_TYPES, f"{where}: settings.slg")
         layers = d["slg"]["layers"]

@@ -16,6 +16,7 @@ from PIL import Image
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from . import inpainting
 from .checkpoints import (
     CheckpointError,
     Component,
@@ -24,6 +25,7 @@ from .checkpoints import (
     infer_config,
     load_component,
 )
+from .inpainting import Inpaint, outpaint_size
 from .kernels.hardware import cpu_has_bf16, warn_if_bf16_is_emulated
 from .kernels.quantization import INT8_SCOPE
 from .models.mmdit import MMDiT, MMDiTConfig
@@ -85,21 +87,13 @@ class Settings:
     slg: SkipLayerGuidance | None = None
     t5_length: int | None = None
     use_t5: bool = True
+    inpaint: Inpaint | None = None  # a masked generation: repaint where the mask is white
 
     def to_dict(self) -> dict:
         d = asdict(self)
         if self.slg is not None:
             d["slg"]["layers"] = list(self.slg.layers)
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Settings":
-        d = dict(d)
-        if d.get("slg") is not None:
-            slg = dict(d["slg"])
-            d["slg"] = SkipLayerGuidance(**{**slg, "layers": tuple(slg["layers"])})
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def nearest_multiples(value: int, base: int = 16) -> str:
@@ -110,8 +104,16 @@ def nearest_multiples(value: int, base: int = 16) -> str:
 MAX_SEED = 2**63 - 1
 
 
-def check_settings(s: Settings, config: MMDiTConfig, has_init_image: bool) -> None:
+def check_settings(
+    s: Settings, config: MMDiTConfig, has_init_image: bool, has_mask: bool = False
+) -> None:
     """One clear ValueError, naming the argument, for each impossible setting."""
+    if has_mask and s.inpaint is None:
+        raise ValueError("a mask needs inpainting settings (Settings.inpaint)")
+    if s.inpaint is not None:
+        if not has_init_image:
+            raise ValueError("inpainting and outpainting need an init image")
+        s.inpaint.check(has_mask)
     if not isinstance(s.seed, int) or not 0 <= s.seed <= MAX_SEED - max(s.num_images - 1, 0):
         raise ValueError(
             f"seed {s.seed} is out of range: seeds run from 0 to 2**63 - 1, and image i of a "
@@ -141,7 +143,7 @@ def check_settings(s: Settings, config: MMDiTConfig, has_init_image: bool) -> No
         raise ValueError(f"denoise must be in (0, 1], got {s.denoise}")
     if s.denoise < 1 and not has_init_image:
         raise ValueError(f"denoise {s.denoise} needs an init image (img2img)")
-    if has_init_image and int(s.steps * (1 - s.denoise)) == 0:
+    if has_init_image and s.inpaint is None and int(s.steps * (1 - s.denoise)) == 0:
         # the first step would start from pure noise: the init image would change nothing
         fix = (
             f"use at least {math.ceil(1 / (1 - s.denoise))} steps or a lower denoise"
@@ -382,6 +384,8 @@ class Pipeline:
     ) -> Tensor:
         """The final latents [N, 16, H/8, W/8] in the MMDiT's latent format."""
         check_settings(s, self.config, init_image is not None)
+        if s.inpaint is not None:
+            raise ValueError("masked generations run through `generate`, which also pastes back")
         return self._denoise(s, init_image, callback, conditioning or self.encode_prompt(s))
 
     def _denoise(
@@ -390,16 +394,18 @@ class Pipeline:
         init_image: Image.Image | None,
         callback: Callback | None,
         conditioning: tuple[Tensor, Tensor, Tensor, Tensor],
+        mask: Tensor | None = None,
     ) -> Tensor:
-        """`sample` after the settings are checked and the prompt encoded."""
+        """`sample` after the settings are checked and the prompt encoded; with a latent `mask`
+        (1 = repaint), the masked blend of `inpainting`."""
         context, pooled, neg_context, neg_pooled = conditioning
         sigmas = get_sigmas(s.steps, s.shift, s.denoise).to(self.device)
-        x = get_noise(s.seed, s.num_images, s.height, s.width).to(self.device)
+        x = noise = get_noise(s.seed, s.num_images, s.height, s.width).to(self.device)
         if init_image is not None:
             with torch.no_grad():
                 image = to_image_tensor(init_image, s.width, s.height).to(self.device, self.dtype)
                 latent = self.vae.encode(image).float()
-            x = noise_latent(latent, x, sigmas[0])
+            x = noise_latent(latent, noise, sigmas[0])
         denoiser = cfg_denoiser(
             self.velocity,
             context,
@@ -412,14 +418,18 @@ class Pipeline:
             cfg_start=s.cfg_start,
             cfg_end=s.cfg_end,
         )
+        if mask is not None:
+            mask = mask.to(self.device)
+            denoiser = inpainting.masked_denoiser(denoiser, latent, noise, mask, sigmas)
         with torch.no_grad(), self.mmdit.temporaries():
-            return SAMPLERS[s.sampler](
+            x = SAMPLERS[s.sampler](
                 denoiser,
                 x,
                 sigmas,
-                generator=torch.Generator().manual_seed(s.seed),
+                generator=[torch.Generator().manual_seed(s.seed + i) for i in range(len(x))],
                 callback=callback,
             )
+        return x if mask is None else inpainting.hold(x, latent, mask, sigmas)
 
     def decode(self, latents: Tensor, tile_size: int | None = None) -> list[Image.Image]:
         """Latents -> PIL images; large images decode in tiles unless `tile_size` says otherwise."""
@@ -465,9 +475,17 @@ class Pipeline:
         t5_length: int | None = None,
         use_t5: bool = True,
         callback: Callback | None = None,
+        mask_image: Image.Image | str | Path | None = None,
+        mask_blur: float = 0.0,
+        mask_grow: int = 0,
+        paste_back: bool = True,
+        padding_mask_crop: int | None = None,
+        outpaint: tuple[int, int, int, int] | None = None,
+        outpaint_fill: str = "edge-noise",
     ) -> list[Image.Image]:
         """Generate images. `skip_layer_guidance`: True keeps the preset's, False/None turns it
-        off, or give a SkipLayerGuidance."""
+        off, or give a SkipLayerGuidance. With `mask_image` (white = repaint) or `outpaint`
+        (pixels added left, top, right, bottom) an `init_image` is inpainted (`inpainting`)."""
         slg = self.preset.slg if skip_layer_guidance is True else skip_layer_guidance or None
         s = self.settings(
             prompt, negative_prompt=negative_prompt, steps=num_inference_steps, cfg=guidance_scale,
@@ -478,16 +496,43 @@ class Pipeline:
         s = replace(s, slg=slg)
         if isinstance(init_image, str | Path):
             init_image = load_image(init_image)
-        return self.generate(s, init_image, callback)[1]
+        if isinstance(mask_image, str | Path):
+            mask_image = load_image(mask_image, "mask")
+        if mask_image is not None or outpaint is not None:
+            inpaint = Inpaint(
+                mask_blur, mask_grow, paste_back, padding_mask_crop, outpaint, outpaint_fill
+            )
+            s = replace(s, inpaint=inpaint)
+            if outpaint is not None and init_image is not None:
+                s = replace(
+                    s,
+                    **dict(
+                        zip(
+                            ("width", "height"),
+                            outpaint_size(init_image.size, outpaint),
+                            strict=True,
+                        )
+                    ),
+                )
+        return self.generate(s, init_image, callback, mask_image)[1]
 
     def generate(
-        self, s: Settings, init_image: Image.Image | None = None, callback: Callback | None = None
+        self,
+        s: Settings,
+        init_image: Image.Image | None = None,
+        callback: Callback | None = None,
+        mask_image: Image.Image | None = None,
     ) -> tuple[Tensor, list[Image.Image]]:
         """Encode, denoise, decode -> (latents, images); records each stage's seconds in
         `timings`. The prompt is encoded before the first step, so per-step times are the
         denoiser's alone; with `compile`, `compile` is the first step's time beyond the others'
-        and `per_step` leaves the first step out."""
-        check_settings(s, self.config, init_image is not None)
+        and `per_step` leaves the first step out. With `s.inpaint`, a masked generation: the
+        latents are the working canvas's, the images the finished (pasted-back) ones."""
+        check_settings(s, self.config, init_image is not None, mask_image is not None)
+        job = None
+        if s.inpaint is not None:
+            job = inpainting.prepare(init_image, mask_image, (s.width, s.height), s.inpaint, s.seed)
+            init_image = job.image
         started = time.perf_counter()
         conditioning = self.encode_prompt(s)
         encoded = time.perf_counter()
@@ -501,7 +546,7 @@ class Pipeline:
                 if callback is not None:
                     callback(*args)
 
-            latents = self._denoise(s, init_image, step, conditioning)
+            latents = self._denoise(s, init_image, step, conditioning, job and job.mask)
             # a GPU's steps are queued: wait for them, so the time is theirs, not the queueing's
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -509,6 +554,8 @@ class Pipeline:
             self.release("mmdit")
         sampled = time.perf_counter()
         images = self.decode(latents)
+        if job is not None:
+            images = [job.finish(image) for image in images]
         self.timings = {
             "text": encoded - started,
             "denoise": sampled - encoded,
