@@ -170,10 +170,11 @@ class Module:
         return None
 
     def magnitude_axis(self) -> str:
-        """ "rows" where DoRA's norm is taken per output row ([out] or [out, 1], PEFT's and
-        LyCORIS' wd_on_out), "columns" per input column ([1, in])."""
+        """Where DoRA's norm is taken: "columns", per input column (LyCORIS' [1, in]), else
+        "rows", per output row (PEFT's [out], [1, out, 1, 1] on a convolution; LyCORIS'
+        [out, 1] with wd_on_out)."""
         shape = self.magnitude.shape
-        return "columns" if len(shape) == 2 and shape[0] == 1 and shape[1] != 1 else "rows"
+        return "columns" if shape == (1, self.shape[1]) and self.shape[0] != 1 else "rows"
 
 
 def _describe(tensors: Mapping[str, LazyTensor]) -> str:
@@ -225,10 +226,9 @@ def _classify(m: Module) -> None:
     if m.magnitude is not None:
         mag = m.magnitude.shape
         out, inner = m.shape
-        if mag not in ((out,), (out, 1), (1, inner)):
-            m.problem = (
-                f"its DoRA magnitude {list(mag)} is neither [{out}] nor [{out}, 1] nor [1, {inner}]"
-            )
+        by_rows = math.prod(mag) == out and sorted(mag)[:-1] == [1] * (len(mag) - 1)
+        if not (by_rows or mag == (1, inner)):
+            m.problem = f"its DoRA magnitude {list(mag)} has neither {out} rows nor {inner} columns"
             m.kind = ""
 
 
@@ -320,7 +320,8 @@ class LoRAFile:
                 name = f"DoRA ({name})" if m.magnitude is not None else name
                 if name not in found:
                     found.append(name)
-        return found or ["LoRA"]
+        order = [n for k in KIND_NAMES.values() for n in (k, f"DoRA ({k})")]
+        return sorted(found, key=order.index) or ["LoRA"]
 
     @property
     def has_dora(self) -> bool:
