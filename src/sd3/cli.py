@@ -7,6 +7,7 @@ import os
 import sys
 import time
 import warnings
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from . import metadata
 from .checkpoints import COMPONENTS, DTYPE_NAMES, find_components, infer_config
 from .loras import LoRAFile
 from .loras.convert import TARGETS, convert
-from .loras.names import COMPONENT_NAMES, describe_format, layers_for_file, origin, scheme_of
+from .loras.names import COMPONENT_NAMES, describe_format, origin, scheme_of
 from .models.vae import from_latent_format
 from .outputs import check_folder, check_new_file, next_free, write_new
 from .pipeline import Pipeline, Settings, check_settings, describe_timings, load_image
@@ -241,6 +242,9 @@ def lora_files(args: argparse.Namespace, stored: dict | None) -> list[dict]:
     the current folder, or given again with --lora: then its scale unless one is given), then the
     other --lora files; one error naming every recorded LoRA found nowhere."""
     given = [parse_lora(text) for text in getattr(args, "lora", None) or []]
+    for path, _ in given:
+        if not Path(path).is_file():
+            raise ValueError(f"--lora {path}: no such file")
     loras, missing = [], []
     for record in stored["files"].get("loras", []) if stored else []:
         again = [i for i, (path, _) in enumerate(given) if Path(path).name == record["name"]]
@@ -449,31 +453,25 @@ def run_lora_convert(args: argparse.Namespace) -> int:
 def run_lora_inspect(args: argparse.Namespace) -> int:
     for path in args.paths:
         file = LoRAFile.open(path)
-        layers, _ = layers_for_file(file)
-        by_component: dict[str, int] = {}
-        for key in file.modules:
-            scheme = scheme_of(key)
-            name = COMPONENT_NAMES[scheme.component] if scheme else "unrecognised"
-            by_component[name] = by_component.get(name, 0) + 1
+        counts = Counter(
+            COMPONENT_NAMES[s.component] if (s := scheme_of(k)) else "unrecognised"
+            for k in file.modules
+        )
+        order = [*COMPONENT_NAMES.values(), "unrecognised"]
+        parts = ", ".join(f"{c} {counts[c]}" for c in order if counts[c])
+        print(path)
+        print(f"  format: {describe_format(file)}, {len(file.modules)} modules ({parts})")
         ranks = sorted({m.rank for m in file.modules.values() if m.rank})
         scales = sorted({round(m.scale, 6) for m in file.modules.values() if m.kind})
-        print(path)
-        print(
-            f"  format: {describe_format(file)}, {len(file.modules)} modules ({', '.join(f'{c} {n}' for c, n in by_component.items())})"
-        )
         if ranks:
-            print(
-                f"  rank {ranks[0]}"
-                + (f"-{ranks[-1]}" if len(ranks) > 1 else "")
-                + f", scale {scales[0]:g}"
-                + (f"-{scales[-1]:g}" if len(scales) > 1 else "")
-            )
-        print(f"  made for {origin(file)}")
-        problems = [f"{k}: {m.problem}" for k, m in file.modules.items() if m.problem]
-        for line in problems[:5]:
-            print(f"  cannot apply {line}")
+            rank = f"{ranks[0]}" + (f"-{ranks[-1]}" if len(ranks) > 1 else "")
+            scale = f"{scales[0]:g}" + (f"-{scales[-1]:g}" if len(scales) > 1 else "")
+            print(f"  rank {rank}, scale (alpha / rank) {scale}")
+        for key, m in [(k, m) for k, m in file.modules.items() if m.problem][:5]:
+            print(f"  cannot apply {key}: {m.problem}")
         if file.other:
             print(f"  {len(file.other)} tensors that are no LoRA weights, e.g. {file.other[:3]}")
+        print(f"  made for {origin(file)}")
     return 0
 
 

@@ -71,8 +71,8 @@ class LoRA:
     def summary(self) -> str:
         """One line: which file, read as what, at which strength, and what it changed."""
         by_component = []
-        for c, items in self.matches.items():
-            n = sum(1 for m, _ in items if m.key in self.applied)
+        for c in COMPONENT_NAMES:
+            n = sum(1 for m, _ in self.matches.get(c, []) if m.key in self.applied)
             if n:
                 by_component.append(f"{COMPONENT_NAMES[c]} {n}")
         line = (

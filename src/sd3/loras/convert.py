@@ -119,8 +119,9 @@ def stability_tensors(items: list[tuple[Module, Target]], to: str, where: str) -
         prefix = PREFIXES[to][component]
         name = prefix + (layer.replace(".", "_") if to == "kohya" else layer)
         kinds = {m.kind for m, _ in group}
-        if any(m.has_bias for m, _ in group):
-            raise LoRAError(f"{where}: {group[0][0].key} updates a bias, which {to} LoRAs cannot")
+        biased = [m.key for m, _ in group if m.has_bias]
+        if biased and not (kinds == {"full"} and to == "comfy"):
+            raise LoRAError(f"{where}: {biased[0]} updates a bias, which {to} LoRAs cannot")
         if kinds == {"lora"} and len(group) == 1 and group[0][1].parts == 1:
             module, target = group[0]
             up = module.read("up")
@@ -142,12 +143,20 @@ def stability_tensors(items: list[tuple[Module, Target]], to: str, where: str) -
                 out[f"{name}.{role}"] = t.read()
         elif kinds == {"full"} and to == "comfy":
             shape = {(m.shape[0] * t.parts, m.shape[1]) for m, t in group}
-            diff = torch.zeros(shape.pop())
+            diff, diff_b = torch.zeros(shape.pop()), None
             for m, t in group:
+                rows = t.rows(diff.shape[0])
                 if m.has_weight:
                     d = m.delta()
-                    diff[t.rows(diff.shape[0])] += swap_halves(d) if t.swapped else d
-            out[f"{name}.diff"] = diff
+                    diff[rows] += swap_halves(d) if t.swapped else d
+                b = m.bias_delta()
+                if b is not None:
+                    diff_b = torch.zeros(diff.shape[0]) if diff_b is None else diff_b
+                    diff_b[rows] += swap_halves(b) if t.swapped else b
+            if any(m.has_weight for m, _ in group):
+                out[f"{name}.diff"] = diff
+            if diff_b is not None:
+                out[f"{name}.diff_b"] = diff_b
         else:
             what = " and ".join(sorted(kinds))
             raise LoRAError(f"{where}: {layer} has {what} updates that {to}'s naming cannot hold")
