@@ -258,3 +258,17 @@ def test_lora_inspect(lora_files, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[1] == "  format: OneTrainer LoRA, 6 modules (MMDiT 5, CLIP-G 1)"
     assert out[-1] == "  made for a model with at least 3 blocks of width 128"
+
+
+def test_low_memory_mode_merges_again_on_every_load(model_file, lora_files):
+    from sd3.pipeline import Settings
+
+    s = Settings(prompt="a red circle", steps=2, width=32, height=32, seed=3)
+    loras = [(lora_files["kohya"], 0.8), (lora_files["onetrainer"], 1.0)]
+    normal = pipeline(model_file, loras, low_memory=False).generate(s)[0]
+    low = pipeline(model_file, loras, low_memory=True)
+    first, second = low.generate(s)[0], low.generate(s)[0]  # every network loaded twice
+    assert torch.equal(first, normal) and torch.equal(second, normal)
+    assert all(
+        lo.summary().count("changed") == 1 and "did not run" not in lo.summary() for lo in low.loras
+    )
