@@ -316,7 +316,7 @@ def test_zero_matching_modules_is_one_error_naming_file_format_and_models(model_
         pipeline(model_file, [(path, 1.0)])
     assert str(e.value) == (
         f"{path}: kohya LoRA with 0 of 16 modules matching this model (3 blocks, width 128): it "
-        "was made for a model with 38 blocks of width 2432 (SD3.5 Large) (16 match no layer of "
+        "was made for a model with 38 blocks of width 2432 (SD3.5 Large) (16 with no layer in "
         "this model (3 blocks, width 128); first names ['lora_unet_joint_blocks_30_context_block_attn_proj', "
         "'lora_unet_joint_blocks_30_x_block_attn_qkv', 'lora_unet_joint_blocks_31_context_block_attn_proj'])"
     )
@@ -356,12 +356,12 @@ def test_partial_match_is_one_warning_with_count_and_names(models, model_file, t
         warnings.simplefilter("always")
         pipe = pipeline(small, [(path, 1.0)])
     assert [str(w.message) for w in caught] == [
-        f"{path}: kohya LoRA: 5 of 8 modules apply; not applied: 1 are for T5-XXL, which is not "
-        "loaded (e.g. ['lora_te3_encoder_block_0_layer_0_SelfAttention_q']); 1 cannot be applied "
+        f"{path}: kohya LoRA: 5 of 8 modules apply; not applied: 1 for T5-XXL, which is not "
+        "loaded (e.g. ['lora_te3_encoder_block_0_layer_0_SelfAttention_q']); 1 that cannot be applied "
         "(Tucker-decomposed convolution updates are not supported) (e.g. "
-        "['lora_unet_joint_blocks_0_x_block_attn_proj']); 1 match no layer of this model (3 "
-        "blocks, width 128) (e.g. ['lora_unet_joint_blocks_5_x_block_mlp_fc1']); 1 tensors are "
-        "not LoRA weights (e.g. ['bundle_emb.cat.clip_l'])"
+        "['lora_unet_joint_blocks_0_x_block_attn_proj']); 1 with no layer in this model (3 "
+        "blocks, width 128) (e.g. ['lora_unet_joint_blocks_5_x_block_mlp_fc1']); 1 tensors that are "
+        "no LoRA weights (e.g. ['bundle_emb.cat.clip_l'])"
     ]
     assert pipe.loras[0].matched() == 5
 

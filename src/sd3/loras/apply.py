@@ -124,17 +124,15 @@ def match(
     skipped: dict[str, list[str]] = defaultdict(list)
     for key, module in file.modules.items():
         if module.problem:
-            skipped[f"cannot be applied ({module.problem})"].append(key)
+            skipped[f"that cannot be applied ({module.problem})"].append(key)
             continue
         hit = table.get(key)
         if hit is None:
             scheme = scheme_of(key)
             if scheme is not None and scheme.component not in layers:
-                skipped[f"are for {COMPONENT_NAMES[scheme.component]}, which is not loaded"].append(
-                    key
-                )
+                skipped[f"for {COMPONENT_NAMES[scheme.component]}, which is not loaded"].append(key)
             else:
-                skipped[f"match no layer of {model}"].append(key)
+                skipped[f"with no layer in {model}"].append(key)
             continue
         target, _ = hit
         shape = layers[target.component][target.module]
@@ -162,7 +160,7 @@ def match(
         parts = [f"{len(v)} {why} (e.g. {v[:EXAMPLES]})" for why, v in skipped.items()]
         if file.other:
             parts.append(
-                f"{len(file.other)} tensors are not LoRA weights (e.g. {file.other[:EXAMPLES]})"
+                f"{len(file.other)} tensors that are no LoRA weights (e.g. {file.other[:EXAMPLES]})"
             )
         warnings.warn(
             f"{file.path}: {fmt}: {lora.matched()} of {n} modules apply; not applied: "
