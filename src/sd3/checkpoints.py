@@ -601,11 +601,13 @@ def load_component(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     int8: bool = False,
+    edits: Mapping[str, Callable[[Tensor], Tensor]] | None = None,
 ) -> nn.Module:
     """Build the module for `component` from its tensors, checking every key and shape first.
     `int8`: the MMDiT's or T5's block linears are quantized as they load (`kernels.quantization`),
     one tensor at a time, so their full-precision weights are never all in memory; an fp32 MMDiT
-    on a CPU then multiplies in int8."""
+    on a CPU then multiplies in int8. `edits`: {key: tensor as stored -> tensor to use}, applied
+    as each tensor is read, before it is converted or quantized (merged LoRAs, `sd3.loras`)."""
     module = check_component(component)
     quantized = set(use_int8(module, component.name)) if int8 else set()
     expected = module.state_dict()
@@ -616,6 +618,8 @@ def load_component(
         if layer in quantized and leaf == SCALE:
             continue  # made with its weight
         source = got[k].read()
+        if edits and k in edits:
+            source = edits[k](source)
         if layer in quantized and leaf == "weight":
             state[k], state[f"{layer}.{SCALE}"] = quantize_weight(source.to(device))
         else:

@@ -1,12 +1,14 @@
-"""The `sd3` command line: generate, inspect, train, eval."""
+"""The `sd3` command line: generate, inspect, train, eval, lora."""
 
 import argparse
 import io
+import math
 import os
 import sys
 import time
 import warnings
 from collections.abc import Callable
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +19,9 @@ from safetensors.torch import save
 from . import metadata
 from .checkpoints import COMPONENTS, DTYPE_NAMES, find_components, infer_config
 from .inpainting import OUTPAINT_FILLS, Inpaint, outpaint_size
+from .loras import LoRAFile
+from .loras.convert import TARGETS, convert
+from .loras.names import COMPONENT_NAMES, describe_format, origin, scheme_of
 from .models.vae import from_latent_format
 from .outputs import check_folder, check_new_file, next_free, write_new
 from .pipeline import Pipeline, Settings, check_settings, describe_timings, load_image
@@ -64,6 +69,13 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="load the text encoders first and release them before the MMDiT loads, and release "
         "the MMDiT before decoding (default: on when the weights need over 60%% of the free memory)",
     )
+    p.add_argument(
+        "--lora", action="append", metavar="FILE[:SCALE]",
+        help="a LoRA, merged into the weights as they load, at strength SCALE (default 1); "
+        "repeat for several. Reads kohya, diffusers/PEFT, ComfyUI, OneTrainer and LyCORIS "
+        "(LoHa, LoKr) files, text-encoder LoRAs and DoRA; a file of which nothing applies is "
+        "an error",
+    )  # fmt: skip
     p.add_argument("--negative", help="negative prompt (default: empty)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's preset)")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 turns it off)")
@@ -266,12 +278,67 @@ def parse_device(text: str) -> torch.device:
     return device
 
 
+def parse_lora(text: str) -> tuple[str, float | None]:
+    """--lora FILE[:SCALE] -> (FILE, SCALE or None); a colon that is part of the file name (a
+    Windows drive) stays in it."""
+    head, sep, tail = text.rpartition(":")
+    if not (sep and head):
+        return text, None
+    try:
+        scale = float(tail)
+    except ValueError:
+        if Path(head).exists() and not Path(text).exists():
+            raise ValueError(f"--lora {text}: the scale {tail!r} is not a number") from None
+        return text, None
+    if not math.isfinite(scale):
+        raise ValueError(f"--lora {text}: the scale must be a finite number")
+    return head, scale
+
+
+def lora_files(args: argparse.Namespace, stored: dict | None) -> list[dict]:
+    """[{"path", "scale"}]: the LoRAs a PNG records (each found by name and hash next to it or in
+    the current folder, or given again with --lora: then its scale unless one is given), then the
+    other --lora files; one error naming every recorded LoRA found nowhere."""
+    given = [parse_lora(text) for text in getattr(args, "lora", None) or []]
+    for path, _ in given:
+        if not Path(path).is_file():
+            raise ValueError(f"--lora {path}: no such file")
+    loras, missing = [], []
+    for record in stored["files"].get("loras", []) if stored else []:
+        again = [i for i, (path, _) in enumerate(given) if Path(path).name == record["name"]]
+        if again:
+            path, scale = given.pop(again[0])
+            digest = metadata.short_hash(path)
+            if record["sha256"] and digest and digest != record["sha256"]:
+                warnings.warn(
+                    f"--lora {path}: sha256 {digest}... differs from the {record['sha256']}... "
+                    f"the PNG recorded for {record['name']}",
+                    stacklevel=2,
+                )
+            loras.append({"path": path, "scale": record["scale"] if scale is None else scale})
+            continue
+        found = metadata.find(record, Path(args.from_png))
+        if found is None:
+            missing.append(record)
+        else:
+            loras.append({"path": str(found), "scale": record["scale"]})
+    if missing:
+        names = ", ".join(metadata.describe_record(r) for r in missing)
+        raise metadata.MetadataError(
+            f"--from-png {args.from_png}: the LoRA file{'s' if len(missing) > 1 else ''} {names} "
+            "recorded in it are not next to the PNG or in the current folder; give them again "
+            "with --lora FILE"
+        )
+    loras += [{"path": path, "scale": 1.0 if s is None else s} for path, s in given]
+    return loras
+
+
 def model_files(args: argparse.Namespace, stored: dict | None = None) -> dict:
     """The files to load: those given, else those a PNG records (found by name and hash next
-    to it or in the current folder), else the bundled model; plus dtype and int8."""
+    to it or in the current folder), else the bundled model; plus dtype, int8 and the LoRAs."""
     files = {}
     for key, value in (stored["files"] if stored else {}).items():
-        if getattr(args, key, None) is not None or value is None:
+        if key == "loras" or getattr(args, key, None) is not None or value is None:
             continue
         if key in metadata.FILE_KEYS:
             files[key] = str(metadata.locate(key, value, Path(args.from_png), DEFAULT_MODEL))
@@ -286,21 +353,29 @@ def model_files(args: argparse.Namespace, stored: dict | None = None) -> dict:
                 "give --model FILE_OR_FOLDER (a Stability .safetensors file or a diffusers folder)"
             )
         files["model"] = str(DEFAULT_MODEL)
+    loras = lora_files(args, stored)
+    if loras:
+        files["loras"] = loras
     return files
 
 
 def file_records(files: dict) -> dict:
-    """What an image records of its inputs: names and short hashes, dtype and int8."""
-    return {
-        key: metadata.file_record(value) if key in metadata.FILE_KEYS else value
-        for key, value in files.items()
-    }
+    """What an image records of its inputs: names and short hashes, dtype, int8 and the LoRAs
+    with their strengths."""
+    records = {}
+    for key, value in files.items():
+        if key == "loras":
+            records[key] = [metadata.lora_record(lo["path"], lo["scale"]) for lo in value]
+        else:
+            records[key] = metadata.file_record(value) if key in metadata.FILE_KEYS else value
+    return records
 
 
 def open_pipeline(
     files: dict, device: torch.device, low_memory: bool | None = None, compile: bool = False
 ) -> Pipeline:
-    """The pipeline over the files, every key and shape checked, no weights read yet."""
+    """The pipeline over the files, every key and shape checked, every LoRA matched against
+    the model, no weights read yet."""
     pipe = Pipeline.from_single_file(
         files["model"],
         clip_l=files.get("clip_l"),
@@ -313,6 +388,7 @@ def open_pipeline(
         int8=bool(files.get("int8")),
         compile=compile,
         load=False,
+        loras=[(lo["path"], lo["scale"]) for lo in files.get("loras", [])],
     )
     files["dtype"] = {v: k for k, v in DTYPE_NAMES.items()}[pipe.dtype]
     return pipe
@@ -338,7 +414,7 @@ def encoded_image(image: Image.Image, path: Path, s: Settings, records: dict) ->
         image.save(buffer, format="PNG", pnginfo=metadata.png_info(s, records))
     else:
         exif = Image.Exif()
-        text = metadata.a1111_parameters(s, records["model"])
+        text = metadata.a1111_parameters(s, records["model"], records.get("loras", []))
         exif[0x9286] = b"UNICODE\0" + text.encode("utf-16-be")  # UserComment
         image.save(buffer, format=kind, exif=exif, quality=95)
     return buffer.getvalue()
@@ -379,6 +455,7 @@ def run_generate(args: argparse.Namespace) -> int:
             )
         s = replace(s, width=width, height=height)
     check_settings(s, pipe.config, init_image is not None, mask_image is not None)
+    pipe.check_loras(s.use_t5)
     paths = output_paths(args.out, s.seed, s.num_images)
     records = file_records(files)
 
@@ -386,6 +463,8 @@ def run_generate(args: argparse.Namespace) -> int:
     pipe.progress = True
     latents, images = pipe.generate(s, init_image, mask_image=mask_image)
     print(describe_timings(pipe.timings), file=sys.stderr)
+    for lora in pipe.loras:
+        print(lora.summary(), file=sys.stderr)
     if args.save_latent:
         data = save({"latent": from_latent_format(latents).contiguous()})
         write_new(args.save_latent, data, "--save-latent", move_if_taken=False)
@@ -433,6 +512,67 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- lora ------------------------------------------------------------------------------------
+
+
+def run_lora_convert(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"OUT {out}: sd3 writes LoRAs as .safetensors files")
+    check_new_file(out, "OUT")
+    file = LoRAFile.open(args.input)
+    dtype = DTYPE_NAMES[args.dtype] if args.dtype else None
+    tensors, header = convert(file, args.to, dtype)
+    written = write_new(out, save(tensors, header), "OUT", move_if_taken=False)
+    print(f"{written}: {describe_format(file)} -> {args.to} ({len(tensors)} tensors)")
+    return 0
+
+
+def run_lora_inspect(args: argparse.Namespace) -> int:
+    for path in args.paths:
+        file = LoRAFile.open(path)
+        counts = Counter(
+            COMPONENT_NAMES[s.component] if (s := scheme_of(k)) else "unrecognised"
+            for k in file.modules
+        )
+        order = [*COMPONENT_NAMES.values(), "unrecognised"]
+        parts = ", ".join(f"{c} {counts[c]}" for c in order if counts[c])
+        print(path)
+        print(f"  format: {describe_format(file)}, {len(file.modules)} modules ({parts})")
+        ranks = sorted({m.rank for m in file.modules.values() if m.rank})
+        scales = sorted({round(m.scale, 6) for m in file.modules.values() if m.kind})
+        if ranks:
+            rank = f"{ranks[0]}" + (f"-{ranks[-1]}" if len(ranks) > 1 else "")
+            scale = f"{scales[0]:g}" + (f"-{scales[-1]:g}" if len(scales) > 1 else "")
+            print(f"  rank {rank}, scale (alpha / rank) {scale}")
+        for key, m in [(k, m) for k, m in file.modules.items() if m.problem][:5]:
+            print(f"  cannot apply {key}: {m.problem}")
+        if file.other:
+            print(f"  {len(file.other)} tensors that are no LoRA weights, e.g. {file.other[:3]}")
+        print(f"  made for {origin(file)}")
+    return 0
+
+
+def add_lora_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="lora_command", required=True)
+    conv = sub.add_parser(
+        "convert", help="write a LoRA in diffusers', kohya's or ComfyUI's naming",
+        description="Convert a LoRA from any format sd3 reads to diffusers (PEFT naming, which "
+        "diffusers' load_lora_weights applies), kohya (sd-scripts' lora_unet_ names) or comfy "
+        "(ComfyUI's diffusion_model. names). Never overwrites OUT.",
+    )  # fmt: skip
+    conv.add_argument("input", metavar="IN", help="the LoRA file (.safetensors)")
+    conv.add_argument("output", metavar="OUT", help="the new file (.safetensors)")
+    conv.add_argument("--to", required=True, choices=sorted(TARGETS), help="the naming to write")
+    conv.add_argument(
+        "--dtype", choices=sorted(DTYPE_NAMES), help="tensor dtype (default: the input's)"
+    )
+    conv.set_defaults(run=run_lora_convert)
+    ins = sub.add_parser("inspect", help="what a LoRA file holds and what model it was made for")
+    ins.add_argument("paths", nargs="+", help="LoRA files (.safetensors)")
+    ins.set_defaults(run=run_lora_inspect)
+
+
 # --- eval ------------------------------------------------------------------------------------
 
 
@@ -477,6 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(ev)
     evaluation.add_arguments(ev)
     ev.set_defaults(run=run_eval)
+    lo = sub.add_parser("lora", help="convert or inspect LoRA files")
+    add_lora_arguments(lo)
     from .training import command as train_command  # the trainer's imports only when needed
 
     tr = sub.add_parser("train", help="rectified-flow training (full, LoRA, torchrun)")

@@ -7,6 +7,8 @@ prompt -> `text` -> (context, pooled); noise -> `sampling` loop calling the MMDi
 import functools
 import math
 import time
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -28,6 +30,9 @@ from .checkpoints import (
 from .inpainting import Inpaint, outpaint_size
 from .kernels.hardware import cpu_has_bf16, warn_if_bf16_is_emulated
 from .kernels.quantization import INT8_SCOPE
+from .loras import LoRA, LoRAError, LoRAFile, layers_of, match, merge_edits
+from .loras.apply import install
+from .loras.weights import adapted_layers, remove_adapted
 from .models.mmdit import MMDiT, MMDiTConfig
 from .models.vae import AutoEncoder
 from .presets import Preset, preset_for
@@ -44,6 +49,7 @@ from .text import TextEncoders, Tokenizers
 
 # torch.compile's modes; "reduce-overhead" (and "max-autotune" on a GPU) replay CUDA graphs
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+TEXT_COMPONENTS = ("clip_l", "clip_g", "t5xxl")
 
 
 def default_dtype(device: str | torch.device = "cpu") -> torch.dtype:
@@ -193,7 +199,12 @@ class Pipeline:
     order is the one that keeps the peak lowest: the text encoders first, released (modules and
     file pages) once the prompt is encoded, then the MMDiT, released in turn before the VAE
     decodes; each call loads them again (from the page cache, when it still holds the files).
-    Otherwise the MMDiT and VAE load at once and the encoders stay loaded between calls."""
+    Otherwise the MMDiT and VAE load at once and the encoders stay loaded between calls.
+
+    LoRAs (`sd3.loras`, any of the formats SD3 tools write) apply merged into the weights as they
+    load (`loras=` when built, or `add_lora`): no cost per step, int8 quantizing the merged
+    weights; or beside the loaded weights (`load_lora`), so that `set_lora_scales` and
+    `unload_loras` change them without loading the model again."""
 
     components: dict[str, Component]
     tokenizers: Tokenizers
@@ -210,6 +221,7 @@ class Pipeline:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage of the last call
     # a tqdm bar over the denoising steps, started once the prompt is encoded
     progress: bool = False
+    loras: list[LoRA] = field(default_factory=list)  # in the order they apply
     _modules: dict[str, nn.Module] = field(default_factory=dict)
     _text: TextEncoders | None = None
 
@@ -227,16 +239,20 @@ class Pipeline:
         int8: bool = False,
         compile: bool | str = False,
         load: bool = True,
+        loras: Iterable[tuple[str | Path, float]] = (),
     ) -> "Pipeline":
         """A Stability single file (encoders bundled or given separately) or a diffusers folder.
         Every file's keys and shapes are checked first; `load=False` leaves reading the weights
-        to `load()` or first use, so settings can be checked against the model before."""
+        to `load()` or first use, so settings can be checked against the model before. `loras`:
+        (file, strength) pairs merged into the weights as they load, each matched against the
+        model first (`add_lora`)."""
         components = find_components(path, clip_l=clip_l, clip_g=clip_g, t5xxl=t5xxl, vae=vae)
         folder = path is not None and Path(path).is_dir()
         tokenizers = Tokenizers.from_folder(path) if folder else Tokenizers.default()
         return cls.from_components(
-            components, tokenizers, dtype, device, low_memory, str(path or ""), int8, compile, load
-        )
+            components, tokenizers, dtype, device, low_memory, str(path or ""), int8, compile,
+            load, loras,
+        )  # fmt: skip
 
     from_pretrained = from_single_file  # a diffusers folder, in diffusers' vocabulary
 
@@ -252,6 +268,7 @@ class Pipeline:
         int8: bool = False,
         compile: bool | str = False,
         load: bool = True,
+        loras: Iterable[tuple[str | Path, float]] = (),
     ) -> "Pipeline":
         """`low_memory=None` turns it on when all weights in `dtype` (int8 where `int8` quantizes
         them) need over 60% of the free memory."""
@@ -293,6 +310,8 @@ class Pipeline:
             compile=compile,
             model_name=model_name,
         )
+        for lora_path, scale in loras:
+            pipe.add_lora(lora_path, scale)
         if load:
             pipe.load()
         return pipe
@@ -309,7 +328,10 @@ class Pipeline:
         """The network for component `name` ("mmdit", "vae", "clip_l", ...), loaded on first use."""
         if name not in self._modules:
             int8 = self.int8 and name in INT8_SCOPE
-            module = load_component(self.components[name], self.dtype, self.device, int8)
+            edits = merge_edits(self.loras, name)
+            module = load_component(self.components[name], self.dtype, self.device, int8, edits)
+            if any(not lora.merged and name in lora.matches for lora in self.loras):
+                install(module, name, self.loras, self.dtype, self.device)
             if name == "mmdit" and self.compile:  # compiles on its first call
                 mode = self.compile if isinstance(self.compile, str) else None
                 module = torch.compile(module, dynamic=False, mode=mode)
@@ -322,6 +344,105 @@ class Pipeline:
             self._modules.pop(name, None)
             if name in self.components:
                 self.components[name].release()
+            if name in TEXT_COMPONENTS:
+                self._text = None
+
+    # --- LoRA -------------------------------------------------------------------------------
+
+    @functools.cached_property
+    def layers(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        """Each network's linear and convolution layers with their weight shapes (what a LoRA
+        can change), known from the files without reading a weight."""
+        return {
+            name: layers_of(check_component(c))
+            for name, c in self.components.items()
+            if name != "vae"
+        }
+
+    def add_lora(self, path: str | Path, scale: float = 1.0, merge: bool = True) -> LoRA:
+        """Apply the LoRA file `path` at strength `scale`, after the last one added: merged into
+        the weights as they load (a network already loaded loads again, merged, on next use), or
+        with `merge=False` beside the loaded weights (`load_lora`). Every module is matched
+        against the model first: LoRAError where none applies or a width differs, a warning
+        where some do not apply."""
+        file = LoRAFile.open(path)
+        if not merge and file.has_dora:
+            raise LoRAError(
+                f"{file.path}: a DoRA LoRA changes each weight's norm, so it can only be merged: "
+                "pass it to from_single_file(loras=...) or add_lora(...) instead"
+            )
+        lora = match(file, self.layers, self.config.depth, self.preset.name, scale, merge)
+        self.loras.append(lora)
+        for name in lora.matches:
+            if name in self._modules:
+                if merge:
+                    self.release(name)
+                else:
+                    install(self._modules[name], name, self.loras, self.dtype, self.device)
+        return lora
+
+    def load_lora(self, path: str | Path, scale: float = 1.0) -> LoRA:
+        """Run the LoRA file `path` beside the weights, not merged (two thin matrix products more
+        per adapted layer), so that a long-running process can change it (`set_lora_scales`) or
+        drop it (`unload_loras`) without loading the model again."""
+        return self.add_lora(path, scale, merge=False)
+
+    def set_lora_scales(self, scales: Mapping[str, float] | Sequence[float]) -> None:
+        """New strengths, by LoRA name (its file name without the extension) or as a list in
+        the order the LoRAs were added. Not-merged LoRAs take them at once; the networks a merged
+        LoRA changes load again, merged anew, on next use."""
+        if isinstance(scales, Mapping):
+            new = {}
+            for name, scale in scales.items():
+                found = [lo for lo in self.loras if lo.name == name]
+                if len(found) != 1:
+                    known = [lo.name for lo in self.loras]
+                    why = "is not loaded" if not found else "is loaded more than once"
+                    raise LoRAError(f"LoRA {name!r} {why}; the LoRAs are {known}")
+                new[id(found[0])] = scale
+        else:
+            if len(scales) != len(self.loras):
+                raise LoRAError(f"{len(scales)} scales given for {len(self.loras)} LoRAs")
+            new = {id(lo): scale for lo, scale in zip(self.loras, scales, strict=True)}
+        for lora in self.loras:
+            scale = new.get(id(lora), lora.scale)
+            if not math.isfinite(scale):
+                raise LoRAError(f"LoRA {lora.name}: the scale must be a finite number, got {scale}")
+        for lora in self.loras:
+            if id(lora) in new and new[id(lora)] != lora.scale:
+                lora.scale = new[id(lora)]
+                if lora.merged:
+                    self.release(*[n for n in lora.matches if n in self._modules])
+        for module in self._modules.values():
+            for layer in adapted_layers(getattr(module, "_orig_mod", module)).values():
+                layer.refresh()
+
+    def unload_loras(self) -> None:
+        """Remove every LoRA: not-merged ones at once, merged ones by loading the networks they
+        changed again on next use."""
+        merged = {n for lo in self.loras if lo.merged for n in lo.matches}
+        self.loras = []
+        self.release(*[n for n in merged if n in self._modules])
+        for module in self._modules.values():
+            remove_adapted(getattr(module, "_orig_mod", module))
+
+    def check_loras(self, use_t5: bool = True) -> None:
+        """With T5 left out, a LoRA's T5-XXL modules cannot apply: a warning, or a LoRAError
+        where nothing else of it would."""
+        if use_t5:
+            return
+        for lora in self.loras:
+            n = lora.matched("t5xxl")
+            if n and n == lora.matched():
+                raise LoRAError(
+                    f"{lora.path}: {lora.format} changes only T5-XXL, which is left out (use_t5 "
+                    "off / --no-t5): it would have no effect"
+                )
+            if n:
+                warnings.warn(
+                    f"{lora.path}: its {n} T5-XXL modules do not apply, since T5 is left out",
+                    stacklevel=2,
+                )
 
     @property
     def mmdit(self) -> MMDiT:
@@ -386,6 +507,7 @@ class Pipeline:
         check_settings(s, self.config, init_image is not None)
         if s.inpaint is not None:
             raise ValueError("masked generations run through `generate`, which also pastes back")
+        self.check_loras(s.use_t5)
         return self._denoise(s, init_image, callback, conditioning or self.encode_prompt(s))
 
     def _denoise(
@@ -529,6 +651,7 @@ class Pipeline:
         and `per_step` leaves the first step out. With `s.inpaint`, a masked generation: the
         latents are the working canvas's, the images the finished (pasted-back) ones."""
         check_settings(s, self.config, init_image is not None, mask_image is not None)
+        self.check_loras(s.use_t5)
         job = None
         if s.inpaint is not None:
             job = inpainting.prepare(init_image, mask_image, (s.width, s.height), s.inpaint, s.seed)
