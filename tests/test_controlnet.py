@@ -327,3 +327,132 @@ def test_controlnet_settings_errors(base, tmp_path):
         pipe.sample(bad, control_images=[control_image()])
     with pytest.raises(CheckpointError, match="not an SD3 ControlNet"):
         open_controlnet(path)
+
+
+# --- command line -------------------------------------------------------------------------
+
+
+def test_cli_controlnet_run_records_and_repeats(base, tmp_path, capsys):
+    from sd3.cli import main
+
+    ref_net = diffusers_controlnet("sd3.5", seed=12)
+    cn = tmp_path / "edges.safetensors"
+    save_file(stability_layout(ref_net, control_type=1), str(cn))
+    model, _ = family(base, tmp_path)
+    photo = tmp_path / "photo.png"
+    control_image(seed=4, w=64, h=64).save(photo)
+    out, again = tmp_path / "out" / "1.png", tmp_path / "out" / "2.png"
+    out.parent.mkdir()
+    common = ["--dtype", "fp32", "--steps", "3", "--width", "32", "--height", "32"]
+    argv = [
+        "generate", "a cat", "--model", str(model), *common, "--controlnet", str(cn),
+        "--control-image", str(photo), "--control-preprocess", "canny", "--canny-low", "50",
+        "--control-strength", "0.6", "--control-start", "0.0", "--control-end", "0.7",
+        "--out", str(out),
+    ]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(argv) == 0
+        with Image.open(out) as im:
+            record = json.loads(im.text["sd3"])
+        assert record["files"]["controlnet"][0]["name"] == "edges.safetensors"
+        assert record["files"]["controlnet"][0]["sha256"]
+        assert record["files"]["control_image"][0]["name"] == "photo.png"
+        control = record["settings"]["controls"][0]
+        assert control["strength"] == 0.6 and control["end"] == 0.7
+        assert control["preprocess"] == {
+            "kind": "canny", "canny_low": 50, "canny_high": 200, "blur_sigma": 5.0
+        }  # fmt: skip
+        assert record["settings"]["cfg"] == 3.5 and record["settings"]["sampler"] == "euler"
+        # the same run again from the PNG, the files given again
+        repeat = [
+            "generate", "--from-png", str(out), "--model", str(model), "--controlnet", str(cn),
+            "--control-image", str(photo), "--out", str(again),
+        ]  # fmt: skip
+        assert main(repeat) == 0
+    a, b = (np.asarray(Image.open(p)) for p in (out, again))
+    assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--control-image", "IMG"], "--controlnet and --control-image come in pairs"),
+        (["--controlnet", "CN"], "--controlnet and --control-image come in pairs"),
+        (["--controlnet", "CN", "--control-image", "BAD"], "--control-image"),
+        (
+            ["--controlnet", "CN", "--control-image", "IMG", "--control-preprocess", "depth"],
+            "needs a depth-estimation model on disk: pass --depth-model",
+        ),
+        (
+            [
+                "--controlnet",
+                "CN",
+                "--control-image",
+                "IMG",
+                "--control-end",
+                "0.1",
+                "--control-start",
+                "0.5",
+            ],
+            "control start and end",
+        ),  # fmt: skip
+        (
+            [
+                "--controlnet",
+                "CN",
+                "--control-image",
+                "IMG",
+                "--control-strength",
+                "1",
+                "--control-strength",
+                "2",
+            ],
+            "--control-strength given 2 times for 1 ControlNets",
+        ),  # fmt: skip
+    ],
+)
+def test_cli_control_errors_before_loading(base, tmp_path, capsys, extra, message):
+    from sd3.cli import main
+
+    cn = tmp_path / "cn.safetensors"
+    save_file(stability_layout(diffusers_controlnet("sd3.5", seed=1), 0), str(cn))
+    model, _ = family(base, tmp_path)
+    img, bad = tmp_path / "c.png", tmp_path / "bad.png"
+    control_image().save(img)
+    bad.write_bytes(b"not an image")
+    swap = {"CN": str(cn), "IMG": str(img), "BAD": str(bad)}
+    argv = ["generate", "x", "--model", str(model), "--width", "32", "--height", "32"]
+    argv += [swap.get(a, a) for a in extra] + ["--out", str(tmp_path / "o.png")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in err, err
+    assert not (tmp_path / "o.png").exists()
+
+
+# --- preprocessors ------------------------------------------------------------------------
+
+
+def test_preprocessors_are_opencvs():
+    import cv2
+
+    from sd3.preprocess import blur, canny
+
+    image = control_image(seed=2, w=40, h=30)
+    rgb = np.asarray(image)
+    edges = np.asarray(canny(image, 60, 120))
+    assert edges.shape == (30, 40, 3) and set(np.unique(edges)) <= {0, 255}
+    assert np.array_equal(edges[..., 0], cv2.Canny(rgb, 60, 120))
+    assert np.array_equal(np.asarray(blur(image, 3.0)), cv2.GaussianBlur(rgb, (0, 0), 3.0))
+
+
+def test_depth_model_folder_errors(tmp_path):
+    from sd3.preprocess import check_depth_model
+
+    with pytest.raises(ValueError, match="pass --depth-model FOLDER"):
+        check_depth_model(None)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="not a transformers model folder"):
+        check_depth_model(tmp_path)

@@ -21,6 +21,7 @@ from .checkpoints import CheckpointError, Component, infer_config
 from .models.controlnet import CONTROL_TYPES, INSTANTX, SD35, ControlNetConfig
 from .models.mmdit import MMDiTConfig
 from .models.vae import SCALE, SHIFT, AutoEncoder
+from .preprocess import Preprocess
 
 TYPES = tuple(CONTROL_TYPES.values())  # blur, canny, depth
 
@@ -35,6 +36,7 @@ class Control:
     start: float = 0.0
     end: float = 1.0
     control_type: str | None = None
+    preprocess: Preprocess = Preprocess()  # how the control image was made from the given one
 
     def active(self, step: int, steps: int) -> bool:
         return not (step / steps < self.start or (step + 1) / steps > self.end)
@@ -53,6 +55,7 @@ class Control:
             raise ValueError(
                 f"{which}: unknown control type {self.control_type!r}; choose one of {', '.join(TYPES)}"
             )
+        self.preprocess.check()
 
 
 def check_fit(component: Component, base: MMDiTConfig, model_name: str = "") -> ControlNetConfig:

@@ -428,29 +428,37 @@ class Pipeline:
         ]
         return self.mmdit(x, timestep, context, pooled, skip_layers, residuals).float()
 
+    def check_controls(self, s: Settings, n_images: int) -> list[str | None]:
+        """The control type of each ControlNet, or one ValueError: as many control images and
+        Controls (or none: defaults) as ControlNets, and a type for each SD3.5 ControlNet."""
+        if n_images != len(self.controlnets):
+            raise ValueError(
+                f"{len(self.controlnets)} ControlNets need as many control images, got {n_images}"
+            )
+        if s.controls and len(s.controls) != len(self.controlnets):
+            raise ValueError(
+                f"{len(self.controlnets)} ControlNets need as many Controls in the settings, got "
+                f"{len(s.controls)}"
+            )
+        controls = s.controls or tuple(Control() for _ in self.controlnets)
+        return [
+            resolve_type(component, infer_config(component), control)
+            for component, control in zip(self.controlnets, controls, strict=True)
+        ]
+
     def control_latents(
         self, s: Settings, control_images: list[Image.Image]
     ) -> list[tuple[Control, Tensor]]:
-        """Each ControlNet's Control and its encoded control image, checked against each other."""
-        if len(control_images) != len(self.controlnets):
-            raise ValueError(
-                f"{len(self.controlnets)} ControlNets need as many control images, got "
-                f"{len(control_images)}"
-            )
+        """Each ControlNet's Control and its encoded control image (already preprocessed)."""
+        types = self.check_controls(s, len(control_images))
         controls = s.controls or tuple(Control() for _ in self.controlnets)
-        if len(controls) != len(self.controlnets):
-            raise ValueError(
-                f"{len(self.controlnets)} ControlNets need as many Controls in the settings, got "
-                f"{len(controls)}"
-            )
         out = []
-        for component, control, image in zip(
-            self.controlnets, controls, control_images, strict=True
+        for component, control, image, control_type in zip(
+            self.controlnets, controls, control_images, types, strict=True
         ):
-            config = infer_config(component)
-            control_type = resolve_type(component, config, control)
-            pixels = control_pixels(image, s.width, s.height, control_type, config.kind)
-            latent = control_latent(self.vae, pixels.to(self.device, self.dtype), config.kind)
+            kind = infer_config(component).kind
+            pixels = control_pixels(image, s.width, s.height, control_type, kind)
+            latent = control_latent(self.vae, pixels.to(self.device, self.dtype), kind)
             out.append((control, latent))
         return out
 
