@@ -456,3 +456,31 @@ def test_depth_model_folder_errors(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(ValueError, match="not a transformers model folder"):
         check_depth_model(tmp_path)
+
+
+@pytest.mark.parametrize("stored", [torch.float16, torch.bfloat16, torch.float8_e4m3fn])
+def test_stored_dtypes_int8_img2img_and_inpainting(base, tmp_path, stored):
+    """A ControlNet stored in fp16 / bf16 / fp8 loads like the other components, --int8 quantizes
+    its blocks, and it runs under img2img and inpainting."""
+    from sd3.kernels.quantization import Int8Linear
+
+    sd = stability_layout(diffusers_controlnet("sd3.5", seed=5), 2)
+    sd = {k: v if k == "control_type" else v.to(stored) for k, v in sd.items()}
+    cn = tmp_path / "depth.safetensors"
+    save_file(sd, str(cn))
+    model, _ = family(base, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = Pipeline.from_single_file(model, dtype=torch.float32, controlnets=[cn], int8=True)
+    net = pipe.controlnet(0)
+    assert isinstance(net.transformer_blocks[0].attn.qkv, Int8Linear)
+    assert net.controlnet_blocks[0].weight.dtype == torch.float32
+    init = control_image(seed=9, w=32, h=32)
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    for kw in ({"denoise": 0.6}, {"mask_image": mask}):
+        images = pipe(
+            "x", num_inference_steps=3, width=32, height=32, init_image=init,
+            control_images=[control_image(seed=1)], control_strength=0.5, **kw,
+        )  # fmt: skip
+        assert images[0].size == (32, 32)
