@@ -313,10 +313,13 @@ class Pipeline:
         return pipe
 
     def load(self) -> None:
-        """Read the MMDiT's and the VAE's weights now (in low-memory mode each loads when used)."""
+        """Read the MMDiT's, the VAE's and the ControlNets' weights now (in low-memory mode each
+        loads when used)."""
         if not self.low_memory:
             self.module("mmdit")
             self.module("vae")
+            for i in range(len(self.controlnets)):
+                self.controlnet(i)
 
     def load_controlnet(self, path: str | Path) -> Component:
         """Add a ControlNet (file or diffusers folder): its keys and shapes are checked and it
