@@ -7,8 +7,8 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from safetensors.torch import save
 
 from . import metadata
 from .checkpoints import COMPONENTS, DTYPE_NAMES, find_components, infer_config
+from .control import TYPES, Control
 from .inpainting import OUTPAINT_FILLS, Inpaint, outpaint_size
 from .loras import LoRAFile
 from .loras.convert import TARGETS, convert
@@ -25,6 +26,7 @@ from .loras.names import COMPONENT_NAMES, describe_format, origin, scheme_of
 from .models.vae import from_latent_format
 from .outputs import check_folder, check_new_file, next_free, write_new
 from .pipeline import Pipeline, Settings, check_settings, describe_timings, load_image
+from .preprocess import PREPROCESSORS, Preprocess, check_depth_model, preprocess
 from .presets import detect_model
 from .sampling import SAMPLERS, SkipLayerGuidance
 from .shapes import evaluation
@@ -142,9 +144,91 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
         "--outpaint-fill", choices=OUTPAINT_FILLS,
         help="what the new area starts from (default: edge-noise, the edge pixels plus noise)",
     )  # fmt: skip
+    add_control_arguments(p)
     p.add_argument("--out", help="output PNG (default: sd3_SEED.png); never overwritten")
     p.add_argument("--save-latent", help="also write the final latent (what the VAE decodes) here")
     p.add_argument("--from-png", help="re-run the settings stored in a PNG made by sd3")
+
+
+def add_control_arguments(p: argparse.ArgumentParser) -> None:
+    each = "; once for all ControlNets or once per --controlnet"
+    p.add_argument(
+        "--controlnet", action="append", metavar="FILE",
+        help="a ControlNet file or diffusers folder; repeat, each with its --control-image",
+    )  # fmt: skip
+    p.add_argument(
+        "--control-image", action="append", metavar="IMG",
+        help="the image for the --controlnet in the same position",
+    )  # fmt: skip
+    p.add_argument(
+        "--control-type", action="append", choices=("auto", *TYPES),
+        help="how the control image is scaled (default auto: the type the file records)" + each,
+    )  # fmt: skip
+    p.add_argument(
+        "--control-strength", action="append", type=float,
+        help="multiplier on the ControlNet's outputs (default 1)" + each,
+    )  # fmt: skip
+    p.add_argument(
+        "--control-start", action="append", type=float,
+        help="fraction of the steps before the ControlNet starts (default 0)" + each,
+    )  # fmt: skip
+    p.add_argument(
+        "--control-end", action="append", type=float,
+        help="fraction of the steps after which it stops (default 1)" + each,
+    )  # fmt: skip
+    p.add_argument(
+        "--control-preprocess", action="append", choices=PREPROCESSORS,
+        help="make the control image from the given one (default none: it is one)" + each,
+    )  # fmt: skip
+    p.add_argument("--canny-low", type=int, help="canny lower threshold (default 100)")
+    p.add_argument("--canny-high", type=int, help="canny upper threshold (default 200)")
+    p.add_argument("--blur-sigma", type=float, help="blur preprocessor sigma in pixels (default 5)")
+    p.add_argument(
+        "--depth-model", metavar="FOLDER",
+        help="a transformers depth-estimation model folder, for --control-preprocess depth",
+    )  # fmt: skip
+
+
+def resolve_controls(
+    args: argparse.Namespace, n: int, stored: tuple[Control, ...]
+) -> tuple[Control, ...]:
+    """One Control per ControlNet: the PNG's, then what was given (once for all or once each)."""
+    if n == 0:
+        return ()
+    base = list(stored) if len(stored) == n else [Control() for _ in range(n)]
+
+    def each(option: str) -> list:
+        values = getattr(args, option.replace("-", "_"), None)
+        if values is None:
+            return [None] * n
+        if len(values) == 1:
+            return values * n
+        if len(values) != n:
+            raise ValueError(f"--{option} given {len(values)} times for {n} ControlNets")
+        return values
+
+    out = []
+    for c, ctype, strength, start, end, prep in zip(
+        base, each("control-type"), each("control-strength"), each("control-start"),
+        each("control-end"), each("control-preprocess"), strict=True,
+    ):  # fmt: skip
+        pre = c.preprocess
+        pre = Preprocess(
+            pre.kind if prep is None else prep,
+            pre.canny_low if args.canny_low is None else args.canny_low,
+            pre.canny_high if args.canny_high is None else args.canny_high,
+            pre.blur_sigma if args.blur_sigma is None else args.blur_sigma,
+        )
+        out.append(
+            Control(
+                c.strength if strength is None else strength,
+                c.start if start is None else start,
+                c.end if end is None else end,
+                c.control_type if ctype is None else (None if ctype == "auto" else ctype),
+                pre,
+            )
+        )
+    return tuple(out)
 
 
 def parse_layers(text: str) -> tuple[int, ...]:
@@ -197,7 +281,8 @@ def resolve_settings(args: argparse.Namespace, pipe: Pipeline, stored: Settings 
         )
     if s.slg is not None and s.slg.scale == 0:
         s = replace(s, slg=None)
-    return s
+    n = len(pipe.controlnets)
+    return replace(s, controls=resolve_controls(args, n, s.controls if stored else ()))
 
 
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -342,9 +427,12 @@ def model_files(args: argparse.Namespace, stored: dict | None = None) -> dict:
             continue
         if key in metadata.FILE_KEYS:
             files[key] = str(metadata.locate(key, value, Path(args.from_png), DEFAULT_MODEL))
+        elif key in metadata.FILE_LIST_KEYS:
+            png = Path(args.from_png)
+            files[key] = [str(metadata.locate(key, v, png, DEFAULT_MODEL)) for v in value]
         else:
             files[key] = value
-    for key in (*metadata.FILE_KEYS, "dtype", "int8"):
+    for key in (*metadata.FILE_KEYS, *metadata.FILE_LIST_KEYS, "dtype", "int8"):
         if getattr(args, key, None) is not None:
             files[key] = getattr(args, key)
     if files.get("model") is None:
@@ -360,14 +448,17 @@ def model_files(args: argparse.Namespace, stored: dict | None = None) -> dict:
 
 
 def file_records(files: dict) -> dict:
-    """What an image records of its inputs: names and short hashes, dtype, int8 and the LoRAs
-    with their strengths."""
+    """What an image records of its inputs: names and short hashes, dtype, int8, the LoRAs with
+    their strengths and the ControlNets."""
     records = {}
     for key, value in files.items():
         if key == "loras":
-            records[key] = [metadata.lora_record(lo["path"], lo["scale"]) for lo in value]
-        else:
-            records[key] = metadata.file_record(value) if key in metadata.FILE_KEYS else value
+            value = [metadata.lora_record(lo["path"], lo["scale"]) for lo in value]
+        elif key in metadata.FILE_KEYS:
+            value = metadata.file_record(value)
+        elif key in metadata.FILE_LIST_KEYS:
+            value = [metadata.file_record(v) for v in value]
+        records[key] = value
     return records
 
 
@@ -389,6 +480,7 @@ def open_pipeline(
         compile=compile,
         load=False,
         loras=[(lo["path"], lo["scale"]) for lo in files.get("loras", [])],
+        controlnets=files.get("controlnet") or (),
     )
     files["dtype"] = {v: k for k, v in DTYPE_NAMES.items()}[pipe.dtype]
     return pipe
@@ -431,6 +523,13 @@ def run_generate(args: argparse.Namespace) -> int:
         load_image(files["init_image"], "--init-image") if files.get("init_image") else None
     )
     mask_image = load_image(files["mask"], "--mask") if files.get("mask") else None
+    nets, images = files.get("controlnet") or [], files.get("control_image") or []
+    if len(nets) != len(images):
+        raise ValueError(
+            f"--controlnet and --control-image come in pairs: got {len(nets)} ControlNets and "
+            f"{len(images)} control images"
+        )
+    control_images = [load_image(path, "--control-image") for path in images]
     if args.save_latent:
         check_new_file(args.save_latent, "--save-latent")
     pipe = open_pipeline(files, device, args.low_memory, args.compile)
@@ -456,12 +555,21 @@ def run_generate(args: argparse.Namespace) -> int:
         s = replace(s, width=width, height=height)
     check_settings(s, pipe.config, init_image is not None, mask_image is not None)
     pipe.check_loras(s.use_t5)
+    pipe.check_controls(s, len(control_images))
+    if any(c.preprocess.kind == "depth" for c in s.controls):
+        check_depth_model(args.depth_model)
     paths = output_paths(args.out, s.seed, s.num_images)
     records = file_records(files)
 
+    control_images = [
+        preprocess(image, c.preprocess, args.depth_model)
+        for image, c in zip(control_images, s.controls, strict=True)
+    ]
     load_weights(pipe, files)
     pipe.progress = True
-    latents, images = pipe.generate(s, init_image, mask_image=mask_image)
+    latents, images = pipe.generate(
+        s, init_image, mask_image=mask_image, control_images=control_images
+    )
     print(describe_timings(pipe.timings), file=sys.stderr)
     for lora in pipe.loras:
         print(lora.summary(), file=sys.stderr)

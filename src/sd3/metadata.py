@@ -20,8 +20,10 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from .control import Control
 from .inpainting import Inpaint
 from .pipeline import Settings
+from .preprocess import Preprocess
 from .sampling import SkipLayerGuidance
 
 FILE_KEYS = ("model", "clip_l", "clip_g", "t5xxl", "vae", "init_image", "mask")
@@ -34,6 +36,8 @@ OPTION_OF = {
     "init_image": "--init-image",
     "mask": "--mask",
 }
+FILE_LIST_KEYS = ("controlnet", "control_image")  # one record per ControlNet, in order
+OPTION_OF |= {"controlnet": "--controlnet", "control_image": "--control-image"}
 HASH_DIGITS = 10
 MAX_METADATA = 1 << 20  # bytes of JSON: far above what sd3 writes
 MAX_LORAS = 64
@@ -184,8 +188,23 @@ SETTING_TYPES = {
     "t5_length": (int, type(None)),
     "use_t5": (bool,),
     "inpaint": (dict, type(None)),
+    "controls": (list,),
 }
-OPTIONAL_SETTINGS = {"inpaint": None}  # added after the first release: absent in older PNGs
+# added after the first release: absent in older PNGs
+OPTIONAL_SETTINGS = {"inpaint": None, "controls": []}
+CONTROL_TYPES_ = {
+    "strength": NUMBER,
+    "start": NUMBER,
+    "end": NUMBER,
+    "control_type": (str, type(None)),
+    "preprocess": (dict,),
+}
+PREPROCESS_TYPES = {
+    "kind": (str,),
+    "canny_low": (int,),
+    "canny_high": (int,),
+    "blur_sigma": NUMBER,
+}
 INPAINT_TYPES = {
     "mask_blur": NUMBER,
     "mask_grow": (int,),
@@ -260,13 +279,20 @@ def _settings(d, where: str) -> Settings:
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
             raise MetadataError(f"{where}: settings.slg.layers must be whole numbers, got {layers}")
         d["slg"] = SkipLayerGuidance(**{**d["slg"], "layers": tuple(layers)})
+    controls = []
+    for i, c in enumerate(d["controls"]):
+        what = f"{where}: settings.controls[{i}]"
+        _check_fields(c, CONTROL_TYPES_, what)
+        _check_fields(c["preprocess"], PREPROCESS_TYPES, f"{what}.preprocess")
+        controls.append(Control(**{**c, "preprocess": Preprocess(**c["preprocess"])}))
+    d["controls"] = tuple(controls)
     return Settings(**d)
 
 
 def _files(d, where: str) -> dict:
     if not isinstance(d, dict):
         raise MetadataError(f"{where}: files must be a JSON object")
-    unknown = sorted(set(d) - {*FILE_KEYS, "dtype", "int8", "loras"})
+    unknown = sorted(set(d) - {*FILE_KEYS, *FILE_LIST_KEYS, "dtype", "int8", "loras"})
     if unknown:
         raise MetadataError(f"{where}: files has unknown fields {unknown}")
     if "model" not in d:
@@ -281,14 +307,14 @@ def _files(d, where: str) -> dict:
                 raise MetadataError(f"{where}: files.int8 must be true, false or null")
         elif key == "loras":
             value = _loras(value, where)
+        elif key in FILE_LIST_KEYS:
+            if not isinstance(value, list):
+                raise MetadataError(f"{where}: files.{key} must be a list of file records")
+            value = [_record(v, f"{key}[{i}]", where) for i, v in enumerate(value)]
         elif value is not None:
             if isinstance(value, str):  # written by sd3 before files were recorded by name
                 value = {"name": Path(value).name, "sha256": None}
-            if not _is_record(value, {"name", "sha256"}):
-                raise MetadataError(
-                    f'{where}: files.{key} must be {{"name": FILE_NAME, "sha256": HASH}}, '
-                    f"got {value!r}"
-                )
+            value = _record(value, key, where)
         out[key] = value
     return out
 
@@ -302,6 +328,14 @@ def _is_record(value, fields: set[str]) -> bool:
         and Path(value["name"]).name == value["name"]
         and isinstance(value["sha256"], str | None)
     )
+
+
+def _record(value, key: str, where: str) -> dict:
+    if not _is_record(value, {"name", "sha256"}):
+        raise MetadataError(
+            f'{where}: files.{key} must be {{"name": FILE_NAME, "sha256": HASH}}, got {value!r}'
+        )
+    return value
 
 
 def _loras(value, where: str) -> list[dict]:

@@ -26,16 +26,19 @@ from .checkpoints import (
     find_components,
     infer_config,
     load_component,
+    open_controlnet,
 )
+from .control import Control, check_fit, control_latent, control_pixels, resolve_type
 from .inpainting import Inpaint, outpaint_size
 from .kernels.hardware import cpu_has_bf16, warn_if_bf16_is_emulated
 from .kernels.quantization import INT8_SCOPE
 from .loras import LoRA, LoRAError, LoRAFile, layers_of, match, merge_edits
 from .loras.apply import install
 from .loras.weights import adapted_layers, remove_adapted
+from .models.controlnet import SD35, ControlNet
 from .models.mmdit import MMDiT, MMDiTConfig
 from .models.vae import AutoEncoder
-from .presets import Preset, preset_for
+from .presets import PRESETS, Preset, preset_for
 from .sampling import (
     SAMPLERS,
     Callback,
@@ -94,6 +97,7 @@ class Settings:
     t5_length: int | None = None
     use_t5: bool = True
     inpaint: Inpaint | None = None  # a masked generation: repaint where the mask is white
+    controls: tuple[Control, ...] = ()  # one per ControlNet, in the pipeline's order
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -162,6 +166,8 @@ def check_settings(
         )
     if s.num_images < 1:
         raise ValueError(f"the number of images must be >= 1, got {s.num_images}")
+    for i, control in enumerate(s.controls):
+        control.check(i)
     if s.t5_length is not None and s.t5_length < 1:
         raise ValueError(f"t5_length must be >= 1, got {s.t5_length}")
     if s.slg is not None:
@@ -222,6 +228,7 @@ class Pipeline:
     # a tqdm bar over the denoising steps, started once the prompt is encoded
     progress: bool = False
     loras: list[LoRA] = field(default_factory=list)  # in the order they apply
+    controlnets: list[Component] = field(default_factory=list)  # `load_controlnet`
     _modules: dict[str, nn.Module] = field(default_factory=dict)
     _text: TextEncoders | None = None
 
@@ -240,19 +247,25 @@ class Pipeline:
         compile: bool | str = False,
         load: bool = True,
         loras: Iterable[tuple[str | Path, float]] = (),
+        controlnets: Iterable[str | Path] = (),
     ) -> "Pipeline":
-        """A Stability single file (encoders bundled or given separately) or a diffusers folder.
-        Every file's keys and shapes are checked first; `load=False` leaves reading the weights
-        to `load()` or first use, so settings can be checked against the model before. `loras`:
-        (file, strength) pairs merged into the weights as they load, each matched against the
-        model first (`add_lora`)."""
+        """A Stability single file (encoders bundled or given separately) or a diffusers folder,
+        and any ControlNet files or folders. Every file's keys and shapes are checked first;
+        `load=False` leaves reading the weights to `load()` or first use, so settings can be
+        checked against the model before. `loras`: (file, strength) pairs merged into the
+        weights as they load, each matched against the model first (`add_lora`)."""
         components = find_components(path, clip_l=clip_l, clip_g=clip_g, t5xxl=t5xxl, vae=vae)
         folder = path is not None and Path(path).is_dir()
         tokenizers = Tokenizers.from_folder(path) if folder else Tokenizers.default()
-        return cls.from_components(
+        pipe = cls.from_components(
             components, tokenizers, dtype, device, low_memory, str(path or ""), int8, compile,
-            load, loras,
+            load=False, loras=loras,
         )  # fmt: skip
+        for controlnet in controlnets:
+            pipe.load_controlnet(controlnet)
+        if load:
+            pipe.load()
+        return pipe
 
     from_pretrained = from_single_file  # a diffusers folder, in diffusers' vocabulary
 
@@ -317,10 +330,34 @@ class Pipeline:
         return pipe
 
     def load(self) -> None:
-        """Read the MMDiT's and the VAE's weights now (in low-memory mode each loads when used)."""
+        """Read the MMDiT's, the VAE's and the ControlNets' weights now (in low-memory mode each
+        loads when used)."""
         if not self.low_memory:
             self.module("mmdit")
             self.module("vae")
+            for i in range(len(self.controlnets)):
+                self.controlnet(i)
+
+    def load_controlnet(self, path: str | Path) -> Component:
+        """Add a ControlNet (file or diffusers folder): its keys and shapes are checked and it
+        must fit the MMDiT; the weights are read on first use. An SD3.5 ControlNet that records
+        its control type brings the reference's defaults for it (`presets`)."""
+        component = open_controlnet(path)
+        config = check_fit(component, self.config, self.model_name)
+        self.controlnets.append(component)
+        if config.kind == SD35 and component.control_type is not None:
+            self.preset = PRESETS[f"sd3.5_large_controlnet_{component.control_type}"]
+        return component
+
+    def controlnet(self, index: int) -> ControlNet:
+        """ControlNet `index` (in the order they were added), loaded on first use."""
+        name = f"controlnet.{index}"
+        if name not in self._modules:
+            int8 = self.int8  # --int8 covers the ControlNet's blocks as it does the MMDiT's
+            self._modules[name] = load_component(
+                self.controlnets[index], self.dtype, self.device, int8
+            )
+        return self._modules[name]
 
     # --- loading and releasing ------------------------------------------------------------
 
@@ -339,8 +376,14 @@ class Pipeline:
         return self._modules[name]
 
     def release(self, *names: str) -> None:
-        """Drop these networks and their file pages from memory; they reload on next use."""
+        """Drop these networks and their file pages from memory; they reload on next use
+        ("controlnet" releases every ControlNet)."""
         for name in names:
+            if name == "controlnet":
+                for i, component in enumerate(self.controlnets):
+                    self._modules.pop(f"controlnet.{i}", None)
+                    component.release()
+                continue
             self._modules.pop(name, None)
             if name in self.components:
                 self.components[name].release()
@@ -488,13 +531,58 @@ class Pipeline:
         return context[:1], pooled[:1], context[1:], pooled[1:]
 
     def velocity(
-        self, x: Tensor, timestep: Tensor, context: Tensor, pooled: Tensor, skip_layers=()
+        self,
+        x: Tensor,
+        timestep: Tensor,
+        context: Tensor,
+        pooled: Tensor,
+        skip_layers=(),
+        controls: list[tuple[int, Tensor, float]] = (),
     ) -> Tensor:
-        """The MMDiT in its compute dtype; the sampler keeps x in fp32."""
-        v = self.mmdit(
-            x.to(self.dtype), timestep, context.to(self.dtype), pooled.to(self.dtype), skip_layers
-        )
-        return v.float()
+        """The MMDiT in its compute dtype; the sampler keeps x in fp32. `controls`: (ControlNet
+        index, control latent, strength) of the ControlNets active on this step; they see the
+        same inputs as the MMDiT. A skip-layer pass runs without them, as Stability's reference
+        runs it."""
+        x, context, pooled = x.to(self.dtype), context.to(self.dtype), pooled.to(self.dtype)
+        residuals = [
+            self.controlnet(i)(self.mmdit, x, timestep, context, pooled, latent, strength)
+            for i, latent, strength in (() if skip_layers else controls)
+        ]
+        return self.mmdit(x, timestep, context, pooled, skip_layers, residuals).float()
+
+    def check_controls(self, s: Settings, n_images: int) -> list[str | None]:
+        """The control type of each ControlNet, or one ValueError: as many control images and
+        Controls (or none: defaults) as ControlNets, and a type for each SD3.5 ControlNet."""
+        if n_images != len(self.controlnets):
+            raise ValueError(
+                f"{len(self.controlnets)} ControlNets need as many control images, got {n_images}"
+            )
+        if s.controls and len(s.controls) != len(self.controlnets):
+            raise ValueError(
+                f"{len(self.controlnets)} ControlNets need as many Controls in the settings, got "
+                f"{len(s.controls)}"
+            )
+        controls = s.controls or tuple(Control() for _ in self.controlnets)
+        return [
+            resolve_type(component, infer_config(component), control)
+            for component, control in zip(self.controlnets, controls, strict=True)
+        ]
+
+    def control_latents(
+        self, s: Settings, control_images: list[Image.Image]
+    ) -> list[tuple[Control, Tensor]]:
+        """Each ControlNet's Control and its encoded control image (already preprocessed)."""
+        types = self.check_controls(s, len(control_images))
+        controls = s.controls or tuple(Control() for _ in self.controlnets)
+        out = []
+        for component, control, image, control_type in zip(
+            self.controlnets, controls, control_images, types, strict=True
+        ):
+            kind = infer_config(component).kind
+            pixels = control_pixels(image, s.width, s.height, control_type, kind)
+            latent = control_latent(self.vae, pixels.to(self.device, self.dtype), kind)
+            out.append((control, latent))
+        return out
 
     def sample(
         self,
@@ -502,13 +590,17 @@ class Pipeline:
         init_image: Image.Image | None = None,
         callback: Callback | None = None,
         conditioning: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+        control_images: list[Image.Image] = (),
     ) -> Tensor:
         """The final latents [N, 16, H/8, W/8] in the MMDiT's latent format."""
         check_settings(s, self.config, init_image is not None)
         if s.inpaint is not None:
             raise ValueError("masked generations run through `generate`, which also pastes back")
         self.check_loras(s.use_t5)
-        return self._denoise(s, init_image, callback, conditioning or self.encode_prompt(s))
+        controls = self.control_latents(s, list(control_images))
+        return self._denoise(
+            s, init_image, callback, conditioning or self.encode_prompt(s), controls=controls
+        )
 
     def _denoise(
         self,
@@ -517,9 +609,10 @@ class Pipeline:
         callback: Callback | None,
         conditioning: tuple[Tensor, Tensor, Tensor, Tensor],
         mask: Tensor | None = None,
+        controls: list[tuple[Control, Tensor]] = (),
     ) -> Tensor:
         """`sample` after the settings are checked and the prompt encoded; with a latent `mask`
-        (1 = repaint), the masked blend of `inpainting`."""
+        (1 = repaint), the masked blend of `inpainting`; with `controls`, the ControlNets'."""
         context, pooled, neg_context, neg_pooled = conditioning
         sigmas = get_sigmas(s.steps, s.shift, s.denoise).to(self.device)
         x = noise = get_noise(s.seed, s.num_images, s.height, s.width).to(self.device)
@@ -528,18 +621,33 @@ class Pipeline:
                 image = to_image_tensor(init_image, s.width, s.height).to(self.device, self.dtype)
                 latent = self.vae.encode(image).float()
             x = noise_latent(latent, noise, sigmas[0])
-        denoiser = cfg_denoiser(
-            self.velocity,
-            context,
-            pooled,
-            neg_context,
-            neg_pooled,
-            guidance_scale=s.cfg,
-            slg=s.slg,
-            steps=s.steps,
-            cfg_start=s.cfg_start,
-            cfg_end=s.cfg_end,
-        )
+
+        def guided(velocity):
+            return cfg_denoiser(
+                velocity,
+                context,
+                pooled,
+                neg_context,
+                neg_pooled,
+                guidance_scale=s.cfg,
+                slg=s.slg,
+                steps=s.steps,
+                cfg_start=s.cfg_start,
+                cfg_end=s.cfg_end,
+            )
+
+        denoiser = guided(self.velocity)
+        if controls:
+            steps_run = len(sigmas) - 1
+
+            def denoiser(x: Tensor, sigma: Tensor, step: int) -> Tensor:
+                on = [
+                    (i, latent, control.strength)
+                    for i, (control, latent) in enumerate(controls)
+                    if control.active(step, steps_run)
+                ]
+                return guided(functools.partial(self.velocity, controls=on))(x, sigma, step)
+
         if mask is not None:
             mask = mask.to(self.device)
             denoiser = inpainting.masked_denoiser(denoiser, latent, noise, mask, sigmas)
@@ -604,10 +712,17 @@ class Pipeline:
         padding_mask_crop: int | None = None,
         outpaint: tuple[int, int, int, int] | None = None,
         outpaint_fill: str = "edge-noise",
+        control_images: Image.Image | str | Path | list | None = None,
+        control_strength: float | list[float] = 1.0,
+        control_start: float | list[float] = 0.0,
+        control_end: float | list[float] = 1.0,
+        control_type: str | None | list[str | None] = None,
     ) -> list[Image.Image]:
         """Generate images. `skip_layer_guidance`: True keeps the preset's, False/None turns it
         off, or give a SkipLayerGuidance. With `mask_image` (white = repaint) or `outpaint`
-        (pixels added left, top, right, bottom) an `init_image` is inpainted (`inpainting`)."""
+        (pixels added left, top, right, bottom) an `init_image` is inpainted (`inpainting`).
+        `control_images`: one per loaded ControlNet (`load_controlnet`), already preprocessed
+        (`sd3.preprocess`); the control options take one value for all or a list, one each."""
         slg = self.preset.slg if skip_layer_guidance is True else skip_layer_guidance or None
         s = self.settings(
             prompt, negative_prompt=negative_prompt, steps=num_inference_steps, cfg=guidance_scale,
@@ -636,7 +751,34 @@ class Pipeline:
                         )
                     ),
                 )
-        return self.generate(s, init_image, callback, mask_image)[1]
+        if control_images is not None and not isinstance(control_images, list | tuple):
+            control_images = [control_images]
+        control_images = [
+            load_image(im, "control image") if isinstance(im, str | Path) else im
+            for im in control_images or ()
+        ]
+        n = len(self.controlnets)
+
+        def each(value, name):
+            values = list(value) if isinstance(value, list | tuple) else [value] * n
+            if len(values) != n:
+                raise ValueError(f"{name}: {len(values)} values for {n} ControlNets")
+            return values
+
+        s = replace(
+            s,
+            controls=tuple(
+                Control(*fields)
+                for fields in zip(
+                    each(control_strength, "control_strength"),
+                    each(control_start, "control_start"),
+                    each(control_end, "control_end"),
+                    each(control_type, "control_type"),
+                    strict=True,
+                )
+            ),
+        )
+        return self.generate(s, init_image, callback, mask_image, control_images)[1]
 
     def generate(
         self,
@@ -644,6 +786,7 @@ class Pipeline:
         init_image: Image.Image | None = None,
         callback: Callback | None = None,
         mask_image: Image.Image | None = None,
+        control_images: list[Image.Image] = (),
     ) -> tuple[Tensor, list[Image.Image]]:
         """Encode, denoise, decode -> (latents, images); records each stage's seconds in
         `timings`. The prompt is encoded before the first step, so per-step times are the
@@ -657,6 +800,7 @@ class Pipeline:
             job = inpainting.prepare(init_image, mask_image, (s.width, s.height), s.inpaint, s.seed)
             init_image = job.image
         started = time.perf_counter()
+        controls = self.control_latents(s, list(control_images))
         conditioning = self.encode_prompt(s)
         encoded = time.perf_counter()
         first_step_done = []
@@ -669,12 +813,12 @@ class Pipeline:
                 if callback is not None:
                     callback(*args)
 
-            latents = self._denoise(s, init_image, step, conditioning, job and job.mask)
+            latents = self._denoise(s, init_image, step, conditioning, job and job.mask, controls)
             # a GPU's steps are queued: wait for them, so the time is theirs, not the queueing's
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         if self.low_memory:
-            self.release("mmdit")
+            self.release("mmdit", "controlnet")
         sampled = time.perf_counter()
         images = self.decode(latents)
         if job is not None:
