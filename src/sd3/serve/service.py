@@ -1,0 +1,225 @@
+"""What the HTTP layers share: the model, the limits, requests turned into checked jobs, the
+queue, the worker and the history. Both APIs (`native.py`, `a1111.py`) and the page go
+through `Service.new_job`, so every request meets the same defaults and checks."""
+
+import base64
+import binascii
+import io
+import secrets
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from PIL import Image
+
+from .. import metadata
+from ..cli import file_records
+from ..pipeline import Pipeline, Settings, check_settings, load_image
+from ..sampling import SkipLayerGuidance
+from .history import History
+from .jobs import Hub, Job, JobQueue, Worker, batch_key
+from .preview import PreviewMap
+
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # the decoders a client's image may reach
+MAX_RANDOM_SEED = 2**32  # random seeds are 32-bit, as A1111's
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; `sd3 serve --max-...` sets them."""
+
+    max_width: int = 2048
+    max_height: int = 2048
+    max_steps: int = 150
+    max_batch: int = 8  # images per request
+    max_queue: int = 32  # jobs waiting (the running batch not counted)
+    batch_limit: int = 8  # images per denoising batch made of several jobs (1: no batching)
+    max_body: int = 32 << 20  # bytes of a request body, checked before it is parsed
+    max_image_pixels: int = 4096 * 4096  # of an uploaded image, checked before it is decoded
+    max_prompt: int = 10_000  # characters of a prompt or negative prompt
+
+
+class RequestError(ValueError):
+    """A request the server refuses (HTTP 422): `field` names what is wrong, where known."""
+
+    def __init__(self, field: str | None, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+SETTING_NAMES = tuple(f.name for f in fields(Settings))
+
+
+class Service:
+    def __init__(
+        self,
+        pipe: Pipeline,
+        files: dict,
+        defaults: Settings,
+        outputs: Path,
+        limits: Limits | None = None,
+        previews: PreviewMap | None = None,
+        shutdown_grace: float = 30.0,
+    ):
+        self.pipe, self.defaults, self.outputs = pipe, defaults, outputs
+        self.limits = limits = limits or Limits()
+        self.shutdown_grace = shutdown_grace
+        self.records = file_records(files)
+        model = self.records["model"]
+        self.model_file = model["name"]
+        self.model_hash = model["sha256"]
+        self.model_title = f"{self.model_file} [{self.model_hash}]" if self.model_hash else self.model_file
+        self.history = History(outputs)
+        self.hub = Hub()
+        self.queue = JobQueue(limits.max_queue, limits.batch_limit, self.history, self.hub)
+        self.worker = Worker(self.queue, pipe, outputs, self.records, self.model_file, previews)
+
+    @property
+    def model_name(self) -> str:
+        return Path(self.model_file).stem if self.model_hash else self.model_file
+
+    def model_names(self) -> set[str]:
+        """The names a request may give for the served model."""
+        return {self.model_file, self.model_name, self.model_title}
+
+    def start(self) -> None:
+        self.worker.start()
+
+    def shutdown(self) -> None:
+        """Stop taking jobs; cancel the queued; let the running batch finish or stop it."""
+        self.queue.close(self.shutdown_grace)
+
+    def close(self, timeout: float | None = None) -> None:
+        self.shutdown()
+        self.worker.join(timeout)
+        self.history.close()
+
+    # --- requests -> jobs ---------------------------------------------------------------------
+
+    def settings(self, given: dict) -> Settings:
+        """The defaults with what a request gave (Settings' field names; a value of None keeps
+        the default, except `slg`: None turns skip-layer guidance off). A seed of None or -1 is
+        drawn at random."""
+        unknown = sorted(set(given) - set(SETTING_NAMES))
+        if unknown:
+            raise RequestError(unknown[0], f"unknown settings {unknown}")
+        chosen = {k: v for k, v in given.items() if v is not None or k == "slg"}
+        if isinstance(chosen.get("slg"), dict):
+            base = self.defaults.slg or SkipLayerGuidance()
+            slg = {**vars(base), **chosen["slg"]}
+            chosen["slg"] = SkipLayerGuidance(**{**slg, "layers": tuple(slg["layers"])})
+        if chosen.get("seed") in (None, -1):
+            chosen["seed"] = secrets.randbelow(MAX_RANDOM_SEED)
+        return replace(self.defaults, **chosen)
+
+    def check(self, s: Settings, init_image: Image.Image | None) -> None:
+        """The server's limits, then the model's (`check_settings`): one RequestError."""
+        lim = self.limits
+        for name, value, limit in (
+            ("width", s.width, lim.max_width),
+            ("height", s.height, lim.max_height),
+            ("steps", s.steps, lim.max_steps),
+            ("num_images", s.num_images, lim.max_batch),
+        ):
+            if value > limit:
+                raise RequestError(name, f"{name} {value} is above this server's limit ({limit})")
+        for name in ("prompt", "negative_prompt"):
+            if len(getattr(s, name)) > lim.max_prompt:
+                raise RequestError(name, f"{name} is longer than {lim.max_prompt} characters")
+        try:
+            check_settings(s, self.pipe.config, init_image is not None)
+        except ValueError as e:
+            raise RequestError(None, str(e)) from None
+
+    def new_job(
+        self, given: dict, init_image: Image.Image | None = None, source: str = "native"
+    ) -> Job:
+        """A checked job, not yet queued."""
+        s = self.settings(given)
+        self.check(s, init_image)
+        return Job(
+            settings=s,
+            init_image=init_image,
+            source=source,
+            batch_key=batch_key(self.pipe, s, init_image is not None),
+        )
+
+    def check_model(self, name: str | None, field: str) -> None:
+        if name is not None and name not in self.model_names():
+            raise RequestError(
+                field, f"{field} {name!r} is not served here; this server has {self.model_title!r}"
+            )
+
+    @staticmethod
+    def decode_base64(data: str, field: str) -> bytes:
+        """The bytes of a base64 string or a base64 data: URL, or one RequestError."""
+        if not isinstance(data, str) or not data:
+            raise RequestError(field, f"{field} must be a base64-encoded image")
+        if data.startswith("data:"):
+            header, _, data = data.partition(",")
+            if not header.endswith(";base64"):
+                raise RequestError(field, f"{field}: only base64 data: URLs are read")
+        try:
+            return base64.b64decode("".join(data.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(field, f"{field} is not valid base64") from None
+
+    def decode_image(self, data: str, field: str) -> Image.Image:
+        """An RGB image from base64 (or a data: URL), its size checked before decoding."""
+        raw = self.decode_base64(data, field)
+        try:
+            return load_image(
+                io.BytesIO(raw), field, self.limits.max_image_pixels, formats=IMAGE_FORMATS
+            )
+        except ValueError as e:
+            raise RequestError(field, str(e)) from None
+
+    # --- jobs -------------------------------------------------------------------------------
+
+    def job_view(self, job_id: str) -> dict | None:
+        """A job's public view, from memory while recent, else from the history."""
+        job = self.queue.get(job_id)
+        if job is not None:
+            return job.view(self.queue.position(job))
+        stored = self.history.job(job_id)
+        if stored is None:
+            return None
+        seed = stored["settings"]["seed"]
+        stored["images"] = [
+            {"name": name, "seed": seed + k, "url": f"/v1/images/{name}"}
+            for k, name in enumerate(stored["images"])
+        ]
+        done = stored["state"] == "done"
+        steps = stored["settings"]["steps"]
+        return {
+            **stored, "queue_position": None, "step": steps if done else 0, "steps": steps,
+            "progress": 1.0 if done else 0.0, "eta": None,
+        }  # fmt: skip
+
+    # --- reading settings back from a PNG ---------------------------------------------------
+
+    def png_info(self, data: str, field: str = "image") -> dict:
+        """What a PNG (base64) carries: {"parameters": A1111's text or None, "items": its other
+        text chunks, "sd3": `metadata.read_png`'s checked settings or None}. The size is checked
+        before anything past the header is read."""
+        raw = self.decode_base64(data, field)
+        try:
+            with Image.open(io.BytesIO(raw), formats=("PNG",)) as image:
+                width, height = image.size
+                if width * height > self.limits.max_image_pixels:
+                    raise RequestError(
+                        field, f"{field}: {width}x{height} pixels is more than this server reads"
+                    )
+                text = dict(image.text)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            if isinstance(e, RequestError):
+                raise
+            raise RequestError(field, f"{field}: not a PNG this server can read ({e})") from None
+        stored = None
+        if "sd3" in text:
+            try:
+                stored = metadata.read_png(io.BytesIO(raw), where=field)
+            except metadata.MetadataError as e:
+                raise RequestError(field, str(e)) from None
+        parameters = text.pop("parameters", None)
+        text.pop("sd3", None)
+        return {"parameters": parameters, "items": text, "sd3": stored}
