@@ -4,6 +4,7 @@
 const $ = (id) => document.getElementById(id);
 const KEY_STORE = "sd3-api-key";
 const PAGE = 24;
+const KEEP_CARDS = 8;
 
 const state = {
   info: null,
@@ -169,6 +170,7 @@ function follow(job) {
     }
   });
   $("jobs").prepend(card);
+  while ($("jobs").children.length > KEEP_CARDS) $("jobs").lastElementChild.remove();
   const show = (view) => {
     const where = view.queue_position ? ` (queue position ${view.queue_position})` : "";
     const steps = view.steps ? ` step ${view.step}/${view.steps}` : "";
@@ -307,7 +309,7 @@ async function start() {
   const select = $("sampler");
   select.innerHTML = "";
   for (const s of info.samplers) select.add(new Option(`${s.a1111} (${s.name})`, s.name));
-  fillForm({ ...info.defaults, seed: -1 });
+  fillForm({ ...info.defaults, seed: -1, denoise: info.defaults.denoise < 1 ? info.defaults.denoise : 0.6 });
   state.carried = {};
   showCarried();
   $("batch").max = info.limits.max_batch;
