@@ -365,6 +365,7 @@ def png_header_only(width: int, height: int) -> bytes:
         ({"prompt": PROMPT, "init_image": base64.b64encode(png_header_only(BOMB_SIDE, BOMB_SIDE)).decode()}, "init_image"),
         ({"prompt": PROMPT, "init_image": png_b64(Image.new("RGB", (8, 8)), format="GIF")}, "init_image"),
         ({"prompt": "x" * 10_001}, "prompt"),
+        ({"prompt": PROMPT, "t5_length": 100_000}, "t5_length"),
     ],
 )
 def test_bad_native_requests_get_one_422_naming_the_field(client, body, field):

@@ -309,7 +309,12 @@ class Worker(threading.Thread):
     def run(self) -> None:
         while (batch := self.queue.next_batch()) is not None:
             started = time.perf_counter()
-            self.run_batch(batch)
+            try:
+                self.run_batch(batch)
+            except Exception as e:  # a bug, not a job's fault: its jobs fail, the worker goes on
+                for job in batch:
+                    if job.state == RUNNING:
+                        self.queue.end(job, FAILED, f"unexpected {type(e).__name__}: {one_line(e)}")
             self.queue.batch_done(len(batch), time.perf_counter() - started)
 
     def run_batch(self, batch: list[Job]) -> None:

@@ -21,6 +21,7 @@ from .preview import PreviewMap
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # the decoders a client's image may reach
 MAX_RANDOM_SEED = 2**32  # random seeds are 32-bit, as A1111's
+MAX_T5_LENGTH = 512  # T5 tokens a request may fix (diffusers' largest max_sequence_length)
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,10 @@ class Service:
         ):
             if value > limit:
                 raise RequestError(name, f"{name} {value} is above this server's limit ({limit})")
+        if s.t5_length is not None and s.t5_length > MAX_T5_LENGTH:
+            raise RequestError(
+                "t5_length", f"t5_length {s.t5_length} is above this server's limit ({MAX_T5_LENGTH})"
+            )
         for name in ("prompt", "negative_prompt"):
             if len(getattr(s, name)) > lim.max_prompt:
                 raise RequestError(name, f"{name} is longer than {lim.max_prompt} characters")
