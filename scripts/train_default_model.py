@@ -9,10 +9,10 @@ Stages (each resumable by re-running the same command):
 2. CLIP-L, CLIP-G and T5 with the real tokenizers, small and frozen at their random initialisation
    (every caption still gets a distinct, deterministic embedding; `--train-text-encoders` trains
    them with the MMDiT instead, which `scripts/compare_recipes.py text-encoders` found to fit
-   better but bind colours worse on held-out prompts, 0.085 vs 0.129 at 1,500 steps). The model
-   reads 24 CLIP positions and 24 T5 tokens (the longest caption is 17 CLIP / 22 T5 tokens): a
-   48-token context instead of 77 + 32 makes a training step much faster (1.02 -> 0.60 s at 32
-   context tokens), since at this size the context stream costs more than the 64 image tokens.
+   better but bind colours worse on held-out prompts, docs/default-model.md). The model reads 24
+   CLIP positions and 24 T5 tokens (the longest caption is 17 CLIP / 22 T5 tokens): a 48-token
+   context instead of 77 + 32 makes a training step much faster, since at this size the context
+   stream costs more than the 64 image tokens.
    `--pretrain-text-encoders STEPS` first trains them on the captions alone to state each
    caption's structure (`sd3.shapes.text_pretraining`), then freezes them;
 3. an MMDiT-X (RMS qk-norm, attn2 in the first blocks) trained with the rectified-flow objective,
@@ -24,13 +24,13 @@ Stages (each resumable by re-running the same command):
    next to its mirror image, whose caption names the relation's objects the other way round
    (`sd3.shapes.scenes.mirror`), the two in one batch with the same noise and timestep
    (`TrainConfig.paired`); `--pair-contrast W` weights what tells a pair apart more
-   (`sd3.training.flow.flow_loss`). `--init FILE --reinit-mmdit` keeps FILE's VAE and text
+   (`sd3.shapes.objective`). `--init FILE --reinit-mmdit` keeps FILE's VAE and text
    encoders and starts a fresh MMDiT on them. The EMA weights are exported in the official
    single-file layout (fp16).
 
-Steps run under bf16 autocast where the CPU computes bf16 (AVX-512 BF16 or AMX: about 81 images/s
-on 2 cores, so the recipe fits in 2 hours) and in fp32 elsewhere (2 AVX2 cores: about 55 images/s,
-so about 2.7 hours with the latents).
+Steps run under bf16 autocast where the CPU computes bf16 (AVX-512 BF16 or AMX), which keeps the
+recipe within its two-hour budget on 2 cores, and in fp32 elsewhere, which takes longer
+(docs/default-model.md has the times).
 
 The result goes to `--export` (by default the package's `assets/default/sd3_shapes.safetensors`),
 with a preset in its metadata, and the stage times and loss curve to `--out/record.json`.
@@ -45,14 +45,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from tqdm import tqdm
+from safetensors.torch import load_file
 
 from sd3.checkpoints import load_component, open_file
 from sd3.kernels.hardware import cpu_has_bf16
-from sd3.models.clip import CLIPConfig, CLIPTextModel
-from sd3.models.mmdit import MMDiT, MMDiTConfig
-from sd3.models.t5 import T5Config, T5Encoder
-from sd3.models.vae import AutoEncoder, VAEConfig
+from sd3.models.mmdit import MMDiT
+from sd3.models.vae import AutoEncoder
 from sd3.presets import PRESET_METADATA, preset_for
 from sd3.shapes.autoencoder import fit_latent_format, train_autoencoder
 from sd3.shapes.scenes import ShapesDataset, heldout_prompts
@@ -60,10 +58,10 @@ from sd3.shapes.text_pretraining import pretrain_text_encoders, swap_cosine
 from sd3.text import TextEncoders
 from sd3.training.checkpoint import save_atomic
 from sd3.training.command import mix_argument
-from sd3.training.data import encode_latents
+from sd3.training.data import cached_latents, check_pairs
 from sd3.training.export import export_single_file
 from sd3.training.flow import SAMPLINGS
-from sd3.training.fresh import init_mmdit
+from sd3.training.fresh import FamilyConfig, family_config, fresh_text_encoders, init_mmdit
 from sd3.training.trainer import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,38 +86,64 @@ class Stage(NamedTuple):
     warmup: int
 
 
-def text_encoders(seed: int) -> dict[str, torch.nn.Module]:
-    torch.manual_seed(seed)
-    width = 64
-    models = {
-        "clip_l": CLIPTextModel(CLIPConfig(width=width, layers=2, heads=1, mlp_width=4 * width)),
-        "clip_g": CLIPTextModel(
-            CLIPConfig(
-                width=width,
-                layers=2,
-                heads=1,
-                mlp_width=4 * width,
-                hidden_act="gelu",
-                project_pooled=True,
-            )
-        ),
-        "t5xxl": T5Encoder(T5Config(d_model=width, layers=2, heads=1, d_ff=2 * width)),
-    }
-    for m in models.values():
-        m.eval().requires_grad_(False)
-    return models
+class Record(dict):
+    """`--out/record.json`: the command (a re-run with other arguments keeps the earlier ones too),
+    stage times and loss curves."""
 
+    def __init__(self, path: Path, command: list[str]):
+        super().__init__(json.loads(path.read_text()) if path.is_file() else {})
+        self.path = path
+        if self.get("command", command) != command:
+            self.setdefault("earlier_commands", []).append(self["command"])
+        self["command"] = command
 
-def mmdit(hidden: int, depth: int, context: int, pooled: int, seed: int) -> MMDiT:
-    torch.manual_seed(seed)
-    config = MMDiTConfig(
-        hidden_size=hidden, depth=depth, mlp_hidden=4 * hidden, pos_embed_max_size=16,
-        context_dim=context, pooled_dim=pooled, qk_norm=True, attn2_layers=tuple(range(depth // 2)),
-    )  # fmt: skip
-    return init_mmdit(MMDiT(config))
+    def save(self) -> None:
+        self.path.write_text(json.dumps(self, indent=1))
 
 
 def main() -> int:
+    args = parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    record = Record(args.out / "record.json", sys.argv)
+    family = model_family(args)
+    data = ShapesDataset(size=SIZE, length=args.scenes, seed=args.data_seed, mix=args.mix)
+    init = open_file(args.init) if args.init else None
+
+    # 1. the autoencoder
+    vae = autoencoder(args, family, data, init, record)
+    # 2. the text encoders (and the MMDiT), fresh or --init's; frozen at random init, or
+    # pre-trained on the captions' structure
+    encoders, model = fresh_networks(args, family)
+    text = TextEncoders(
+        encoders["clip_l"], encoders["clip_g"], encoders["t5xxl"],
+        context_width=model.config.context_dim, t5_length=T5_LENGTH, clip_length=CLIP_POSITIONS,
+    )  # fmt: skip
+    if init is not None:
+        kept = encoders if args.reinit_mmdit else {"mmdit": model, **encoders}
+        for name, m in kept.items():
+            m.load_state_dict(load_component(init[name]).state_dict())
+    if args.pretrain_text_encoders:
+        pretrained_text(args.out / "text_encoders.safetensors", text, encoders, args, record)
+        record.save()
+    # 3. the MMDiT, at 64x64 first if --base-steps, then at 128x128
+    stages = mmdit_stages(args)
+    for stage in stages:
+        if not train_stage(stage, args, model, encoders, text, vae, record):
+            return 130
+    record["mmdit_params"] = sum(p.numel() for p in model.parameters())
+    record.save()
+    # 4. export: EMA weights, fp16, official layout, with the preset (its size is that of the last
+    # stage, or the --init file's where no stage ran, e.g. to pre-train only the text encoders)
+    size = (
+        stages[-1].size
+        if stages
+        else preset_for(model.config, metadata=init["mmdit"].metadata).size
+    )
+    export(args.export, {"mmdit": model, "vae": vae, **encoders}, size)
+    return 0
+
+
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="working folder (checkpoints, logs)")
     p.add_argument("--export", type=Path, default=DEFAULT_EXPORT)
@@ -179,8 +203,13 @@ def main() -> int:
     args = p.parse_args()
     if args.pair_contrast and not args.mirror_pairs:
         p.error("--pair-contrast needs --mirror-pairs")
-    if args.mirror_pairs and args.scenes % 2:
-        p.error(f"--mirror-pairs needs an even --scenes, got {args.scenes}")
+    if args.mirror_pairs:
+        try:
+            check_pairs(
+                "--mirror-pairs needs", {"--scenes": args.scenes, "--batch-size": args.batch_size}
+            )
+        except ValueError as e:
+            p.error(str(e))
     if args.reinit_mmdit and not args.init:
         p.error("--reinit-mmdit needs --init (the file whose VAE and text encoders to keep)")
     if args.pretrain_text_encoders < 0:
@@ -188,23 +217,31 @@ def main() -> int:
     if not (args.steps or args.base_steps or (args.init and not args.reinit_mmdit)):
         p.error("--steps and --base-steps are both 0 and there is no --init (or --reinit-mmdit "
                 "discards its MMDiT): nothing would train or load the MMDiT")  # fmt: skip
-    data_seed = args.seed if args.data_seed is None else args.data_seed
-    args.out.mkdir(parents=True, exist_ok=True)
-    record_path = args.out / "record.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    if record.get("command", sys.argv) != sys.argv:  # re-run with other arguments: keep both
-        record.setdefault("earlier_commands", []).append(record["command"])
-    record["command"] = sys.argv
-    data = ShapesDataset(size=SIZE, length=args.scenes, seed=data_seed, mix=args.mix)
-    init = open_file(args.init) if args.init else None
+    if args.data_seed is None:
+        args.data_seed = args.seed
+    return args
 
-    # 1. the autoencoder
+
+def model_family(args: argparse.Namespace) -> FamilyConfig:
+    """64-wide CLIP-L, CLIP-G and T5; an MMDiT-X of --hidden and --depth (attn2 in its first half)
+    with a 16x16 positional table (128x128 images); a VAE of 32 channels, downsampling 8x."""
+    return family_config(
+        args.depth, args.hidden, pos=16, clip_l=64, clip_g=64, t5=64, vae_ch=32,
+        vae_mult=(1, 2, 2, 2), attn2_layers=tuple(range(args.depth // 2)),
+    )  # fmt: skip
+
+
+def autoencoder(
+    args: argparse.Namespace, family: FamilyConfig, data: ShapesDataset, init, record: Record
+) -> AutoEncoder:
+    """The VAE: the --init file's, or trained on the scenes (cached in --out/vae.safetensors),
+    frozen."""
     vae_file = args.out / "vae.safetensors"
-    vae = AutoEncoder(VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1))
+    vae = AutoEncoder(family.vae)
     if init is not None:
         vae.load_state_dict(load_component(init["vae"]).state_dict())
     elif vae_file.is_file():
-        vae.load_state_dict(_load(vae_file))
+        vae.load_state_dict(load_file(str(vae_file)))
     else:
         started = time.perf_counter()
         losses = train_autoencoder(
@@ -215,97 +252,26 @@ def main() -> int:
         save_atomic(vae_file, {k: v.contiguous() for k, v in vae.state_dict().items()})
         record["vae"] = {"seconds": round(time.perf_counter() - started), "steps": args.vae_steps,
                          "loss_first": losses[0], "loss_last_100": sum(losses[-100:]) / 100}  # fmt: skip
-        record_path.write_text(json.dumps(record, indent=1))
-    vae.eval().requires_grad_(False)
+        record.save()
+    return vae.eval().requires_grad_(False)
 
-    # 2. and 3. the MMDiT on frozen random text encoders at 64x64, then 4. fine-tuned at 128x128
-    encoders = text_encoders(args.seed + 1)
-    width = encoders["clip_l"].config.width + encoders["clip_g"].config.width
-    model = mmdit(args.hidden, args.depth, context=width, pooled=width, seed=args.seed + 2)
-    text = TextEncoders(
-        encoders["clip_l"],
-        encoders["clip_g"],
-        encoders["t5xxl"],
-        context_width=width,
-        t5_length=T5_LENGTH,
-        clip_length=CLIP_POSITIONS,
-    )
-    if init is not None:
-        kept = encoders if args.reinit_mmdit else {"mmdit": model, **encoders}
-        for name, m in kept.items():
-            m.load_state_dict(load_component(init[name]).state_dict())
-    if args.pretrain_text_encoders:
-        pretrained_text(args.out / "text_encoders.safetensors", text, encoders, args, record)
-        record_path.write_text(json.dumps(record, indent=1))
-    stages = [
-        Stage("base", SIZE, args.out, args.base_steps, args.lr, args.warmup),
-        Stage("hires", HIRES, args.out / "hires", args.steps, args.lr / 2, args.warmup // 2)
-        if args.base_steps
-        else Stage("hires", HIRES, args.out / "hires", args.steps, args.lr, args.warmup),
-    ]
-    stages = [stage for stage in stages if stage.steps > 0]  # --steps 0: 64x64 only
-    for name, size, out, steps, lr, warmup in stages:
-        out.mkdir(parents=True, exist_ok=True)
-        data = ShapesDataset(size, args.scenes, data_seed, args.mix, args.mirror_pairs)
-        latents, captions = scene_latents(
-            out / "latents.safetensors", data, vae, record, f"{name}_latents_seconds"
-        )
-        config = TrainConfig(
-            steps=steps, batch_size=args.batch_size, lr=lr, lr_schedule="cosine", warmup_steps=warmup,
-            timestep_sampling=args.timestep_sampling, logit_mean=args.logit_mean, ema_decay=0.999,
-            grad_clip=1.0, text_dropout=0.1,
-            bf16=cpu_has_bf16(), compile=True, checkpoint_every=250, seed=args.seed,
-            train_text_encoders=args.train_text_encoders, text_encoder_lr=args.text_encoder_lr,
-            paired=args.mirror_pairs, pair_contrast=args.pair_contrast,
-        )  # fmt: skip
-        trainer = Trainer(
-            config, model, text, latents, captions, out, metadata={"recipe": sys.argv}
-        )
-        if trainer.checkpoint_path.is_file():
-            trainer.resume()
-        started = time.perf_counter()
-        step = trainer.train()
-        record[f"{name}_mmdit_seconds"] = record.get(f"{name}_mmdit_seconds", 0) + round(
-            time.perf_counter() - started
-        )
-        if step < config.steps:
-            print(f"stopped at step {step}; re-run the same command to continue", file=sys.stderr)
-            record_path.write_text(json.dumps(record, indent=1))
-            return 130
-        record[f"{name}_loss_curve"] = loss_curve(out / "log.jsonl")
-        record_path.write_text(json.dumps(record, indent=1))
-        trained = [model, *encoders.values()]
-        with trainer.ema_weights():  # the next stage starts from this one's EMA weights
-            ema = [{k: v.clone() for k, v in m.state_dict().items()} for m in trained]
-        for m, weights in zip(trained, ema, strict=True):
-            m.load_state_dict(weights)
-    record["mmdit_params"] = sum(p.numel() for p in model.parameters())
-    record_path.write_text(json.dumps(record, indent=1))
 
-    # 5. export: EMA weights, fp16, official layout, with the preset (its size is that of the last
-    # stage, or the --init file's where no stage ran, e.g. to pre-train only the text encoders)
-    size = (
-        stages[-1].size
-        if stages
-        else preset_for(model.config, metadata=init["mmdit"].metadata).size
-    )
-    args.export.parent.mkdir(parents=True, exist_ok=True)
-    export_single_file(
-        args.export,
-        {"mmdit": model, "vae": vae, **encoders},
-        "fp16",
-        {PRESET_METADATA: json.dumps({**PRESET, "size": size})},
-    )
-    print(f"exported {args.export} ({args.export.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
-    return 0
+def fresh_networks(
+    args: argparse.Namespace, family: FamilyConfig
+) -> tuple[dict[str, torch.nn.Module], MMDiT]:
+    """The text encoders (seeded --seed + 1) and the MMDiT (--seed + 2), freshly initialised."""
+    torch.manual_seed(args.seed + 1)
+    encoders = fresh_text_encoders(family)
+    torch.manual_seed(args.seed + 2)
+    return encoders, init_mmdit(MMDiT(family.mmdit))
 
 
 def pretrained_text(
-    path: Path, text: TextEncoders, encoders: dict, args: argparse.Namespace, record: dict
+    path: Path, text: TextEncoders, encoders: dict, args: argparse.Namespace, record: Record
 ) -> None:
     """The text encoders after `--pretrain-text-encoders` steps, cached in `path`."""
     if path.is_file():
-        weights = _load(path)
+        weights = load_file(str(path))
         for name, m in encoders.items():
             m.load_state_dict({k.removeprefix(f"{name}."): v for k, v in weights.items()
                                if k.startswith(f"{name}.")})  # fmt: skip
@@ -326,15 +292,75 @@ def pretrained_text(
     }  # fmt: skip
 
 
-def scene_latents(path: Path, data: ShapesDataset, vae: AutoEncoder, record: dict, key: str):
-    """The VAE latents and captions of every scene, cached in `path`."""
-    if path.is_file():
-        return _load(path)["latents"], json.loads(_meta(path)["captions"])
+def mmdit_stages(args: argparse.Namespace) -> list[Stage]:
+    """--base-steps at 64x64 in --out, then --steps at 128x128 in --out/hires (at half the peak lr
+    and warm-up after a 64x64 stage); stages of 0 steps are left out."""
+    stages = [
+        Stage("base", SIZE, args.out, args.base_steps, args.lr, args.warmup),
+        Stage("hires", HIRES, args.out / "hires", args.steps, args.lr / 2, args.warmup // 2)
+        if args.base_steps
+        else Stage("hires", HIRES, args.out / "hires", args.steps, args.lr, args.warmup),
+    ]
+    return [stage for stage in stages if stage.steps > 0]  # --steps 0: 64x64 only
+
+
+def train_stage(
+    stage: Stage,
+    args: argparse.Namespace,
+    model: MMDiT,
+    encoders: dict[str, torch.nn.Module],
+    text: TextEncoders,
+    vae: AutoEncoder,
+    record: Record,
+) -> bool:
+    """Train (or resume) one stage on the latents of its scenes; on success the networks hold its
+    EMA weights (where the next stage starts). False if it stopped early (Ctrl-C)."""
+    name, size, out, steps, lr, warmup = stage
+    out.mkdir(parents=True, exist_ok=True)
+    data = ShapesDataset(size, args.scenes, args.data_seed, args.mix, args.mirror_pairs)
+    latents, captions = scene_latents(
+        out / "latents.safetensors", data, vae, record, f"{name}_latents_seconds"
+    )
+    config = TrainConfig(
+        steps=steps, batch_size=args.batch_size, lr=lr, lr_schedule="cosine", warmup_steps=warmup,
+        timestep_sampling=args.timestep_sampling, logit_mean=args.logit_mean, ema_decay=0.999,
+        grad_clip=1.0, text_dropout=0.1,
+        bf16=cpu_has_bf16(), compile=True, checkpoint_every=250, seed=args.seed,
+        train_text_encoders=args.train_text_encoders, text_encoder_lr=args.text_encoder_lr,
+        paired=args.mirror_pairs, pair_contrast=args.pair_contrast,
+    )  # fmt: skip
+    trainer = Trainer(config, model, text, latents, captions, out, metadata={"recipe": sys.argv})
+    if trainer.checkpoint_path.is_file():
+        trainer.resume()
     started = time.perf_counter()
-    with tqdm(total=len(data), desc=f"encoding {data.size}px scenes", unit="scene") as bar:
-        latents, captions = encode_latents(data, vae, batch_size=32, progress=bar.update)
-    save_atomic(path, {"latents": latents.contiguous()}, {"captions": json.dumps(captions)})
-    record[key] = round(time.perf_counter() - started)
+    step = trainer.train()
+    record[f"{name}_mmdit_seconds"] = record.get(f"{name}_mmdit_seconds", 0) + round(
+        time.perf_counter() - started
+    )
+    if step < config.steps:
+        print(f"stopped at step {step}; re-run the same command to continue", file=sys.stderr)
+        record.save()
+        return False
+    record[f"{name}_loss_curve"] = loss_curve(out / "log.jsonl")
+    record.save()
+    trained = [model, *encoders.values()]
+    with trainer.ema_weights():  # the next stage starts from this one's EMA weights
+        ema = [{k: v.clone() for k, v in m.state_dict().items()} for m in trained]
+    for m, weights in zip(trained, ema, strict=True):
+        m.load_state_dict(weights)
+    return True
+
+
+def scene_latents(
+    path: Path, data: ShapesDataset, vae: AutoEncoder, record: Record, key: str
+) -> tuple[torch.Tensor, list[str]]:
+    """The VAE latents and captions of every scene, cached in `path` (the seconds it took to encode
+    them in record[key])."""
+    started, cached = time.perf_counter(), path.is_file()
+    progress = {"desc": f"encoding {data.size}px scenes", "unit": "scene"}
+    latents, captions = cached_latents(path, data, vae, batch_size=32, progress=progress)
+    if not cached:
+        record[key] = round(time.perf_counter() - started)
     return latents, captions
 
 
@@ -346,16 +372,13 @@ def loss_curve(log_file: Path, points: int = 40) -> list[list[float]]:
     return [[w[0]["step"], round(sum(e["loss"] for e in w) / len(w), 4)] for w in windows]
 
 
-def _load(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
-def _meta(path: Path) -> dict:
-    from sd3.checkpoints import SafetensorsFile
-
-    return SafetensorsFile(path).metadata
+def export(path: Path, components: dict[str, torch.nn.Module], size: int) -> None:
+    """The model in the official single-file layout, fp16, its preset (at `size`) in the metadata."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    export_single_file(
+        path, components, "fp16", {PRESET_METADATA: json.dumps({**PRESET, "size": size})}
+    )
+    print(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
-"""Shared test utilities: official-layout key lists and error measures."""
+"""Shared test utilities: official-layout key lists, error measures, tiny models and files."""
 
+import struct
+import zlib
 from pathlib import Path
 
 import torch
@@ -191,3 +193,15 @@ def transformers_t5(c, state: dict[str, torch.Tensor]):
     )
     ref.encoder.embed_tokens.weight = ref.shared.weight  # re-tie after assign
     return ref.eval()
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG signature and IHDR claiming this size, with one tiny (not matching) IDAT."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 16)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")

@@ -5,15 +5,13 @@ half-written; checks that can run before the weights load do."""
 import errno
 import json
 import os
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import save_single_file, tiny_models
+from helpers import png_header, save_single_file, tiny_models
 from PIL import Image, PngImagePlugin
 
 from sd3 import outputs
@@ -226,18 +224,6 @@ def test_a_model_whose_embedded_preset_is_foreign_is_one_error(tmp_path, capsys)
     save_file(load_file(plain), bad, metadata={"sd3_preset": json.dumps(preset)})
     line = refused_before_loading(capsys, "generate", "x", "--model", bad)
     assert f"{bad}: its embedded preset (sd3_preset) has unknown fields ['turbo']" in line
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG signature and IHDR claiming this size, with one tiny (not matching) IDAT."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\0" * 16)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def test_init_images_too_large_broken_or_absent_are_refused_before_loading(

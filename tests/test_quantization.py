@@ -2,6 +2,8 @@
 dequantized weights (same numbers), and against transformers / diffusers on the original weights
 (the error int8 costs)."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -251,5 +253,6 @@ def test_pipeline_and_cli_int8(model_file, tmp_path, capsys):
     assert "(int8 weights)" in capsys.readouterr().err
     print(f"int8 pipeline: mean |pixel difference| {difference:.2f} / 255")
     assert np.array_equal(np.asarray(Image.open(out)), b.astype(np.uint8))
+    shutil.copy(model_file, tmp_path / model_file.name)  # found by name beside the PNG
     assert main(["generate", "--from-png", str(out), "--out", str(again)]) == 0  # int8 is stored
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))

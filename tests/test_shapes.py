@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from sd3.shapes.objective import pair_contrast_loss
 from sd3.shapes.scenes import (
     BACKGROUND,
     CATEGORIES,
@@ -31,6 +32,7 @@ from sd3.shapes.scenes import (
     reserved_combinations,
     sample_scene,
 )
+from sd3.training.flow import flow_loss
 
 N_TRAIN = 5000
 _WORDS = {"a": 1, "an": 1, "two": 2, "three": 3, "four": 4}
@@ -225,6 +227,24 @@ def test_mirror_pairs_swap_the_relation_in_image_and_caption(train_scenes):
         assert pairs.scene(2 * k + 1) == mirror(sample_scene(3, k))
     with pytest.raises(ValueError, match="even length, got 5"):
         ShapesDataset(64, 5, seed=3, mirror_pairs=True)
+
+
+def test_pair_contrast_by_hand():
+    """Two pairs, the model predicting 0, x0 = 0: the errors are -noise. Pair 1 (1, 1) / (1, 1):
+    |e1 - e2|^2 = 0. Pair 2 (1, 1) / (-1, -1): |e1 - e2|^2 = 8. Plain loss: mean e^2 = 1; the
+    contrast term's mean of (e1 - e2)^2 / 2 over the 4 elements of the pairs' differences is
+    (0 + 0 + 4 + 4) / 4 / 2 = 1, so at weight 0.5 the loss is 1.5."""
+    noise = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [-1.0, -1.0]]).reshape(4, 1, 1, 2)
+    x0 = torch.zeros_like(noise)
+    sigma = torch.full((4,), 0.5)
+    context, pooled = torch.zeros(4, 3, 4), torch.zeros(4, 5)
+    zero = lambda x, *_: torch.zeros_like(x)  # noqa: E731
+    assert flow_loss(zero, x0, noise, sigma, context, pooled).item() == 1.0
+    assert pair_contrast_loss(zero, x0, noise, sigma, context, pooled, weight=0.5).item() == 1.5
+    # rows pair as (0, 1), (2, 3): the same rows with both pairs contrasting double the term
+    assert (
+        pair_contrast_loss(zero, x0, noise[[0, 3, 3, 1]], sigma, context, pooled, 0.5).item() == 2.0
+    )
 
 
 def test_training_covers_every_colour_shape_count_and_relation(train_scenes):

@@ -204,11 +204,13 @@ def test_ctrl_c_saves_and_stops(model_file, data_dir, tmp_path):
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, output
-    assert "interrupted: saved step" in output
+    # issue #31: an interrupted run is told apart from a finished one (status 130, no export)
+    assert proc.returncode == 130, output
+    assert f"resume with: sd3 train --out {out} --resume" in output
     _, state = load_checkpoint(out / "checkpoint.safetensors")
     assert 1 <= state["step"] < 100000
-    assert (out / "model.safetensors").is_file()
+    assert f"interrupted at step {state['step']} of 100000" in output
+    assert not (out / "model.safetensors").exists()
     # as after a kill -9 mid-write: a torn last log line is dropped on resume
     with open(out / "log.jsonl", "a") as log:
         log.write('{"step": 99999, "lo')
@@ -234,21 +236,28 @@ def test_mirror_pairs_on_shapes(tmp_path):
     assert len(losses(out)) == 1
 
 
-def test_fresh_model_on_shapes(tmp_path):
+def test_fresh_model_on_shapes(tmp_path, capsys):
     """--init-config saves the fresh family once (base.safetensors) and resumes from it;
     --t5-length fixes the context length (77 CLIP + 8 T5 tokens)."""
     pytest.importorskip("sd3.shapes.scenes")
     out = tmp_path / "fresh"
     argv = ["--init-config", "tiny", "--shapes", "8", "--resolution", "32", "--out", str(out)]
     argv += ["--batch-size", "4", "--steps", "1", "--t5-length", "8", "--quiet"]
-    with pytest.warns(UserWarning, match=r"T5 keeps 7 tokens: \d+ of 8 distinct captions are cut"):
-        assert main(argv) == 0
+    # warnings are one line each, as under `sd3 train` (issue #31)
+    assert main(argv) == 0
+    warning = r"sd3 train: warning: T5 keeps 7 tokens: \d+ of 8 distinct captions are cut"
+    assert re.search(warning, capsys.readouterr().err)
     base = (out / "base.safetensors").read_bytes()
-    with pytest.warns(UserWarning, match="T5 keeps 7 tokens"):  # the resumed run keeps t5_length
-        assert main(["--out", str(out), "--resume", "--steps", "2", "--quiet"]) == 0
+    first_export = (out / "model.safetensors").read_bytes()
+    assert main(["--out", str(out), "--resume", "--steps", "2", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "T5 keeps 7 tokens" in err  # the resumed run keeps t5_length
     assert (out / "base.safetensors").read_bytes() == base
     assert len(losses(out)) == 2
-    found = find_components(out / "model.safetensors")
+    # the step-1 export stays; the step-2 one takes the next free name (issue #31)
+    assert (out / "model.safetensors").read_bytes() == first_export
+    assert f"saved {out / 'model_1.safetensors'}" in err
+    found = find_components(out / "model_1.safetensors")
     from sd3.text import TextEncoders
 
     text = TextEncoders(
@@ -257,5 +266,5 @@ def test_fresh_model_on_shapes(tmp_path):
     )  # fmt: skip
     context, _ = text.encode(["a red circle"])
     assert context.shape[1] == 77 + 8
-    meta = json.loads(SafetensorsFile(out / "model.safetensors").metadata["sd3_training"])
+    meta = json.loads(SafetensorsFile(out / "model_1.safetensors").metadata["sd3_training"])
     assert meta["step"] == 2 and meta["args"]["t5_length"] == 8

@@ -161,22 +161,6 @@ def test_flow_loss_by_hand():
     assert torch.allclose(loss, expected / x0.numel(), rtol=1e-6)
 
 
-def test_pair_contrast_by_hand():
-    """Two pairs, the model predicting 0, x0 = 0: the errors are -noise. Pair 1 (1, 1) / (1, 1):
-    |e1 - e2|^2 = 0. Pair 2 (1, 1) / (-1, -1): |e1 - e2|^2 = 8. Plain loss: mean e^2 = 1; the
-    contrast term's mean of (e1 - e2)^2 / 2 over the 4 elements of the pairs' differences is
-    (0 + 0 + 4 + 4) / 4 / 2 = 1, so at weight 0.5 the loss is 1.5."""
-    noise = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [-1.0, -1.0]]).reshape(4, 1, 1, 2)
-    x0 = torch.zeros_like(noise)
-    sigma = torch.full((4,), 0.5)
-    context, pooled = torch.zeros(4, 3, 4), torch.zeros(4, 5)
-    zero = lambda x, *_: torch.zeros_like(x)  # noqa: E731
-    assert flow_loss(zero, x0, noise, sigma, context, pooled).item() == 1.0
-    assert flow_loss(zero, x0, noise, sigma, context, pooled, pair_contrast=0.5).item() == 1.5
-    # rows pair as (0, 1), (2, 3): the same rows with both pairs contrasting double the term
-    assert flow_loss(zero, x0, noise[[0, 3, 3, 1]], sigma, context, pooled, 0.5).item() == 2.0
-
-
 def test_validation_loss_by_hand():
     """A model predicting x itself: at sigma, x_t - (noise - x0) = (2 - sigma) x0 - (1 - sigma) noise,
     so the loss at each level is a closed form of the fixed noise draw; batching changes nothing."""

@@ -5,7 +5,10 @@ Layouts read:
   optionally bundled, `text_encoders.{clip_l,clip_g,t5xxl}.transformer.*`;
 - standalone files without prefix: clip_l / clip_g / t5xxl (transformers naming), a VAE or an MMDiT;
 - diffusers folders (`transformer/`, `vae/`, `text_encoder{,_2,_3}/`, sharded `*.index.json` too),
-  whose MMDiT and VAE names are mapped to Stability's here.
+  whose MMDiT and VAE names are mapped to Stability's here;
+- ControlNets (`open_controlnet`): Stability's SD3.5 files (no prefix, diffusers names for the
+  embedders, Stability's for the blocks, an int `control_type`) and diffusers' files and folders
+  (SD3.5 and InstantX), mapped to Stability's names with the MMDiT's map.
 
 Files are parsed from their safetensors header and memory-mapped; a tensor is converted to the compute
 dtype once, and one already in that dtype is used in place. Pickle files are refused, never unpickled.
@@ -26,6 +29,7 @@ from torch import Tensor, nn
 
 from .kernels.quantization import SCALE, pack_for_int8_gemm, quantize_weight, use_int8
 from .models.clip import CLIPConfig, CLIPTextModel
+from .models.controlnet import CONTROL_TYPES, ControlNet, ControlNetConfig
 from .models.mmdit import MMDiT, MMDiTConfig
 from .models.t5 import T5Config, T5Encoder
 from .models.vae import AutoEncoder, VAEConfig
@@ -233,6 +237,7 @@ class Component:
     files: list[Path]
     tensors: dict[str, LazyTensor] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)  # the safetensors header's __metadata__
+    control_type: str | None = None  # a ControlNet's, as its file records it (blur, canny, depth)
 
     def release(self) -> None:
         """Drop every file page of this component from the process's memory (after its module
@@ -265,6 +270,8 @@ class Component:
 def kind_of_standalone(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
     """Which network an unprefixed file holds, from its key names."""
     keys = shapes.keys()
+    if any(k.startswith("controlnet_blocks.") for k in keys):
+        return "controlnet"
     if any(k.startswith("joint_blocks.") for k in keys):
         return "mmdit"
     if any(k.startswith("transformer_blocks.") for k in keys):
@@ -307,6 +314,10 @@ def open_file(path: str | Path, role: str | None = None) -> dict[str, Component]
     else:
         tensors = {k: from_file(file, k) for k in rest}
         kind = kind_of_standalone({k: t.shape for k, t in tensors.items()})
+        if kind == "controlnet":
+            raise CheckpointError(
+                f"{file.path}: this is a ControlNet: give it with --controlnet (Python: controlnets=)"
+            )
         if kind == "diffusers_mmdit":
             kind, tensors = "mmdit", mmdit_from_diffusers(tensors)
         elif kind == "diffusers_vae":
@@ -430,13 +441,16 @@ MMDIT_TOP_NAMES = {
 }
 
 
-def mmdit_diffusers_names(name: str, depth: int) -> tuple[tuple[str, ...], bool]:
+def mmdit_diffusers_names(
+    name: str, depth: int, last_context_pre_only: bool = True
+) -> tuple[tuple[str, ...], bool]:
     """Our MMDiT module's diffusers name(s), and whether its output halves are swapped there:
     diffusers orders the final adaLN modulations (scale, shift), Stability (shift, scale); that
-    holds for the final layer and for the last block's (pre-only) context block."""
-    swapped = name in (
-        "final_layer.adaLN_modulation.1",
-        f"joint_blocks.{depth - 1}.context_block.adaLN_modulation.1",
+    holds for the final layer and for the last block's (pre-only) context block (an InstantX
+    ControlNet's last block is not pre-only: `last_context_pre_only=False`)."""
+    swapped = name == "final_layer.adaLN_modulation.1" or (
+        last_context_pre_only
+        and name == f"joint_blocks.{depth - 1}.context_block.adaLN_modulation.1"
     )
     if name in MMDIT_TOP_NAMES:
         return (MMDIT_TOP_NAMES[name],), swapped
@@ -451,7 +465,9 @@ def swap_halves(t: Tensor) -> Tensor:
     return torch.cat(t.chunk(2)[::-1])
 
 
-def mmdit_from_diffusers(d: dict[str, LazyTensor]) -> dict[str, LazyTensor]:
+def mmdit_from_diffusers(
+    d: dict[str, LazyTensor], last_context_pre_only: bool = True
+) -> dict[str, LazyTensor]:
     blocks = sorted({int(k.split(".")[1]) for k in d if k.startswith("transformer_blocks.")})
     depth = blocks[-1] + 1 if blocks else 0
     ours = [
@@ -460,7 +476,7 @@ def mmdit_from_diffusers(d: dict[str, LazyTensor]) -> dict[str, LazyTensor]:
     ]
     renames, fused = {}, {}  # diffusers stem -> (our stem, swapped); our stem -> their stems
     for name in ours:
-        theirs, swapped = mmdit_diffusers_names(name, depth)
+        theirs, swapped = mmdit_diffusers_names(name, depth, last_context_pre_only)
         if len(theirs) == 1:
             renames[theirs[0]] = (name, swapped)
         else:
@@ -484,6 +500,65 @@ def mmdit_from_diffusers(d: dict[str, LazyTensor]) -> dict[str, LazyTensor]:
             if all(key in d for key in keys):
                 out[f"{name}.{param}"] = concat([d[key] for key in keys])
     return out
+
+
+def controlnet_tensors(d: dict[str, LazyTensor]) -> dict[str, LazyTensor]:
+    """A ControlNet's tensors (Stability's mixed naming or diffusers') in our naming: the MMDiT's
+    map for the embedders and the joint blocks (InstantX); the SD3.5 kind's self-attention-only
+    blocks are the MMDiT's `x_block` halves, named `transformer_blocks.N.*` as in Stability's files."""
+    joint = any(".norm1_context." in k or ".attn.add_q_proj." in k for k in d)
+    out = mmdit_from_diffusers(d, last_context_pre_only=False)
+    if joint:
+        return out
+    return {
+        re.sub(r"^joint_blocks\.(\d+)\.x_block\.", r"transformer_blocks.\1.", k): t
+        for k, t in out.items()
+    }
+
+
+def open_controlnet(path: str | Path) -> Component:
+    """A ControlNet from a safetensors file or a diffusers folder, every key and shape checked
+    (the weights are not read). Tensors the model does not use (e.g. an unused `pos_embed.proj`)
+    are dropped with a warning that names them; `control_type` is read into the component."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    files = sharded_files(path) if path.is_dir() else [path]
+    raw: dict[str, LazyTensor] = {}
+    metadata: dict[str, str] = {}
+    for f in files:
+        st = SafetensorsFile(f)
+        metadata.update(st.metadata)
+        raw.update((k, from_file(st, k)) for k in st.tensors)
+    if kind_of_standalone({k: t.shape for k, t in raw.items()}) != "controlnet":
+        raise CheckpointError(
+            f"{path}: not an SD3 ControlNet (no controlnet_blocks.* tensors; first keys: {list(raw)[:3]})"
+        )
+    control_type = None
+    if "control_type" in raw:
+        t = raw.pop("control_type")
+        value = t.read().flatten()
+        code = int(value[0]) if value.numel() == 1 else -1
+        if code not in CONTROL_TYPES:
+            raise CheckpointError(
+                f"{t.origin}: unknown control type {value.tolist()} (known: "
+                f"{', '.join(f'{k} {v}' for k, v in CONTROL_TYPES.items())})"
+            )
+        control_type = CONTROL_TYPES[code]
+    comp = Component("controlnet", files, controlnet_tensors(raw), metadata, control_type)
+    config = infer_config(comp)
+    with torch.device("meta"):
+        expected = ControlNet(config).state_dict().keys()
+    unused = sorted(k for k in comp.tensors if k not in expected)
+    if unused:
+        warnings.warn(
+            f"{path}: ignoring {len(unused)} tensors the {config.kind} ControlNet does not use: {unused[:5]}",
+            stacklevel=2,
+        )
+        for k in unused:
+            del comp.tensors[k]
+    check_component(comp)
+    return comp
 
 
 def vae_from_diffusers(d: dict[str, LazyTensor]) -> dict[str, LazyTensor]:
@@ -538,6 +613,8 @@ def _config(component: Component):
         shapes = component.shapes
     if component.name == "mmdit":
         return MMDiTConfig.from_shapes(shapes)
+    if component.name == "controlnet":
+        return ControlNetConfig.from_shapes(shapes)
     if component.name == "vae":
         return VAEConfig.from_shapes(shapes)
     if component.name == "clip_l":
@@ -553,6 +630,7 @@ MODULES: dict[str, type[nn.Module]] = {
     "clip_l": CLIPTextModel,
     "clip_g": CLIPTextModel,
     "t5xxl": T5Encoder,
+    "controlnet": ControlNet,
 }
 
 
@@ -601,11 +679,13 @@ def load_component(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     int8: bool = False,
+    edits: Mapping[str, Callable[[Tensor], Tensor]] | None = None,
 ) -> nn.Module:
     """Build the module for `component` from its tensors, checking every key and shape first.
     `int8`: the MMDiT's or T5's block linears are quantized as they load (`kernels.quantization`),
     one tensor at a time, so their full-precision weights are never all in memory; an fp32 MMDiT
-    on a CPU then multiplies in int8."""
+    on a CPU then multiplies in int8. `edits`: {key: tensor as stored -> tensor to use}, applied
+    as each tensor is read, before it is converted or quantized (merged LoRAs, `sd3.loras`)."""
     module = check_component(component)
     quantized = set(use_int8(module, component.name)) if int8 else set()
     expected = module.state_dict()
@@ -616,6 +696,8 @@ def load_component(
         if layer in quantized and leaf == SCALE:
             continue  # made with its weight
         source = got[k].read()
+        if edits and k in edits:
+            source = edits[k](source)
         if layer in quantized and leaf == "weight":
             state[k], state[f"{layer}.{SCALE}"] = quantize_weight(source.to(device))
         else:

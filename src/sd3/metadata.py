@@ -6,6 +6,10 @@ short sha256 (its first 10 hex digits, as A1111's model hashes), never by path, 
 carries no folder names from the machine that made it. `--from-png` finds each file by name next
 to the PNG, in the current folder or as the bundled model, checks its hash, and takes any file
 given again on the command line instead.
+
+LoRAs are recorded with their strength too ({"name", "sha256", "scale"} in the JSON's
+`files.loras`), and in A1111's way in `parameters`: `<lora:NAME:SCALE>` after the prompt and a
+`Lora hashes: "NAME: HASH, ..."` field (NAME the file name without its extension).
 """
 
 import hashlib
@@ -18,10 +22,13 @@ from typing import BinaryIO
 
 from PIL import Image, PngImagePlugin
 
+from .control import Control
+from .inpainting import Inpaint
 from .pipeline import Settings
+from .preprocess import Preprocess
 from .sampling import SkipLayerGuidance
 
-FILE_KEYS = ("model", "clip_l", "clip_g", "t5xxl", "vae", "init_image")
+FILE_KEYS = ("model", "clip_l", "clip_g", "t5xxl", "vae", "init_image", "mask")
 OPTION_OF = {
     "model": "--model",
     "clip_l": "--clip-l",
@@ -29,9 +36,13 @@ OPTION_OF = {
     "t5xxl": "--t5xxl",
     "vae": "--vae",
     "init_image": "--init-image",
+    "mask": "--mask",
 }
+FILE_LIST_KEYS = ("controlnet", "control_image")  # one record per ControlNet, in order
+OPTION_OF |= {"controlnet": "--controlnet", "control_image": "--control-image"}
 HASH_DIGITS = 10
 MAX_METADATA = 1 << 20  # bytes of JSON: far above what sd3 writes
+MAX_LORAS = 64
 
 
 class MetadataError(ValueError):
@@ -78,27 +89,43 @@ def file_record(path: str | Path) -> dict:
     return {"name": Path(path).name, "sha256": short_hash(path)}
 
 
-def locate(key: str, record: dict, png: Path, bundled: Path) -> Path:
-    """The file a PNG's record names: next to the PNG, in the current folder, or the bundled
-    model, whichever has its name and hash; else one MetadataError saying what to pass."""
+def lora_record(path: str | Path, scale: float) -> dict:
+    """What an image records of a LoRA: file name, short hash and strength."""
+    return {**file_record(path), "scale": scale}
+
+
+def find(record: dict, png: Path, bundled: Path | None = None) -> Path | None:
+    """The file a PNG's record names, next to the PNG, in the current folder, or the bundled
+    model, whichever has its name and hash; None if none has."""
     name, digest = record["name"], record["sha256"]
     candidates = [png.parent / name, Path.cwd() / name]
-    if name == bundled.name:
+    if bundled is not None and name == bundled.name:
         candidates.append(bundled)
     for candidate in candidates:
         if candidate.exists() and (digest is None or short_hash(candidate) == digest):
             return candidate
-    hashed = f" (sha256 {digest}...)" if digest else ""
+    return None
+
+
+def describe_record(record: dict) -> str:
+    return repr(record["name"]) + (f" (sha256 {record['sha256']}...)" if record["sha256"] else "")
+
+
+def locate(key: str, record: dict, png: Path, bundled: Path) -> Path:
+    """`find`, or one MetadataError saying what to pass."""
+    found = find(record, png, bundled)
+    if found is not None:
+        return found
     raise MetadataError(
-        f"--from-png {png}: the {key} file {name!r}{hashed} is not next to the PNG or in the "
-        f"current folder; give it again with {OPTION_OF[key]}"
+        f"--from-png {png}: the {key} file {describe_record(record)} is not next to the PNG or "
+        f"in the current folder; give it again with {OPTION_OF[key]}"
     )
 
 
 # --- writing -----------------------------------------------------------------------------------
 
 
-def a1111_parameters(s: Settings, model: dict) -> str:
+def a1111_parameters(s: Settings, model: dict, loras: list[dict] = ()) -> str:
     """The `parameters` text that A1111, ComfyUI and Civitai read."""
     fields = [
         f"Steps: {s.steps}",
@@ -119,13 +146,25 @@ def a1111_parameters(s: Settings, model: dict) -> str:
         fields.append(f"SLG: scale {s.slg.scale}, layers {layers}, {s.slg.start}-{s.slg.end}")
     if not s.use_t5:
         fields.append("T5: off")
-    return f"{s.prompt}\nNegative prompt: {s.negative_prompt}\n" + ", ".join(fields)
+    prompt = s.prompt
+    if loras:
+        names = [Path(lo["name"]).stem for lo in loras]
+        prompt += "".join(
+            f" <lora:{n}:{lo['scale']:g}>" for n, lo in zip(names, loras, strict=True)
+        )
+        hashes = [
+            f"{n}: {lo['sha256']}" for n, lo in zip(names, loras, strict=True) if lo["sha256"]
+        ]
+        if hashes:
+            fields.append(f'Lora hashes: "{", ".join(hashes)}"')
+    return f"{prompt}\nNegative prompt: {s.negative_prompt}\n" + ", ".join(fields)
 
 
 def png_info(s: Settings, files: dict) -> PngImagePlugin.PngInfo:
-    """Both text chunks for one image; `files` maps FILE_KEYS to records, plus dtype and int8."""
+    """Both text chunks for one image; `files` maps FILE_KEYS to records, plus dtype, int8 and
+    the LoRAs."""
     info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", a1111_parameters(s, files["model"]))
+    info.add_text("parameters", a1111_parameters(s, files["model"], files.get("loras", [])))
     info.add_text("sd3", json.dumps({"settings": s.to_dict(), "files": files}))
     return info
 
@@ -231,6 +270,31 @@ SETTING_TYPES = {
     "slg": (dict, type(None)),
     "t5_length": (int, type(None)),
     "use_t5": (bool,),
+    "inpaint": (dict, type(None)),
+    "controls": (list,),
+}
+# added after the first release: absent in older PNGs
+OPTIONAL_SETTINGS = {"inpaint": None, "controls": []}
+CONTROL_TYPES_ = {
+    "strength": NUMBER,
+    "start": NUMBER,
+    "end": NUMBER,
+    "control_type": (str, type(None)),
+    "preprocess": (dict,),
+}
+PREPROCESS_TYPES = {
+    "kind": (str,),
+    "canny_low": (int,),
+    "canny_high": (int,),
+    "blur_sigma": NUMBER,
+}
+INPAINT_TYPES = {
+    "mask_blur": NUMBER,
+    "mask_grow": (int,),
+    "paste_back": (bool,),
+    "crop": (int, type(None)),
+    "outpaint": (list, type(None)),
+    "outpaint_fill": (str,),
 }
 SLG_TYPES = {"scale": NUMBER, "layers": (list,), "start": NUMBER, "end": NUMBER}
 
@@ -280,21 +344,38 @@ def _check_fields(d, types: dict, what: str) -> None:
 
 
 def _settings(d, where: str) -> Settings:
+    if isinstance(d, dict):
+        d = {**OPTIONAL_SETTINGS, **d}
     _check_fields(d, SETTING_TYPES, f"{where}: settings")
     d = dict(d)
+    if d["inpaint"] is not None:
+        _check_fields(d["inpaint"], INPAINT_TYPES, f"{where}: settings.inpaint")
+        pads = d["inpaint"]["outpaint"]
+        if pads is not None and not (
+            len(pads) == 4 and all(isinstance(p, int) and not isinstance(p, bool) for p in pads)
+        ):
+            raise MetadataError(f"{where}: settings.inpaint.outpaint must be 4 whole numbers")
+        d["inpaint"] = Inpaint(**{**d["inpaint"], "outpaint": tuple(pads) if pads else None})
     if d["slg"] is not None:
         _check_fields(d["slg"], SLG_TYPES, f"{where}: settings.slg")
         layers = d["slg"]["layers"]
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
             raise MetadataError(f"{where}: settings.slg.layers must be whole numbers, got {layers}")
         d["slg"] = SkipLayerGuidance(**{**d["slg"], "layers": tuple(layers)})
+    controls = []
+    for i, c in enumerate(d["controls"]):
+        what = f"{where}: settings.controls[{i}]"
+        _check_fields(c, CONTROL_TYPES_, what)
+        _check_fields(c["preprocess"], PREPROCESS_TYPES, f"{what}.preprocess")
+        controls.append(Control(**{**c, "preprocess": Preprocess(**c["preprocess"])}))
+    d["controls"] = tuple(controls)
     return Settings(**d)
 
 
 def _files(d, where: str) -> dict:
     if not isinstance(d, dict):
         raise MetadataError(f"{where}: files must be a JSON object")
-    unknown = sorted(set(d) - {*FILE_KEYS, "dtype", "int8"})
+    unknown = sorted(set(d) - {*FILE_KEYS, *FILE_LIST_KEYS, "dtype", "int8", "loras"})
     if unknown:
         raise MetadataError(f"{where}: files has unknown fields {unknown}")
     if "model" not in d:
@@ -307,20 +388,52 @@ def _files(d, where: str) -> dict:
         elif key == "int8":
             if not isinstance(value, bool | None):
                 raise MetadataError(f"{where}: files.int8 must be true, false or null")
+        elif key == "loras":
+            value = _loras(value, where)
+        elif key in FILE_LIST_KEYS:
+            if not isinstance(value, list):
+                raise MetadataError(f"{where}: files.{key} must be a list of file records")
+            value = [_record(v, f"{key}[{i}]", where) for i, v in enumerate(value)]
         elif value is not None:
             if isinstance(value, str):  # written by sd3 before files were recorded by name
                 value = {"name": Path(value).name, "sha256": None}
-            if not (
-                isinstance(value, dict)
-                and set(value) == {"name", "sha256"}
-                and isinstance(value["name"], str)
-                and value["name"] not in ("", ".", "..")
-                and Path(value["name"]).name == value["name"]
-                and isinstance(value["sha256"], str | None)
-            ):
-                raise MetadataError(
-                    f'{where}: files.{key} must be {{"name": FILE_NAME, "sha256": HASH}}, '
-                    f"got {value!r}"
-                )
+            value = _record(value, key, where)
         out[key] = value
     return out
+
+
+def _is_record(value, fields: set[str]) -> bool:
+    return (
+        isinstance(value, dict)
+        and set(value) == fields
+        and isinstance(value["name"], str)
+        and value["name"] not in ("", ".", "..")
+        and Path(value["name"]).name == value["name"]
+        and isinstance(value["sha256"], str | None)
+    )
+
+
+def _record(value, key: str, where: str) -> dict:
+    if not _is_record(value, {"name", "sha256"}):
+        raise MetadataError(
+            f'{where}: files.{key} must be {{"name": FILE_NAME, "sha256": HASH}}, got {value!r}'
+        )
+    return value
+
+
+def _loras(value, where: str) -> list[dict]:
+    if not isinstance(value, list) or len(value) > MAX_LORAS:
+        raise MetadataError(f"{where}: files.loras must be a list of at most {MAX_LORAS} LoRAs")
+    for record in value:
+        scale = record.get("scale") if isinstance(record, dict) else None
+        if not (
+            _is_record(record, {"name", "sha256", "scale"})
+            and isinstance(scale, int | float)
+            and not isinstance(scale, bool)
+            and math.isfinite(scale)
+        ):
+            raise MetadataError(
+                f'{where}: each of files.loras must be {{"name": FILE_NAME, "sha256": HASH, '
+                f'"scale": NUMBER}}, got {record!r}'
+            )
+    return value

@@ -10,7 +10,9 @@ sees a partial file and two writers never share one name. Where a name is taken 
 
 import errno
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 _UMASK = os.umask(0)
@@ -56,19 +58,36 @@ def next_free(path: Path, taken: set[Path] = frozenset()) -> Path:
     return candidate
 
 
-def write_new(path: str | Path, data: bytes, option: str, move_if_taken: bool = True) -> Path:
+def write_new(
+    path: str | Path,
+    data: bytes | Callable[[Path], None],
+    option: str,
+    move_if_taken: bool = True,
+) -> Path:
     """Write `data` as the new file `path` and return where it went: `path`, or with
     `move_if_taken` the next free name when another writer took `path` first (else one
-    OutputError). No partial file is ever visible under either name."""
+    OutputError). No partial file is ever visible under either name. `data` is the bytes, or a
+    function that writes the file at the path it is given (for files too large to hold twice in
+    memory): that path is in a hidden folder of its own beside `path`, so whatever temporary files
+    the function makes stay in there too."""
     path = Path(path)
     folder = path.parent
+    writer = data if callable(data) else None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        if writer is None:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        else:
+            scratch = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+            tmp = os.path.join(scratch, path.name)
     except OSError as e:
         raise OutputError(f"{option} {path}: cannot write in {folder} ({describe(e)})") from None
     try:
         try:
-            _write_all(fd, data)
+            if writer is None:
+                _write_all(fd, data)
+            else:
+                writer(Path(tmp))
+                _sync(tmp)
         except OSError as e:
             raise OutputError(f"{option} {path}: cannot write it ({describe(e)})") from None
         target = path
@@ -86,8 +105,21 @@ def write_new(path: str | Path, data: bytes, option: str, move_if_taken: bool = 
             except OSError as e:
                 raise OutputError(f"{option} {target}: cannot write it ({describe(e)})") from None
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if writer is None:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _sync(path: str) -> None:
+    """Give a file another function wrote the mode a plain open() would, and sync it to disk."""
+    os.chmod(path, 0o666 & ~_UMASK)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:

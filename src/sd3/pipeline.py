@@ -7,6 +7,8 @@ prompt -> `text` -> (context, pooled); noise -> `sampling` loop calling the MMDi
 import functools
 import math
 import time
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
@@ -17,6 +19,7 @@ from PIL import Image
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from . import inpainting
 from .checkpoints import (
     CheckpointError,
     Component,
@@ -24,12 +27,19 @@ from .checkpoints import (
     find_components,
     infer_config,
     load_component,
+    open_controlnet,
 )
+from .control import Control, check_fit, control_latent, control_pixels, resolve_type
+from .inpainting import Inpaint, outpaint_size
 from .kernels.hardware import cpu_has_bf16, warn_if_bf16_is_emulated
 from .kernels.quantization import INT8_SCOPE
+from .loras import LoRA, LoRAError, LoRAFile, layers_of, match, merge_edits
+from .loras.apply import install
+from .loras.weights import adapted_layers, remove_adapted
+from .models.controlnet import SD35, ControlNet
 from .models.mmdit import MMDiT, MMDiTConfig
 from .models.vae import AutoEncoder
-from .presets import Preset, preset_for
+from .presets import PRESETS, Preset, preset_for
 from .sampling import (
     SAMPLERS,
     Callback,
@@ -43,6 +53,7 @@ from .text import T5_MIN_LENGTH, TextEncoders, Tokenizers
 
 # torch.compile's modes; "reduce-overhead" (and "max-autotune" on a GPU) replay CUDA graphs
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+TEXT_COMPONENTS = ("clip_l", "clip_g", "t5xxl")
 
 
 def default_dtype(device: str | torch.device = "cpu") -> torch.dtype:
@@ -86,21 +97,14 @@ class Settings:
     slg: SkipLayerGuidance | None = None
     t5_length: int | None = None
     use_t5: bool = True
+    inpaint: Inpaint | None = None  # a masked generation: repaint where the mask is white
+    controls: tuple[Control, ...] = ()  # one per ControlNet, in the pipeline's order
 
     def to_dict(self) -> dict:
         d = asdict(self)
         if self.slg is not None:
             d["slg"]["layers"] = list(self.slg.layers)
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Settings":
-        d = dict(d)
-        if d.get("slg") is not None:
-            slg = dict(d["slg"])
-            d["slg"] = SkipLayerGuidance(**{**slg, "layers": tuple(slg["layers"])})
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def nearest_multiples(value: int, base: int = 16) -> str:
@@ -111,8 +115,16 @@ def nearest_multiples(value: int, base: int = 16) -> str:
 MAX_SEED = 2**63 - 1
 
 
-def check_settings(s: Settings, config: MMDiTConfig, has_init_image: bool) -> None:
+def check_settings(
+    s: Settings, config: MMDiTConfig, has_init_image: bool, has_mask: bool = False
+) -> None:
     """One clear ValueError, naming the argument, for each impossible setting."""
+    if has_mask and s.inpaint is None:
+        raise ValueError("a mask needs inpainting settings (Settings.inpaint)")
+    if s.inpaint is not None:
+        if not has_init_image:
+            raise ValueError("inpainting and outpainting need an init image")
+        s.inpaint.check(has_mask)
     if not isinstance(s.seed, int) or not 0 <= s.seed <= MAX_SEED - max(s.num_images - 1, 0):
         raise ValueError(
             f"seed {s.seed} is out of range: seeds run from 0 to 2**63 - 1, and image i of a "
@@ -142,7 +154,7 @@ def check_settings(s: Settings, config: MMDiTConfig, has_init_image: bool) -> No
         raise ValueError(f"denoise must be in (0, 1], got {s.denoise}")
     if s.denoise < 1 and not has_init_image:
         raise ValueError(f"denoise {s.denoise} needs an init image (img2img)")
-    if has_init_image and int(s.steps * (1 - s.denoise)) == 0:
+    if has_init_image and s.inpaint is None and int(s.steps * (1 - s.denoise)) == 0:
         # the first step would start from pure noise: the init image would change nothing
         fix = (
             f"use at least {math.ceil(1 / (1 - s.denoise))} steps or a lower denoise"
@@ -155,6 +167,8 @@ def check_settings(s: Settings, config: MMDiTConfig, has_init_image: bool) -> No
         )
     if s.num_images < 1:
         raise ValueError(f"the number of images must be >= 1, got {s.num_images}")
+    for i, control in enumerate(s.controls):
+        control.check(i)
     if s.t5_length is not None and s.t5_length < 1:
         raise ValueError(f"t5_length must be >= 1, got {s.t5_length}")
     if s.slg is not None:
@@ -192,7 +206,12 @@ class Pipeline:
     order is the one that keeps the peak lowest: the text encoders first, released (modules and
     file pages) once the prompt is encoded, then the MMDiT, released in turn before the VAE
     decodes; each call loads them again (from the page cache, when it still holds the files).
-    Otherwise the MMDiT and VAE load at once and the encoders stay loaded between calls."""
+    Otherwise the MMDiT and VAE load at once and the encoders stay loaded between calls.
+
+    LoRAs (`sd3.loras`, any of the formats SD3 tools write) apply merged into the weights as they
+    load (`loras=` when built, or `add_lora`): no cost per step, int8 quantizing the merged
+    weights; or beside the loaded weights (`load_lora`), so that `set_lora_scales` and
+    `unload_loras` change them without loading the model again."""
 
     components: dict[str, Component]
     tokenizers: Tokenizers
@@ -209,6 +228,8 @@ class Pipeline:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage of the last call
     # a tqdm bar over the denoising steps, started once the prompt is encoded
     progress: bool = False
+    loras: list[LoRA] = field(default_factory=list)  # in the order they apply
+    controlnets: list[Component] = field(default_factory=list)  # `load_controlnet`
     _modules: dict[str, nn.Module] = field(default_factory=dict)
     _text: TextEncoders | None = None
 
@@ -226,16 +247,26 @@ class Pipeline:
         int8: bool = False,
         compile: bool | str = False,
         load: bool = True,
+        loras: Iterable[tuple[str | Path, float]] = (),
+        controlnets: Iterable[str | Path] = (),
     ) -> "Pipeline":
-        """A Stability single file (encoders bundled or given separately) or a diffusers folder.
-        Every file's keys and shapes are checked first; `load=False` leaves reading the weights
-        to `load()` or first use, so settings can be checked against the model before."""
+        """A Stability single file (encoders bundled or given separately) or a diffusers folder,
+        and any ControlNet files or folders. Every file's keys and shapes are checked first;
+        `load=False` leaves reading the weights to `load()` or first use, so settings can be
+        checked against the model before. `loras`: (file, strength) pairs merged into the
+        weights as they load, each matched against the model first (`add_lora`)."""
         components = find_components(path, clip_l=clip_l, clip_g=clip_g, t5xxl=t5xxl, vae=vae)
         folder = path is not None and Path(path).is_dir()
         tokenizers = Tokenizers.from_folder(path) if folder else Tokenizers.default()
-        return cls.from_components(
-            components, tokenizers, dtype, device, low_memory, str(path or ""), int8, compile, load
-        )
+        pipe = cls.from_components(
+            components, tokenizers, dtype, device, low_memory, str(path or ""), int8, compile,
+            load=False, loras=loras,
+        )  # fmt: skip
+        for controlnet in controlnets:
+            pipe.load_controlnet(controlnet)
+        if load:
+            pipe.load()
+        return pipe
 
     from_pretrained = from_single_file  # a diffusers folder, in diffusers' vocabulary
 
@@ -251,6 +282,7 @@ class Pipeline:
         int8: bool = False,
         compile: bool | str = False,
         load: bool = True,
+        loras: Iterable[tuple[str | Path, float]] = (),
     ) -> "Pipeline":
         """`low_memory=None` turns it on when all weights in `dtype` (int8 where `int8` quantizes
         them) need over 60% of the free memory."""
@@ -292,15 +324,41 @@ class Pipeline:
             compile=compile,
             model_name=model_name,
         )
+        for lora_path, scale in loras:
+            pipe.add_lora(lora_path, scale)
         if load:
             pipe.load()
         return pipe
 
     def load(self) -> None:
-        """Read the MMDiT's and the VAE's weights now (in low-memory mode each loads when used)."""
+        """Read the MMDiT's, the VAE's and the ControlNets' weights now (in low-memory mode each
+        loads when used)."""
         if not self.low_memory:
             self.module("mmdit")
             self.module("vae")
+            for i in range(len(self.controlnets)):
+                self.controlnet(i)
+
+    def load_controlnet(self, path: str | Path) -> Component:
+        """Add a ControlNet (file or diffusers folder): its keys and shapes are checked and it
+        must fit the MMDiT; the weights are read on first use. An SD3.5 ControlNet that records
+        its control type brings the reference's defaults for it (`presets`)."""
+        component = open_controlnet(path)
+        config = check_fit(component, self.config, self.model_name)
+        self.controlnets.append(component)
+        if config.kind == SD35 and component.control_type is not None:
+            self.preset = PRESETS[f"sd3.5_large_controlnet_{component.control_type}"]
+        return component
+
+    def controlnet(self, index: int) -> ControlNet:
+        """ControlNet `index` (in the order they were added), loaded on first use."""
+        name = f"controlnet.{index}"
+        if name not in self._modules:
+            int8 = self.int8  # --int8 covers the ControlNet's blocks as it does the MMDiT's
+            self._modules[name] = load_component(
+                self.controlnets[index], self.dtype, self.device, int8
+            )
+        return self._modules[name]
 
     # --- loading and releasing ------------------------------------------------------------
 
@@ -308,7 +366,10 @@ class Pipeline:
         """The network for component `name` ("mmdit", "vae", "clip_l", ...), loaded on first use."""
         if name not in self._modules:
             int8 = self.int8 and name in INT8_SCOPE
-            module = load_component(self.components[name], self.dtype, self.device, int8)
+            edits = merge_edits(self.loras, name)
+            module = load_component(self.components[name], self.dtype, self.device, int8, edits)
+            if any(not lora.merged and name in lora.matches for lora in self.loras):
+                install(module, name, self.loras, self.dtype, self.device)
             if name == "mmdit" and self.compile:  # compiles on its first call
                 mode = self.compile if isinstance(self.compile, str) else None
                 module = torch.compile(module, dynamic=False, mode=mode)
@@ -316,11 +377,116 @@ class Pipeline:
         return self._modules[name]
 
     def release(self, *names: str) -> None:
-        """Drop these networks and their file pages from memory; they reload on next use."""
+        """Drop these networks and their file pages from memory; they reload on next use
+        ("controlnet" releases every ControlNet)."""
         for name in names:
+            if name == "controlnet":
+                for i, component in enumerate(self.controlnets):
+                    self._modules.pop(f"controlnet.{i}", None)
+                    component.release()
+                continue
             self._modules.pop(name, None)
             if name in self.components:
                 self.components[name].release()
+            if name in TEXT_COMPONENTS:
+                self._text = None
+
+    # --- LoRA -------------------------------------------------------------------------------
+
+    @functools.cached_property
+    def layers(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        """Each network's linear and convolution layers with their weight shapes (what a LoRA
+        can change), known from the files without reading a weight."""
+        return {
+            name: layers_of(check_component(c))
+            for name, c in self.components.items()
+            if name != "vae"
+        }
+
+    def add_lora(self, path: str | Path, scale: float = 1.0, merge: bool = True) -> LoRA:
+        """Apply the LoRA file `path` at strength `scale`, after the last one added: merged into
+        the weights as they load (a network already loaded loads again, merged, on next use), or
+        with `merge=False` beside the loaded weights (`load_lora`). Every module is matched
+        against the model first: LoRAError where none applies or a width differs, a warning
+        where some do not apply."""
+        file = LoRAFile.open(path)
+        if not merge and file.has_dora:
+            raise LoRAError(
+                f"{file.path}: a DoRA LoRA changes each weight's norm, so it can only be merged: "
+                "pass it to from_single_file(loras=...) or add_lora(...) instead"
+            )
+        lora = match(file, self.layers, self.config.depth, self.preset.name, scale, merge)
+        self.loras.append(lora)
+        for name in lora.matches:
+            if name in self._modules:
+                if merge:
+                    self.release(name)
+                else:
+                    install(self._modules[name], name, self.loras, self.dtype, self.device)
+        return lora
+
+    def load_lora(self, path: str | Path, scale: float = 1.0) -> LoRA:
+        """Run the LoRA file `path` beside the weights, not merged (two thin matrix products more
+        per adapted layer), so that a long-running process can change it (`set_lora_scales`) or
+        drop it (`unload_loras`) without loading the model again."""
+        return self.add_lora(path, scale, merge=False)
+
+    def set_lora_scales(self, scales: Mapping[str, float] | Sequence[float]) -> None:
+        """New strengths, by LoRA name (its file name without the extension) or as a list in
+        the order the LoRAs were added. Not-merged LoRAs take them at once; the networks a merged
+        LoRA changes load again, merged anew, on next use."""
+        if isinstance(scales, Mapping):
+            new = {}
+            for name, scale in scales.items():
+                found = [lo for lo in self.loras if lo.name == name]
+                if len(found) != 1:
+                    known = [lo.name for lo in self.loras]
+                    why = "is not loaded" if not found else "is loaded more than once"
+                    raise LoRAError(f"LoRA {name!r} {why}; the LoRAs are {known}")
+                new[id(found[0])] = scale
+        else:
+            if len(scales) != len(self.loras):
+                raise LoRAError(f"{len(scales)} scales given for {len(self.loras)} LoRAs")
+            new = {id(lo): scale for lo, scale in zip(self.loras, scales, strict=True)}
+        for lora in self.loras:
+            scale = new.get(id(lora), lora.scale)
+            if not math.isfinite(scale):
+                raise LoRAError(f"LoRA {lora.name}: the scale must be a finite number, got {scale}")
+        for lora in self.loras:
+            if id(lora) in new and new[id(lora)] != lora.scale:
+                lora.scale = new[id(lora)]
+                if lora.merged:
+                    self.release(*[n for n in lora.matches if n in self._modules])
+        for module in self._modules.values():
+            for layer in adapted_layers(getattr(module, "_orig_mod", module)).values():
+                layer.refresh()
+
+    def unload_loras(self) -> None:
+        """Remove every LoRA: not-merged ones at once, merged ones by loading the networks they
+        changed again on next use."""
+        merged = {n for lo in self.loras if lo.merged for n in lo.matches}
+        self.loras = []
+        self.release(*[n for n in merged if n in self._modules])
+        for module in self._modules.values():
+            remove_adapted(getattr(module, "_orig_mod", module))
+
+    def check_loras(self, use_t5: bool = True) -> None:
+        """With T5 left out, a LoRA's T5-XXL modules cannot apply: a warning, or a LoRAError
+        where nothing else of it would."""
+        if use_t5:
+            return
+        for lora in self.loras:
+            n = lora.matched("t5xxl")
+            if n and n == lora.matched():
+                raise LoRAError(
+                    f"{lora.path}: {lora.format} changes only T5-XXL, which is left out (use_t5 "
+                    "off / --no-t5): it would have no effect"
+                )
+            if n:
+                warnings.warn(
+                    f"{lora.path}: its {n} T5-XXL modules do not apply, since T5 is left out",
+                    stacklevel=2,
+                )
 
     @property
     def mmdit(self) -> MMDiT:
@@ -373,13 +539,58 @@ class Pipeline:
         return context[:1], pooled[:1], context[1:], pooled[1:]
 
     def velocity(
-        self, x: Tensor, timestep: Tensor, context: Tensor, pooled: Tensor, skip_layers=()
+        self,
+        x: Tensor,
+        timestep: Tensor,
+        context: Tensor,
+        pooled: Tensor,
+        skip_layers=(),
+        controls: list[tuple[int, Tensor, float]] = (),
     ) -> Tensor:
-        """The MMDiT in its compute dtype; the sampler keeps x in fp32."""
-        v = self.mmdit(
-            x.to(self.dtype), timestep, context.to(self.dtype), pooled.to(self.dtype), skip_layers
-        )
-        return v.float()
+        """The MMDiT in its compute dtype; the sampler keeps x in fp32. `controls`: (ControlNet
+        index, control latent, strength) of the ControlNets active on this step; they see the
+        same inputs as the MMDiT. A skip-layer pass runs without them, as Stability's reference
+        runs it."""
+        x, context, pooled = x.to(self.dtype), context.to(self.dtype), pooled.to(self.dtype)
+        residuals = [
+            self.controlnet(i)(self.mmdit, x, timestep, context, pooled, latent, strength)
+            for i, latent, strength in (() if skip_layers else controls)
+        ]
+        return self.mmdit(x, timestep, context, pooled, skip_layers, residuals).float()
+
+    def check_controls(self, s: Settings, n_images: int) -> list[str | None]:
+        """The control type of each ControlNet, or one ValueError: as many control images and
+        Controls (or none: defaults) as ControlNets, and a type for each SD3.5 ControlNet."""
+        if n_images != len(self.controlnets):
+            raise ValueError(
+                f"{len(self.controlnets)} ControlNets need as many control images, got {n_images}"
+            )
+        if s.controls and len(s.controls) != len(self.controlnets):
+            raise ValueError(
+                f"{len(self.controlnets)} ControlNets need as many Controls in the settings, got "
+                f"{len(s.controls)}"
+            )
+        controls = s.controls or tuple(Control() for _ in self.controlnets)
+        return [
+            resolve_type(component, infer_config(component), control)
+            for component, control in zip(self.controlnets, controls, strict=True)
+        ]
+
+    def control_latents(
+        self, s: Settings, control_images: list[Image.Image]
+    ) -> list[tuple[Control, Tensor]]:
+        """Each ControlNet's Control and its encoded control image (already preprocessed)."""
+        types = self.check_controls(s, len(control_images))
+        controls = s.controls or tuple(Control() for _ in self.controlnets)
+        out = []
+        for component, control, image, control_type in zip(
+            self.controlnets, controls, control_images, types, strict=True
+        ):
+            kind = infer_config(component).kind
+            pixels = control_pixels(image, s.width, s.height, control_type, kind)
+            latent = control_latent(self.vae, pixels.to(self.device, self.dtype), kind)
+            out.append((control, latent))
+        return out
 
     def sample(
         self,
@@ -387,10 +598,17 @@ class Pipeline:
         init_image: Image.Image | None = None,
         callback: Callback | None = None,
         conditioning: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+        control_images: list[Image.Image] = (),
     ) -> Tensor:
         """The final latents [N, 16, H/8, W/8] in the MMDiT's latent format."""
         check_settings(s, self.config, init_image is not None)
-        return self._denoise(s, init_image, callback, conditioning or self.encode_prompt(s))
+        if s.inpaint is not None:
+            raise ValueError("masked generations run through `generate`, which also pastes back")
+        self.check_loras(s.use_t5)
+        controls = self.control_latents(s, list(control_images))
+        return self._denoise(
+            s, init_image, callback, conditioning or self.encode_prompt(s), controls=controls
+        )
 
     def _denoise(
         self,
@@ -398,10 +616,14 @@ class Pipeline:
         init_image: Image.Image | None,
         callback: Callback | None,
         conditioning: tuple[Tensor, Tensor, Tensor, Tensor],
+        mask: Tensor | None = None,
+        controls: list[tuple[Control, Tensor]] = (),
         noise: Tensor | None = None,
     ) -> Tensor:
-        """`sample` after the settings are checked and the prompt encoded; `noise` replaces the
-        one drawn from `s.seed` (a batch of several requests, each with its own seeds)."""
+        """`sample` after the settings are checked and the prompt encoded; with a latent `mask`
+        (1 = repaint), the masked blend of `inpainting`; with `controls`, the ControlNets';
+        `noise` replaces the one drawn from `s.seed` (a batch of several requests, each with its
+        own seeds)."""
         context, pooled, neg_context, neg_pooled = conditioning
         sigmas = get_sigmas(s.steps, s.shift, s.denoise).to(self.device)
         shape = (s.num_images, 16, s.height // 8, s.width // 8)
@@ -409,32 +631,51 @@ class Pipeline:
             raise ValueError(f"noise of shape {tuple(noise.shape)} does not fit {shape}")
         if noise is None:
             noise = get_noise(s.seed, s.num_images, s.height, s.width)
-        x = noise.to(self.device)
+        x = noise = noise.to(self.device)
         if init_image is not None:
             with torch.no_grad():
                 image = to_image_tensor(init_image, s.width, s.height).to(self.device, self.dtype)
                 latent = self.vae.encode(image).float()
-            x = noise_latent(latent, x, sigmas[0])
-        denoiser = cfg_denoiser(
-            self.velocity,
-            context,
-            pooled,
-            neg_context,
-            neg_pooled,
-            guidance_scale=s.cfg,
-            slg=s.slg,
-            steps=s.steps,
-            cfg_start=s.cfg_start,
-            cfg_end=s.cfg_end,
-        )
+            x = noise_latent(latent, noise, sigmas[0])
+
+        def guided(velocity):
+            return cfg_denoiser(
+                velocity,
+                context,
+                pooled,
+                neg_context,
+                neg_pooled,
+                guidance_scale=s.cfg,
+                slg=s.slg,
+                steps=s.steps,
+                cfg_start=s.cfg_start,
+                cfg_end=s.cfg_end,
+            )
+
+        denoiser = guided(self.velocity)
+        if controls:
+            steps_run = len(sigmas) - 1
+
+            def denoiser(x: Tensor, sigma: Tensor, step: int) -> Tensor:
+                on = [
+                    (i, latent, control.strength)
+                    for i, (control, latent) in enumerate(controls)
+                    if control.active(step, steps_run)
+                ]
+                return guided(functools.partial(self.velocity, controls=on))(x, sigma, step)
+
+        if mask is not None:
+            mask = mask.to(self.device)
+            denoiser = inpainting.masked_denoiser(denoiser, latent, noise, mask, sigmas)
         with torch.no_grad(), self.mmdit.temporaries():
-            return SAMPLERS[s.sampler](
+            x = SAMPLERS[s.sampler](
                 denoiser,
                 x,
                 sigmas,
-                generator=torch.Generator().manual_seed(s.seed),
+                generator=[torch.Generator().manual_seed(s.seed + i) for i in range(len(x))],
                 callback=callback,
             )
+        return x if mask is None else inpainting.hold(x, latent, mask, sigmas)
 
     def decode(self, latents: Tensor, tile_size: int | None = None) -> list[Image.Image]:
         """Latents -> PIL images; large images decode in tiles unless `tile_size` says otherwise."""
@@ -480,9 +721,24 @@ class Pipeline:
         t5_length: int | None = None,
         use_t5: bool = True,
         callback: Callback | None = None,
+        mask_image: Image.Image | str | Path | None = None,
+        mask_blur: float = 0.0,
+        mask_grow: int = 0,
+        paste_back: bool = True,
+        padding_mask_crop: int | None = None,
+        outpaint: tuple[int, int, int, int] | None = None,
+        outpaint_fill: str = "edge-noise",
+        control_images: Image.Image | str | Path | list | None = None,
+        control_strength: float | list[float] = 1.0,
+        control_start: float | list[float] = 0.0,
+        control_end: float | list[float] = 1.0,
+        control_type: str | None | list[str | None] = None,
     ) -> list[Image.Image]:
         """Generate images. `skip_layer_guidance`: True keeps the preset's, False/None turns it
-        off, or give a SkipLayerGuidance."""
+        off, or give a SkipLayerGuidance. With `mask_image` (white = repaint) or `outpaint`
+        (pixels added left, top, right, bottom) an `init_image` is inpainted (`inpainting`).
+        `control_images`: one per loaded ControlNet (`load_controlnet`), already preprocessed
+        (`sd3.preprocess`); the control options take one value for all or a list, one each."""
         slg = self.preset.slg if skip_layer_guidance is True else skip_layer_guidance or None
         s = self.settings(
             prompt, negative_prompt=negative_prompt, steps=num_inference_steps, cfg=guidance_scale,
@@ -493,24 +749,79 @@ class Pipeline:
         s = replace(s, slg=slg)
         if isinstance(init_image, str | Path):
             init_image = load_image(init_image)
-        return self.generate(s, init_image, callback)[1]
+        if isinstance(mask_image, str | Path):
+            mask_image = load_image(mask_image, "mask")
+        if mask_image is not None or outpaint is not None:
+            inpaint = Inpaint(
+                mask_blur, mask_grow, paste_back, padding_mask_crop, outpaint, outpaint_fill
+            )
+            s = replace(s, inpaint=inpaint)
+            if outpaint is not None and init_image is not None:
+                s = replace(
+                    s,
+                    **dict(
+                        zip(
+                            ("width", "height"),
+                            outpaint_size(init_image.size, outpaint),
+                            strict=True,
+                        )
+                    ),
+                )
+        if control_images is not None and not isinstance(control_images, list | tuple):
+            control_images = [control_images]
+        control_images = [
+            load_image(im, "control image") if isinstance(im, str | Path) else im
+            for im in control_images or ()
+        ]
+        n = len(self.controlnets)
+
+        def each(value, name):
+            values = list(value) if isinstance(value, list | tuple) else [value] * n
+            if len(values) != n:
+                raise ValueError(f"{name}: {len(values)} values for {n} ControlNets")
+            return values
+
+        s = replace(
+            s,
+            controls=tuple(
+                Control(*fields)
+                for fields in zip(
+                    each(control_strength, "control_strength"),
+                    each(control_start, "control_start"),
+                    each(control_end, "control_end"),
+                    each(control_type, "control_type"),
+                    strict=True,
+                )
+            ),
+        )
+        return self.generate(s, init_image, callback, mask_image, control_images)[1]
 
     def generate(
         self,
         s: Settings,
         init_image: Image.Image | None = None,
         callback: Callback | None = None,
+        mask_image: Image.Image | None = None,
+        control_images: list[Image.Image] = (),
         conditioning: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
         noise: Tensor | None = None,
     ) -> tuple[Tensor, list[Image.Image]]:
         """Encode, denoise, decode -> (latents, images); records each stage's seconds in
         `timings`. The prompt is encoded before the first step, so per-step times are the
         denoiser's alone; with `compile`, `compile` is the first step's time beyond the others'
-        and `per_step` leaves the first step out. `conditioning` (as `encode_prompt` returns it,
-        one row per image or one for all) and `noise` ([num_images, 16, H/8, W/8]) replace the
-        prompt's and the seed's: several requests denoised as one batch (`sd3.serve`)."""
-        check_settings(s, self.config, init_image is not None)
+        and `per_step` leaves the first step out. With `s.inpaint`, a masked generation: the
+        latents are the working canvas's, the images the finished (pasted-back) ones.
+        `conditioning` (as `encode_prompt` returns it, one row per image or one for all) and
+        `noise` ([num_images, 16, H/8, W/8]) replace the prompt's and the seed's: several requests
+        denoised as one batch (`sd3.serve`)."""
+        check_settings(s, self.config, init_image is not None, mask_image is not None)
+        self.check_loras(s.use_t5)
+        job = None
+        if s.inpaint is not None:
+            job = inpainting.prepare(init_image, mask_image, (s.width, s.height), s.inpaint, s.seed)
+            init_image = job.image
         started = time.perf_counter()
+        controls = self.control_latents(s, list(control_images))
         if conditioning is None:
             conditioning = self.encode_prompt(s)
         encoded = time.perf_counter()
@@ -524,14 +835,18 @@ class Pipeline:
                 if callback is not None:
                     callback(*args)
 
-            latents = self._denoise(s, init_image, step, conditioning, noise)
+            latents = self._denoise(
+                s, init_image, step, conditioning, job and job.mask, controls, noise
+            )
             # a GPU's steps are queued: wait for them, so the time is theirs, not the queueing's
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         if self.low_memory:
-            self.release("mmdit")
+            self.release("mmdit", "controlnet")
         sampled = time.perf_counter()
         images = self.decode(latents)
+        if job is not None:
+            images = [job.finish(image) for image in images]
         self.timings = {
             "text": encoded - started,
             "denoise": sampled - encoded,

@@ -40,6 +40,12 @@ PRESETS = {
     "sd3.5_large": Preset("SD3.5 Large", steps=40, cfg=4.5, shift=3.0, sampler="dpmpp_2m"),
     "sd3.5_large_turbo": Preset("SD3.5 Large Turbo", steps=4, cfg=1.0, shift=3.0, sampler="euler"),
 }
+# Stability's reference runs its SD3.5 Large ControlNets with these (sd3_infer.CONFIGS), keyed here
+# by the control type the file records rather than by its file name
+for _type in ("blur", "canny", "depth"):
+    PRESETS[f"sd3.5_large_controlnet_{_type}"] = Preset(
+        f"SD3.5 Large ControlNet ({_type})", steps=60, cfg=3.5, shift=3.0, sampler="euler"
+    )
 
 
 def detect_model(config: MMDiTConfig, filename: str = "") -> str:

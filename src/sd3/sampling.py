@@ -18,6 +18,7 @@ from torch import Tensor
 Denoiser = Callable[[Tensor, Tensor, int], Tensor]  # (x, sigma 0-dim or [B], step) -> denoised
 Callback = Callable[[int, int, Tensor, Tensor], None]  # (step, total, x after the step, denoised)
 Sampler = Callable[..., Tensor]  # (model, x, sigmas, *, generator, callback) -> x at the last sigma
+Generators = torch.Generator | Sequence[torch.Generator] | None  # a sequence: one per image
 
 
 # --- schedule and noise ------------------------------------------------------------------
@@ -153,7 +154,13 @@ def cfg_denoiser(
 # --- samplers ----------------------------------------------------------------------------
 
 
-def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+def _randn_like(x: Tensor, generator: Generators) -> Tensor:
+    """Noise like x; from one generator per row where given a sequence, so that image i of a
+    batch draws what it draws alone."""
+    if isinstance(generator, Sequence):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}")
+        return torch.cat([_randn_like(row[None], g) for row, g in zip(x, generator, strict=True)])
     if generator is None:
         return torch.randn_like(x)
     return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x)
@@ -165,7 +172,7 @@ def sample_euler(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     callback: Callback | None = None,
 ) -> Tensor:
     """Euler steps on the flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
@@ -185,7 +192,7 @@ def sample_heun(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     callback: Callback | None = None,
 ) -> Tensor:
     """Heun's 2nd-order method (Karras et al. 2022, Algorithm 2); Euler for the step to sigma 0."""
@@ -210,7 +217,7 @@ def sample_euler_ancestral(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     callback: Callback | None = None,
 ) -> Tensor:
     """Euler ancestral (eta = 1) in the rectified-flow form of ComfyUI's sample_euler_ancestral_RF:
@@ -238,7 +245,7 @@ def sample_dpmpp_2m(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     callback: Callback | None = None,
 ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022) in k-diffusion's form, t = -log(sigma); the first step and
@@ -270,7 +277,7 @@ def sample_dpmpp_2m_sde(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     callback: Callback | None = None,
 ) -> Tensor:
     """DPM-Solver++(2M) SDE, midpoint form, eta = 1 (Lu et al. 2022), in half-log-SNR

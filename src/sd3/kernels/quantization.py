@@ -32,7 +32,12 @@ from torch import Tensor, nn
 
 from .hardware import cpu_int8_beats_bf16, cpu_int8_full_range
 
-INT8_SCOPE = {"mmdit": "joint_blocks.", "t5xxl": "encoder.block."}  # component -> layers prefix
+# component -> the prefixes of its quantized layers
+INT8_SCOPE = {
+    "mmdit": ("joint_blocks.",),
+    "t5xxl": ("encoder.block.",),
+    "controlnet": ("transformer_blocks.", "joint_blocks."),
+}
 INT8_GEMM = ("mmdit",)  # components whose int8 layers multiply in int8 where that pays
 SCALE = "weight_scale"
 
@@ -193,7 +198,7 @@ def linear_layers(module: nn.Module, component: str) -> list[str]:
     return [
         name
         for name, layer in module.named_modules()
-        if name.startswith(prefix) and type(layer) is nn.Linear
+        if name.startswith(tuple(prefix)) and type(layer) is nn.Linear
     ]
 
 

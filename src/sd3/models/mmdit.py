@@ -251,11 +251,15 @@ class DismantledBlock(nn.Module):
 
 
 class JointBlock(nn.Module):
-    """The MM-DiT block: both streams attend jointly over the concatenated sequence [context, x]."""
+    """The MM-DiT block: both streams attend jointly over the concatenated sequence [context, x].
+    The last block's context stream is `pre_only` unless `context_pre_only` says otherwise (an
+    InstantX ControlNet's blocks all carry the context on)."""
 
-    def __init__(self, config: MMDiTConfig, index: int):
+    def __init__(self, config: MMDiTConfig, index: int, context_pre_only: bool | None = None):
         super().__init__()
-        self.context_block = DismantledBlock(config, pre_only=index == config.depth - 1)
+        if context_pre_only is None:
+            context_pre_only = index == config.depth - 1
+        self.context_block = DismantledBlock(config, pre_only=context_pre_only)
         self.x_block = DismantledBlock(config, attn2=index in config.attn2_layers)
 
     def forward(self, context: Tensor, x: Tensor, c: Tensor) -> tuple[Tensor | None, Tensor]:
@@ -280,6 +284,39 @@ class JointBlock(nn.Module):
             return None, x
         context = gated(context, ctx_mod.attn, ctx_block.attn.project(ctx_attn))
         return ctx_block.mlp_residual(context, ctx_mod), x
+
+
+def self_attention_block(block: DismantledBlock, x: Tensor, c: Tensor) -> Tensor:
+    """One stream through a DismantledBlock alone: adaLN-modulated self-attention, then the MLP
+    (the blocks of the SD3.5 Large ControlNet, which see no text tokens)."""
+    mod = block.modulation(c)
+    qkv = block.attn.heads(modulate(block.norm1(x), mod.attn))
+    x = gated(x, mod.attn, block.attn.project(joint_attention([qkv])))
+    return block.mlp_residual(x, mod)
+
+
+def crop_pos_embed(table: Tensor, size: int, h: int, w: int) -> Tensor:
+    """The centre h x w crop of a square size x size table of positional embeddings."""
+    top, left = (size - h) // 2, (size - w) // 2
+    grid = table.view(1, size, size, -1)
+    return grid[:, top : top + h, left : left + w].reshape(1, h * w, -1)
+
+
+class ControlResiduals(NamedTuple):
+    """One ControlNet's outputs (already scaled by its strength) and where they are added.
+
+    `every_block` (Stability's rule, the SD3.5 ControlNets): after every joint block i, the last
+    included, output i // (depth // n). Otherwise diffusers' rule (the InstantX ControlNets): after
+    every block but the last, output floor(i * n / depth)."""
+
+    residuals: Sequence[Tensor]
+    every_block: bool = False
+
+    def after_block(self, i: int, depth: int) -> Tensor | None:
+        n = len(self.residuals)
+        if self.every_block:
+            return self.residuals[i // (depth // n)]
+        return None if i == depth - 1 else self.residuals[i * n // depth]
 
 
 class FinalLayer(nn.Module):
@@ -334,10 +371,7 @@ class MMDiT(nn.Module):
 
     def cropped_pos_embed(self, h: int, w: int) -> Tensor:
         """The centre h x w crop of the stored square table of positional embeddings."""
-        size = self.config.pos_embed_max_size
-        top, left = (size - h) // 2, (size - w) // 2
-        table = self.pos_embed.view(1, size, size, -1)
-        return table[:, top : top + h, left : left + w].reshape(1, h * w, -1)
+        return crop_pos_embed(self.pos_embed, self.config.pos_embed_max_size, h, w)
 
     def forward(
         self,
@@ -346,15 +380,20 @@ class MMDiT(nn.Module):
         context: Tensor,
         pooled: Tensor,
         skip_layers: Sequence[int] = (),
-        controlnet_residuals: Sequence[Tensor] | None = None,
+        controlnet_residuals: Sequence[Tensor] | Sequence[ControlResiduals] | None = None,
     ) -> Tensor:
         """x [B, C, H, W] latent, timestep [B] = 1000·sigma, context [B, L, context_dim],
         pooled [B, pooled_dim] -> velocity [B, C, H, W].
 
-        `skip_layers` drops whole joint blocks (skip-layer guidance). `controlnet_residuals` are added
-        to x after each block but the last, residual j serving blocks [j, j+1) * depth/len(residuals)
-        (diffusers' rule, which also holds when depth is not a multiple of the count).
+        `skip_layers` drops whole joint blocks (skip-layer guidance); a skipped block gets no
+        ControlNet residual either, as in Stability's reference. `controlnet_residuals`: one
+        `ControlResiduals` per ControlNet, their residuals summed (`ControlResiduals.after_block`
+        says which is added after which block); a plain list of tensors is one ControlNet under
+        diffusers' rule.
         """
+        controls = list(controlnet_residuals or ())
+        if controls and isinstance(controls[0], Tensor):
+            controls = [ControlResiduals(controls)]
         B, _, H, W = x.shape
         self.check_size(H, W)
         p = self.config.patch_size
@@ -366,10 +405,13 @@ class MMDiT(nn.Module):
             context = self.context_embedder(context)
 
             for i, block in enumerate(self.joint_blocks):
-                if i not in skip_layers:
-                    context, x = block(context, x, c)
-                if controlnet_residuals and not block.context_block.pre_only:
-                    x = x + controlnet_residuals[i * len(controlnet_residuals) // self.config.depth]
+                if i in skip_layers:
+                    continue
+                context, x = block(context, x, c)
+                for control in controls:
+                    residual = control.after_block(i, self.config.depth)
+                    if residual is not None:
+                        x = x + residual
 
             x = self.final_layer(x, c)
             return self.unpatchify(x, h, w)

@@ -41,6 +41,8 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from sd3.training.data import check_pairs
+
 # sRGB palette: far apart in hue or lightness, so a pixel's nearest mix with the background
 # names its colour even after blur and noise (nearest full colours: orange-yellow, 83 apart).
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -466,8 +468,8 @@ class ShapesDataset(Dataset):
             raise ValueError(f"size must be >= 32, got {size}")
         if length < 0 or seed < 0:
             raise ValueError(f"length and seed must be >= 0, got length={length}, seed={seed}")
-        if mirror_pairs and length % 2:
-            raise ValueError(f"mirror pairs need an even length, got {length}")
+        if mirror_pairs:
+            check_pairs("mirror pairs need", {"length": length})
         self.size, self.length, self.seed = size, length, seed
         self.mix = DEFAULT_MIX if mix is None else check_mix(mix)
         self.mirror_pairs = mirror_pairs

@@ -3,6 +3,8 @@
 The single file has `model.diffusion_model.*` (MMDiT), `first_stage_model.*` (VAE) and
 `text_encoders.{clip_l,clip_g,t5xxl}.transformer.*`, as the official SD3 / SD3.5 releases, so
 `sd3.checkpoints.find_components` (and ComfyUI, diffusers' `from_single_file`) read it back.
+With `new=OPTION` a file is written as the user's (`checkpoint.save_new`: never over an existing
+file, the next free name if taken; errors name OPTION), else replaced atomically (`save_atomic`).
 """
 
 from collections.abc import Mapping
@@ -14,7 +16,7 @@ from torch import Tensor, nn
 from sd3.checkpoints import DTYPE_NAMES, SINGLE_FILE_PREFIXES
 from sd3.models.mmdit import MMDiT
 
-from .checkpoint import save_atomic
+from .checkpoint import save_atomic, save_new
 from .lora import LoRALinear, lora_layers, to_diffusers
 
 
@@ -35,9 +37,10 @@ def export_single_file(
     components: Mapping[str, nn.Module | None],
     dtype: torch.dtype | str = torch.float32,
     metadata: Mapping[str, str] | None = None,
+    new: str | None = None,
 ) -> Path:
     """Save {"mmdit", "vae", "clip_l", "clip_g", "t5xxl": module} (None entries are left out) in
-    the official single-file layout, floating-point tensors in `dtype`."""
+    the official single-file layout, floating-point tensors in `dtype`; returns where it went."""
     dtype = DTYPE_NAMES[dtype] if isinstance(dtype, str) else dtype
     unknown = set(components) - set(SINGLE_FILE_PREFIXES)
     if unknown:
@@ -52,11 +55,17 @@ def export_single_file(
         for key, t in plain_state_dict(module).items():
             t = t.detach().to("cpu")
             tensors[prefix + key] = t.to(dtype) if t.is_floating_point() else t
-    return save_atomic(path, tensors, metadata)
+    return _save(path, tensors, metadata, new)
 
 
-def save_lora(path: str | Path, mmdit: MMDiT, dtype: torch.dtype | str = torch.float32) -> Path:
-    """The MMDiT's LoRA adapters in diffusers' SD3 format (`load_lora_weights` reads it)."""
+def save_lora(
+    path: str | Path,
+    mmdit: MMDiT,
+    dtype: torch.dtype | str = torch.float32,
+    new: str | None = None,
+) -> Path:
+    """The MMDiT's LoRA adapters in diffusers' SD3 format (`load_lora_weights` reads it); returns
+    where it went."""
     dtype = DTYPE_NAMES[dtype] if isinstance(dtype, str) else dtype
     layers = lora_layers(mmdit)
     if not layers:
@@ -64,4 +73,17 @@ def save_lora(path: str | Path, mmdit: MMDiT, dtype: torch.dtype | str = torch.f
     tensors = {k: v.to(dtype) for k, v in to_diffusers(layers, mmdit.config.depth).items()}
     first: LoRALinear = next(iter(layers.values()))
     meta = {"format": "pt", "sd3_lora_rank": str(first.rank), "sd3_lora_targets": ",".join(layers)}
-    return save_atomic(path, tensors, meta)
+    return _save(path, tensors, meta, new)
+
+
+def _save(
+    path: str | Path,
+    tensors: dict[str, Tensor],
+    metadata: Mapping[str, str] | None,
+    new: str | None,
+) -> Path:
+    return (
+        save_atomic(path, tensors, metadata)
+        if new is None
+        else save_new(path, tensors, metadata, new)
+    )

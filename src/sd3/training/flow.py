@@ -89,6 +89,20 @@ def noisy_latent(x0: Tensor, noise: Tensor, sigma: Tensor) -> Tensor:
     return (1 - s) * x0 + s * noise
 
 
+def velocities(
+    mmdit: Callable[..., Tensor],
+    x0: Tensor,
+    noise: Tensor,
+    sigma: Tensor,
+    context: Tensor,
+    pooled: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """(predicted, true) velocity at x_sigma, float32: the MMDiT called at timestep 1000 sigma,
+    and v = noise - x0."""
+    predicted = mmdit(noisy_latent(x0, noise, sigma), 1000 * sigma, context, pooled)
+    return predicted.float(), (noise - x0).float()
+
+
 def flow_loss(
     mmdit: Callable[..., Tensor],
     x0: Tensor,
@@ -96,21 +110,9 @@ def flow_loss(
     sigma: Tensor,
     context: Tensor,
     pooled: Tensor,
-    pair_contrast: float = 0.0,
 ) -> Tensor:
-    """The rectified-flow loss: mean squared error between the predicted and true velocity.
-
-    `pair_contrast` > 0 is for batches of pairs (rows 2k, 2k + 1) that share noise and sigma, e.g.
-    a scene and its mirror with the caption's objects swapped. Their errors e1, e2 split as
-    |e1|^2 + |e2|^2 = |e1 + e2|^2 / 2 + |e1 - e2|^2 / 2: what the two have in common, and what tells
-    them apart, which is all a pair says about word order. The term adds `pair_contrast` x the
-    mean of |e1 - e2|^2 / 2 on top of the plain loss, weighting the part the captions' difference
-    explains more than the shared noise does."""
-    velocity = mmdit(noisy_latent(x0, noise, sigma), 1000 * sigma, context, pooled)
-    if not pair_contrast:
-        return F.mse_loss(velocity.float(), (noise - x0).float())
-    error = velocity.float() - (noise - x0).float()
-    return error.square().mean() + pair_contrast * (error[0::2] - error[1::2]).square().mean() / 2
+    """The rectified-flow loss: mean squared error between the predicted and true velocity."""
+    return F.mse_loss(*velocities(mmdit, x0, noise, sigma, context, pooled))
 
 
 @torch.no_grad()

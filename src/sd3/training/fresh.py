@@ -28,16 +28,28 @@ class FamilyConfig:
     t5xxl: T5Config | None
 
 
-def _family(
-    depth: int, hidden: int, pos: int, clip_l: int, clip_g: int, t5: int | None, vae_ch: int
+def family_config(
+    depth: int,
+    hidden: int,
+    pos: int,
+    clip_l: int,
+    clip_g: int,
+    t5: int | None,
+    vae_ch: int,
+    vae_mult: tuple[int, ...] = (1, 2, 4, 4),
+    attn2_layers: tuple[int, ...] = (),
 ) -> FamilyConfig:
+    """A family of these widths: an MMDiT (RMS qk-norm; attn2 in `attn2_layers`, MMDiT-X) of
+    `depth` blocks, `hidden` wide, with a `pos` x `pos` positional table; 2-layer CLIP-L, CLIP-G and
+    T5 (None: no T5) with 64-wide heads; a VAE of `vae_ch` base channels times `vae_mult`."""
     context = max(clip_l + clip_g, t5 or 0)
     return FamilyConfig(
         mmdit=MMDiTConfig(
             hidden_size=hidden, depth=depth, mlp_hidden=4 * hidden, pos_embed_max_size=pos,
             context_dim=context, pooled_dim=clip_l + clip_g, qk_norm=True,
+            attn2_layers=tuple(attn2_layers),
         ),
-        vae=VAEConfig(ch=vae_ch, ch_mult=(1, 2, 4, 4), num_res_blocks=1),
+        vae=VAEConfig(ch=vae_ch, ch_mult=tuple(vae_mult), num_res_blocks=1),
         clip_l=CLIPConfig(width=clip_l, layers=2, heads=clip_l // 64, mlp_width=4 * clip_l),
         clip_g=CLIPConfig(
             width=clip_g, layers=2, heads=clip_g // 64, mlp_width=4 * clip_g, hidden_act="gelu",
@@ -49,9 +61,9 @@ def _family(
 
 INIT_CONFIGS = {
     # name: (depth, hidden, pos_embed_max_size, CLIP-L, CLIP-G, T5 widths, VAE channels)
-    "tiny": _family(2, 64, 32, 64, 128, 128, 32),  # for tests and smoke runs
-    "small": _family(6, 384, 64, 128, 256, 256, 32),  # ~30M MMDiT parameters
-    "base": _family(12, 768, 96, 256, 512, 512, 64),  # ~220M MMDiT parameters
+    "tiny": family_config(2, 64, 32, 64, 128, 128, 32),  # for tests and smoke runs
+    "small": family_config(6, 384, 64, 128, 256, 256, 32),  # ~30M MMDiT parameters
+    "base": family_config(12, 768, 96, 256, 512, 512, 64),  # ~220M MMDiT parameters
 }
 
 
@@ -94,6 +106,20 @@ def init_mmdit(mmdit: MMDiT) -> MMDiT:
     return mmdit
 
 
+def fresh_text_encoders(family: FamilyConfig) -> dict[str, nn.Module | None]:
+    """{"clip_l", "clip_g", "t5xxl"} (None if the family has no T5), frozen and in eval mode,
+    drawn from the global RNG in that order (seed it, or fork it as `fresh_models` does)."""
+    models = {
+        "clip_l": CLIPTextModel(family.clip_l),
+        "clip_g": CLIPTextModel(family.clip_g),
+        "t5xxl": T5Encoder(family.t5xxl) if family.t5xxl else None,
+    }
+    for m in models.values():
+        if m is not None:
+            m.eval().requires_grad_(False)
+    return models
+
+
 def fresh_models(name: str, seed: int = 0) -> dict[str, nn.Module | None]:
     """{"mmdit", "vae", "clip_l", "clip_g", "t5xxl"} of the named size, seeded, in eval mode."""
     if name not in INIT_CONFIGS:
@@ -101,14 +127,8 @@ def fresh_models(name: str, seed: int = 0) -> dict[str, nn.Module | None]:
     family = INIT_CONFIGS[name]
     with torch.random.fork_rng(devices=[]):  # default initialisers draw from the global RNG
         torch.manual_seed(seed)
-        models = {
-            "mmdit": init_mmdit(MMDiT(family.mmdit)),
-            "vae": AutoEncoder(family.vae),
-            "clip_l": CLIPTextModel(family.clip_l),
-            "clip_g": CLIPTextModel(family.clip_g),
-            "t5xxl": T5Encoder(family.t5xxl) if family.t5xxl else None,
-        }
-    for m in models.values():
-        if m is not None:
-            m.eval().requires_grad_(False)
+        models = {"mmdit": init_mmdit(MMDiT(family.mmdit)), "vae": AutoEncoder(family.vae)}
+        models |= fresh_text_encoders(family)
+    for m in (models["mmdit"], models["vae"]):
+        m.eval().requires_grad_(False)
     return models

@@ -5,10 +5,10 @@ the start. Targets are module-name suffixes: "attn.qkv" selects every `*.attn.qk
 "x_block.attn.qkv" only the image stream's, "mlp.fc1" both MLP inputs, and so on.
 
 diffusers' format (what `StableDiffusion3Pipeline.load_lora_weights` reads, PEFT naming):
-`transformer.transformer_blocks.{i}.attn.to_q.lora_A.weight`, `...lora_B.weight`. Our fused
-`qkv` is three diffusers layers (to_q, to_k, to_v; add_q_proj... for the context stream): they
-share lora_A and take a third of lora_B each. diffusers reads no alpha for SD3 (scale 1), so the
-saved lora_B carries the factor alpha / rank.
+`transformer.transformer_blocks.{i}.attn.to_q.lora_A.weight`, `...lora_B.weight`, written by
+`sd3.loras.convert` (our fused `qkv` is three diffusers layers sharing lora_A; the saved lora_B
+carries the factor alpha / rank, so diffusers' default scale 1 is right). The file loads back
+like any other LoRA (`sd3 generate --lora`, `sd3.loras`).
 """
 
 import math
@@ -18,7 +18,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from sd3.checkpoints import mmdit_diffusers_names, swap_halves
+from sd3.loras import LoRAFile, layers_of, match, merge_into_module
+from sd3.loras.convert import Update, diffusers_tensors
 from sd3.models.mmdit import MMDiT
 
 DEFAULT_TARGETS = ("attn.qkv", "attn.proj")  # diffusers' SD3 LoRA script default: attention only
@@ -45,6 +46,10 @@ class LoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.base(x) + self.scale * self.lora_B(self.lora_A(x))
 
+    def delta_factor(self) -> Tensor:
+        """scale * B [out, rank] in fp32: the up factor with the scale folded in."""
+        return self.scale * self.lora_B.weight.detach().float()
+
     def delta(self) -> Tensor:
         """The update to W: scale * B A [out, in]."""
         return self.scale * (self.lora_B.weight.float() @ self.lora_A.weight.float())
@@ -54,14 +59,9 @@ def _matches(name: str, targets: Sequence[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def add_lora(
-    mmdit: MMDiT, rank: int, alpha: float | None = None, targets: Sequence[str] = DEFAULT_TARGETS
-) -> dict[str, LoRALinear]:
-    """Freeze the MMDiT and put LoRA on the linear layers named by `targets`. Returns them by name."""
-    if rank < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-    alpha = float(rank if alpha is None else alpha)
-    mmdit.requires_grad_(False)
+def lora_targets(mmdit: MMDiT, targets: Sequence[str]) -> list[str]:
+    """The names of the MMDiT's linear layers that `targets` select (checkable on a model on the
+    meta device, before any weight is read), or a ValueError listing the layers there are."""
     linear = [
         name
         for name, m in mmdit.named_modules()
@@ -73,6 +73,18 @@ def add_lora(
         raise ValueError(
             f"LoRA targets {list(targets)} match no linear layer of the MMDiT; its layers are {kinds}"
         )
+    return chosen
+
+
+def add_lora(
+    mmdit: MMDiT, rank: int, alpha: float | None = None, targets: Sequence[str] = DEFAULT_TARGETS
+) -> dict[str, LoRALinear]:
+    """Freeze the MMDiT and put LoRA on the linear layers named by `targets`. Returns them by name."""
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    alpha = float(rank if alpha is None else alpha)
+    chosen = lora_targets(mmdit, targets)
+    mmdit.requires_grad_(False)
     layers = {}
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
@@ -98,55 +110,25 @@ def merge_lora(mmdit: nn.Module) -> MMDiT:
 
 
 # ---------------------------------------------------------------------------------------------
-# diffusers naming (`checkpoints.mmdit_diffusers_names`)
+# diffusers' format (`sd3.loras`)
 
 
 def to_diffusers(layers: Mapping[str, LoRALinear], depth: int) -> dict[str, Tensor]:
     """LoRA weights in diffusers' SD3 format; lora_B includes the alpha / rank scale."""
-    out = {}
-    for name, layer in layers.items():
-        targets, swapped = mmdit_diffusers_names(name, depth)
-        A = layer.lora_A.weight.detach().float()
-        B = layer.scale * layer.lora_B.weight.detach().float()
-        if swapped:
-            B = swap_halves(B)
-        for target, B_part in zip(targets, B.chunk(len(targets)), strict=True):
-            out[f"transformer.{target}.lora_A.weight"] = A.clone().contiguous()
-            out[f"transformer.{target}.lora_B.weight"] = B_part.contiguous()
-    return out
+    updates = [
+        Update("mmdit", name, layer.lora_A.weight.detach().float(), layer.delta_factor())
+        for name, layer in layers.items()
+    ]
+    return diffusers_tensors(updates, depth)
 
 
 @torch.no_grad()
 def merge_diffusers_lora(mmdit: MMDiT, state_dict: Mapping[str, Tensor], scale: float = 1.0) -> int:
-    """Add a diffusers-format SD3 LoRA (any rank, per-layer A) into the MMDiT's weights. Optional
-    `.alpha` entries (kohya style) scale their layer by alpha / rank. Returns the layers changed."""
-    ours = {}
-    for name, module in mmdit.named_modules():
-        if isinstance(module, nn.Linear) and not name.endswith((".lora_A", ".lora_B")):
-            try:
-                targets, swapped = mmdit_diffusers_names(
-                    name.removesuffix(".base"), mmdit.config.depth
-                )
-            except ValueError:
-                continue
-            for j, target in enumerate(targets):
-                ours[target] = (module, j, len(targets), swapped)
-    keys = {k.removeprefix("transformer.") for k in state_dict if k.endswith(".lora_A.weight")}
-    unknown = sorted(k for k in (k.removesuffix(".lora_A.weight") for k in keys) if k not in ours)
-    if unknown:
-        raise ValueError(f"LoRA layers with no counterpart in this MMDiT: {unknown[:5]}")
-    prefix = "transformer." if any(k.startswith("transformer.") for k in state_dict) else ""
-    for key in sorted(keys):
-        target = key.removesuffix(".lora_A.weight")
-        A = state_dict[f"{prefix}{target}.lora_A.weight"].float()
-        B = state_dict[f"{prefix}{target}.lora_B.weight"].float()
-        alpha = state_dict.get(f"{prefix}{target}.alpha")
-        factor = scale * (float(alpha) / A.shape[0] if alpha is not None else 1.0)
-        module, j, parts, swapped = ours[target]
-        delta = factor * (B @ A)
-        weight = module.weight
-        rows = weight.shape[0] // parts
-        if swapped:
-            delta = swap_halves(delta)
-        weight[j * rows : (j + 1) * rows] += delta.to(weight.dtype)
-    return len(keys)
+    """Add a LoRA in any format `sd3.loras` reads (diffusers' SD3 format from `to_diffusers`,
+    kohya's ...) into the MMDiT's weights. Returns the number of LoRA modules applied."""
+    lora = match(
+        LoRAFile.from_tensors(state_dict), {"mmdit": layers_of(mmdit)}, mmdit.config.depth,
+        scale=scale,
+    )  # fmt: skip
+    merge_into_module(mmdit, "mmdit", [lora])
+    return len(lora.applied)

@@ -9,17 +9,21 @@ function of (seed, step, sample), `resume` continues exactly, and N data-paralle
 
 Out folder: `checkpoint.safetensors` (trainable weights, EMA, AdamW state; step and config as JSON
 metadata; replaced atomically every `checkpoint_every` steps and at the end or on Ctrl-C) and
-`log.jsonl` (one line per step: loss, lr, grad norm, images/s).
+`log.jsonl` (one line of strict JSON per step: loss, lr, grad norm, images/s). A step whose loss
+or gradient is not finite raises `Diverged` before it changes the weights, and a checkpoint is
+never written with weights that are not finite: the last one written stays the last good one.
 """
 
 import json
 import math
+import os
 import signal
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,16 +35,24 @@ from tqdm import tqdm
 
 from sd3.kernels.hardware import warn_if_bf16_is_emulated
 from sd3.models.mmdit import MMDiT
+from sd3.pipeline import MAX_SEED
 from sd3.text import T5_MIN_LENGTH, TextEncoders
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .conditioning import TextCache, embed, t5_length_for, tokenize, truncation_report
+from .data import check_pairs
 from .flow import TimestepSampling, flow_loss
 from .lora import DEFAULT_TARGETS, add_lora
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "log.jsonl"
 TEXT_CACHE_BYTES = 8 * 2**30  # beyond this, frozen text encoders run every step instead
+SAME_SIGNAL_S = 1.0  # a signal repeated within this many seconds asks the same (`_catch_interrupt`)
+SEEDS = 2**64  # torch.Generator seeds: (seed, step) and (seed, epoch) map into them modulo this
+
+
+class Diverged(RuntimeError):
+    """Training stopped because the loss, the gradient or the weights stopped being finite."""
 
 
 @dataclass
@@ -73,20 +85,41 @@ class TrainConfig:
     # examples 2k and 2k + 1 form a pair (e.g. a scene and its mirror, `ShapesDataset`): shuffled
     # together into one batch, with the same noise, timestep and text dropout
     paired: bool = False
-    pair_contrast: float = 0.0  # extra weight on the difference of a pair's errors (`flow_loss`)
+    # > 0: the pairs' loss is `sd3.shapes.objective.pair_contrast_loss` of this weight
+    pair_contrast: float = 0.0
 
     def __post_init__(self):
         self.adam_betas = tuple(self.adam_betas)
         self.lora_targets = tuple(self.lora_targets)
-        positive = ("steps", "batch_size", "checkpoint_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "weight_decay", "grad_clip", "lora_rank"):
+        whole = {"steps": 1, "batch_size": 1, "checkpoint_every": 1, "warmup_steps": 0,
+                 "lora_rank": 0, "seed": 0}  # fmt: skip
+        for name, low in whole.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        if self.seed > MAX_SEED:
+            raise ValueError(f"seed must be <= 2**63 - 1, got {self.seed}")
+        numbers = ["lr", "weight_decay", "logit_mean", "logit_std", "mode_scale", "shift",
+                   "ema_decay", "grad_clip", "text_dropout", "pair_contrast"]  # fmt: skip
+        numbers += [n for n in ("text_encoder_lr", "lora_alpha") if getattr(self, n) is not None]
+        for name, value in [(n, getattr(self, n)) for n in numbers] + [
+            (f"adam_betas[{i}]", b) for i, b in enumerate(self.adam_betas)
+        ]:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
+        for name in ("weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
         if self.text_encoder_lr is not None:
             if not self.text_encoder_lr > 0:
                 raise ValueError(f"text_encoder_lr must be > 0, got {self.text_encoder_lr}")
@@ -100,8 +133,8 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.text_dropout <= 1:
             raise ValueError(f"text_dropout must be in [0, 1], got {self.text_dropout}")
-        if self.paired and self.batch_size % 2:
-            raise ValueError(f"paired examples need an even batch_size, got {self.batch_size}")
+        if self.paired:
+            check_pairs("paired examples need", {"batch_size": self.batch_size})
         if self.pair_contrast < 0 or (self.pair_contrast and not self.paired):
             raise ValueError(
                 f"pair_contrast must be >= 0 and needs paired, got {self.pair_contrast}"
@@ -133,15 +166,19 @@ def enable_gradient_checkpointing(mmdit: MMDiT) -> None:
 
 class FlowObjective(nn.Module):
     """The trainable networks and the loss as one module (what DDP wraps). With trainable text
-    encoders the prompts are encoded here, with autograd; otherwise (context, pooled) come cached."""
+    encoders the prompts are encoded here, with autograd; otherwise (context, pooled) come cached.
+    `loss` has `flow_loss`'s signature (an experiment may weight the error otherwise)."""
 
     def __init__(
-        self, mmdit: MMDiT, text_encoders: TextEncoders | None = None, pair_contrast: float = 0.0
+        self,
+        mmdit: MMDiT,
+        text_encoders: TextEncoders | None = None,
+        loss: Callable[..., Tensor] = flow_loss,
     ):
         super().__init__()
         self.mmdit = mmdit
         self.text_encoders = text_encoders
-        self.pair_contrast = pair_contrast
+        self.loss = loss
 
     def forward(
         self,
@@ -157,7 +194,7 @@ class FlowObjective(nn.Module):
     ) -> Tensor:
         if l_ids is not None:
             context, pooled = embed(self.text_encoders, l_ids, g_ids, t5_ids, t5_length)
-        return flow_loss(self.mmdit, x0, noise, sigma, context, pooled, self.pair_contrast)
+        return self.loss(self.mmdit, x0, noise, sigma, context, pooled)
 
 
 class Trainer:
@@ -179,8 +216,8 @@ class Trainer:
             raise ValueError(
                 f"need as many captions as latents (>= 1), got {len(captions)} and {len(latents)}"
             )
-        if config.paired and len(latents) % 2:
-            raise ValueError(f"paired examples need an even number of latents, got {len(latents)}")
+        if config.paired:
+            check_pairs("paired examples need", {"number of latents": len(latents)})
         self.config = c = config
         self.out_dir = Path(out_dir)
         self.metadata = metadata or {}
@@ -192,11 +229,9 @@ class Trainer:
             raise ValueError(
                 f"batch_size {c.batch_size} must be divisible by the number of processes {self.world}"
             )
-        if c.paired and (c.batch_size // self.world) % 2:
-            raise ValueError(
-                f"paired examples need an even batch per process, got {c.batch_size} over "
-                f"{self.world} processes"
-            )
+        if c.paired:  # every process's slice of the batch holds whole pairs
+            per_process = f"batch per process ({c.batch_size} over {self.world} processes)"
+            check_pairs("paired examples need", {per_process: c.batch_size // self.world})
         self.device = next(mmdit.parameters()).device
         if c.bf16 and self.device.type == "cpu" and self.rank == 0:
             warn_if_bf16_is_emulated("bf16 autocast on the CPU")
@@ -233,8 +268,13 @@ class Trainer:
             ) as bar:  # fmt: skip
                 self.text_cache = TextCache(text_encoders, captions, progress=bar.update)
             self.rows = self.text_cache.rows(captions)
+        loss = flow_loss
+        if c.pair_contrast:  # the mirror-pairs experiment's objective
+            from sd3.shapes.objective import pair_contrast_loss
+
+            loss = partial(pair_contrast_loss, weight=c.pair_contrast)
         self.objective = FlowObjective(
-            mmdit, text_encoders if self.text_cache is None else None, c.pair_contrast
+            mmdit, text_encoders if self.text_cache is None else None, loss
         )
         self.objective.train()
         trained = [(n, p) for n, p in self.objective.named_parameters() if p.requires_grad]
@@ -255,9 +295,11 @@ class Trainer:
         )
         self.ema = {n: p.detach().clone() for n, p in self.params.items()} if c.ema_decay else {}
         self.model = DistributedDataParallel(self.objective) if self.world > 1 else self.objective
-        if c.compile:  # fuses the elementwise ops small models are bound by (1.3x at hidden 192)
+        if c.compile:  # fuses the elementwise ops small models are bound by (docs/default-model.md)
             self.model = torch.compile(self.model)
         self.step = 0  # steps completed
+        self.saved_step: int | None = None  # the step of the checkpoint on disk, once known
+        self.interrupted: int | None = None  # the signal that stopped the last `train`, if one did
         self._orders: dict[int, Tensor] = {}
 
     # --- data and randomness ------------------------------------------------------------
@@ -265,7 +307,7 @@ class Trainer:
     def order(self, epoch: int) -> Tensor:
         """The shuffled units (examples, or pairs of them) of an epoch."""
         if epoch not in self._orders:
-            g = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
+            g = torch.Generator().manual_seed((self.config.seed * 100_003 + epoch) % SEEDS)
             units = len(self.latents) // self.unit
             self._orders = {epoch: torch.randperm(units, generator=g)}
         return self._orders[epoch]
@@ -281,7 +323,7 @@ class Trainer:
         size, n = c.batch_size // self.unit, len(self.latents) // self.unit
         numbers = range(step * size, (step + 1) * size)
         indices = torch.stack([self.order(k // n)[k % n] for k in numbers])
-        g = torch.Generator().manual_seed(c.seed * 1_000_003 + step)
+        g = torch.Generator().manual_seed((c.seed * 1_000_003 + step) % SEEDS)
         noise = torch.randn((size, *self.latents.shape[1:]), generator=g)
         sigma = self.sampling(torch.rand(size, generator=g))
         keep = torch.rand(size, 3, generator=g) >= c.text_dropout
@@ -331,6 +373,15 @@ class Trainer:
         loss.backward()
         params = list(self.params.values())
         grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip or math.inf)
+        # the gradient norm is the same in every process (DDP averages the gradients first), so
+        # all of them stop at the same step; a non-finite loss makes a non-finite gradient
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise Diverged(
+                f"step {self.step + 1}: the loss is {loss.item():.4g} and the gradient norm "
+                f"{grad_norm.item():.4g}; stopped before this step changed the weights "
+                f"({self.last_good()}; a lower learning rate often helps)"
+            )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -343,9 +394,11 @@ class Trainer:
     # --- the loop ------------------------------------------------------------------------
 
     def train(self) -> int:
-        """Train up to `config.steps`; returns the step reached (less on Ctrl-C)."""
+        """Train up to `config.steps`; returns the step reached (less on Ctrl-C or SIGTERM, which
+        finish the step, save and stop: `interrupted` is then the signal's number)."""
         c = self.config
-        stop = {"requested": False}
+        stop = {"requested": False, "signal": None}
+        self.interrupted = None
         restore = self._catch_interrupt(stop)
         log = open(self.out_dir / LOG, "a") if self.rank == 0 else None
         bar = tqdm(
@@ -363,7 +416,7 @@ class Trainer:
                     dist.all_reduce(summary)
                     summary[0] /= self.world
                 now = time.perf_counter()
-                speed = c.batch_size / (now - last)
+                speed = c.batch_size / max(now - last, 1e-9)
                 rate = speed if rate is None else 0.9 * rate + 0.1 * speed
                 last = now
                 if log is not None:
@@ -371,16 +424,15 @@ class Trainer:
                         "step": self.step, "loss": summary[0].item(), "lr": self.lr_at(self.step - 1),
                         "grad_norm": grad_norm.item(), "images_per_s": round(speed, 3),
                     }  # fmt: skip
-                    log.write(json.dumps(stats) + "\n")
+                    log.write(json.dumps(stats, allow_nan=False) + "\n")  # strict JSON
                     bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{rate:.1f}", refresh=False)
                 bar.update()
                 if self.step % c.checkpoint_every == 0 or self.step == c.steps or summary[1] > 0:
                     if log is not None:
                         log.flush()
                     self.save()
-                if summary[1] > 0:
-                    if self.rank == 0:
-                        bar.write(f"interrupted: saved step {self.step} to {self.checkpoint_path}")
+                if summary[1] > 0:  # the signal of this process, or the one torchrun sends
+                    self.interrupted = stop["signal"] or int(signal.SIGINT)
                     break
         finally:
             bar.close()
@@ -391,17 +443,13 @@ class Trainer:
 
     def _catch_interrupt(self, stop: dict):
         """Ctrl-C (or SIGTERM, as torchrun and schedulers send) finishes the current step, saves
-        and stops; a second one aborts at once (the last checkpoint stays intact)."""
+        and stops; a second one aborts at once, even mid-save (the checkpoint file is replaced in
+        one step, so it holds the previous save or this one, never a torn file). A repeat within
+        SAME_SIGNAL_S is the same request: torchrun passes the terminal's Ctrl-C on to workers
+        that the terminal told already."""
         signals = (signal.SIGINT, signal.SIGTERM)
         try:
             previous = {s: signal.getsignal(s) for s in signals}
-
-            def handler(signum, frame):
-                stop["requested"] = True
-                signal.signal(signum, previous[signum])
-
-            for s in signals:
-                signal.signal(s, handler)
         except ValueError:  # not the main thread: no handler
             return lambda: None
 
@@ -409,6 +457,22 @@ class Trainer:
             for s, h in previous.items():
                 signal.signal(s, h)
 
+        def handler(signum, frame):
+            now = time.monotonic()
+            if stop["signal"] is None:
+                stop["requested"], stop["signal"], stop["at"] = True, signum, now
+            elif now - stop["at"] >= SAME_SIGNAL_S:  # asked again: abort as if never caught
+                restore()
+                if callable(previous[signum]):
+                    previous[signum](signum, frame)
+                else:
+                    os.kill(os.getpid(), signum)
+
+        try:
+            for s in signals:
+                signal.signal(s, handler)
+        except ValueError:
+            return lambda: None
         return restore
 
     # --- checkpoints -----------------------------------------------------------------------
@@ -426,8 +490,21 @@ class Trainer:
                 tensors[f"optimizer.{names[i]}.{key}"] = value
         return tensors
 
+    def last_good(self) -> str:
+        """Where the last good weights are, in words."""
+        if self.saved_step is None:
+            return "no checkpoint was written"
+        return f"{self.checkpoint_path} still holds step {self.saved_step}"
+
     def save(self) -> None:
-        """Write the checkpoint (process 0; the others wait, so no one runs ahead of a save)."""
+        """Write the checkpoint (process 0; the others wait, so no one runs ahead of a save);
+        `Diverged`, with nothing written, if a weight is no longer finite."""
+        broken = [n for n, p in self.params.items() if not torch.isfinite(p).all()]
+        if broken:
+            raise Diverged(
+                f"step {self.step}: {len(broken)} weight tensors are no longer finite (e.g. "
+                f"{broken[0]}); not saved ({self.last_good()}; a lower learning rate often helps)"
+            )
         if self.rank == 0:
             state = {
                 "step": self.step,
@@ -438,6 +515,7 @@ class Trainer:
             save_checkpoint(self.checkpoint_path, self.state_tensors(), state)
         if self.world > 1:
             dist.barrier()
+        self.saved_step = self.step
 
     def resume(self, path: str | Path | None = None) -> int:
         """Load a checkpoint written by `save` (default: this out_dir's); returns its step."""
@@ -468,7 +546,7 @@ class Trainer:
                 optim_state[i] = entry
         groups = self.optimizer.state_dict()["param_groups"]
         self.optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
-        self.step = int(state["step"])
+        self.step = self.saved_step = int(state["step"])
         if self.rank == 0:
             self._truncate_log()
         return self.step
@@ -484,7 +562,9 @@ class Trainer:
                         kept.append(line)
                 except (json.JSONDecodeError, KeyError, TypeError):
                     pass  # a line cut short by a kill
-            path.write_text("".join(line + "\n" for line in kept))
+            tmp = path.with_name(f".{LOG}.tmp-{os.getpid()}")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)  # a kill meanwhile leaves the old log, never half of it
 
     # --- results ---------------------------------------------------------------------------
 
