@@ -55,9 +55,12 @@ def browser() -> None:
     print("quickstart: installing chromium and chromium-driver with apt-get", flush=True)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     quiet = {"env": env, "stdout": subprocess.DEVNULL}
-    if subprocess.run(["apt-get", "update", "-qq"], **quiet).returncode or subprocess.run(
-        ["apt-get", "install", "-y", "-qq", "chromium", "chromium-driver"], **quiet
-    ).returncode:
+    if (
+        subprocess.run(["apt-get", "update", "-qq"], **quiet).returncode
+        or subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "chromium", "chromium-driver"], **quiet
+        ).returncode
+    ):
         print("quickstart: apt-get could not install chromium", flush=True)
 
 

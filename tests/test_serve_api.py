@@ -159,8 +159,8 @@ def test_a1111_img2img(client):
     body.update(init_images=["data:image/jpeg;base64," + jpeg], width=128, height=128)
     assert client.post("/sdapi/v1/img2img", json=body).status_code == 200
     refused(client.post("/sdapi/v1/img2img", json={"prompt": "x"}), 422, "init_images")
-    masked = {**body, "mask": png_b64(Image.new("L", (128, 128), 255))}
-    refused(client.post("/sdapi/v1/img2img", json=masked), 422, "mask")
+    latent_masked = {**body, "latent_mask": png_b64(Image.new("L", (128, 128), 255))}
+    refused(client.post("/sdapi/v1/img2img", json=latent_masked), 422, "latent_mask")
     refused(client.post("/sdapi/v1/img2img", json={**body, "resize_mode": 1}), 422, "resize_mode")
 
 
@@ -200,8 +200,17 @@ def test_a1111_listings_and_options(client):
     options = client.get("/sdapi/v1/options").json()
     assert options["sd_model_checkpoint"] == model[0]["title"]
     assert options["samples_format"] == "png"
-    assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": model[0]["title"]}).status_code == 200
-    refused(client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "other"}), 422, "sd_model_checkpoint")
+    assert (
+        client.post(
+            "/sdapi/v1/options", json={"sd_model_checkpoint": model[0]["title"]}
+        ).status_code
+        == 200
+    )
+    refused(
+        client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "other"}),
+        422,
+        "sd_model_checkpoint",
+    )
     refused(client.post("/sdapi/v1/options", json={"samples_format": "jpg"}), 422, "samples_format")
     refused(client.post("/sdapi/v1/options", json={"no_such_option": 1}), 422, "no_such_option")
     assert client.get("/sdapi/v1/loras").json() == []
@@ -253,13 +262,18 @@ def test_png_info_reads_sd3_and_a1111_pngs(client):
         "sampler": "euler_ancestral", "cfg": 3.5, "seed": 99, "width": 128, "height": 128,
     }  # fmt: skip
     assert theirs["left_out"] == ["Schedule type", "Lora hashes"]
-    refused(client.post("/v1/png-info", json={"image": png_b64(Image.new("RGB", (8, 8)))}), 422, "image")
+    refused(
+        client.post("/v1/png-info", json={"image": png_b64(Image.new("RGB", (8, 8)))}), 422, "image"
+    )
     jpeg = png_b64(Image.new("RGB", (8, 8)), format="JPEG")
     refused(client.post("/v1/png-info", json={"image": jpeg}), 422, "image")
     # a tampered sd3 chunk: one error naming the field
     bad = PngImagePlugin.PngInfo()
     bad.add_text("sd3", json.dumps({"settings": {"prompt": 1}, "files": {}}))
-    text = refused(client.post("/v1/png-info", json={"image": png_b64(Image.new("RGB", (8, 8)), pnginfo=bad)}), 422)
+    text = refused(
+        client.post("/v1/png-info", json={"image": png_b64(Image.new("RGB", (8, 8)), pnginfo=bad)}),
+        422,
+    )
     assert "settings" in text
 
 
@@ -332,7 +346,9 @@ def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims a huge image: refused before any pixel is decoded."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     idat = zlib.compress(b"\0" * 64)
@@ -360,10 +376,22 @@ def png_header_only(width: int, height: int) -> bytes:
         ({"prompt": PROMPT, "denoise": 0.5}, "denoise"),
         ({"prompt": PROMPT, "slg": {"layers": [99], "scale": 2.0}}, "skip-layer"),
         ({"prompt": PROMPT, "init_image": "not base64!"}, "init_image"),
-        ({"prompt": PROMPT, "init_image": base64.b64encode(b"not an image").decode()}, "init_image"),
+        (
+            {"prompt": PROMPT, "init_image": base64.b64encode(b"not an image").decode()},
+            "init_image",
+        ),
         ({"prompt": PROMPT, "init_image": png_b64(Image.new("RGB", (1024, 1024)))}, "init_image"),
-        ({"prompt": PROMPT, "init_image": base64.b64encode(png_header_only(BOMB_SIDE, BOMB_SIDE)).decode()}, "init_image"),
-        ({"prompt": PROMPT, "init_image": png_b64(Image.new("RGB", (8, 8)), format="GIF")}, "init_image"),
+        (
+            {
+                "prompt": PROMPT,
+                "init_image": base64.b64encode(png_header_only(BOMB_SIDE, BOMB_SIDE)).decode(),
+            },
+            "init_image",
+        ),
+        (
+            {"prompt": PROMPT, "init_image": png_b64(Image.new("RGB", (8, 8)), format="GIF")},
+            "init_image",
+        ),
         ({"prompt": "x" * 10_001}, "prompt"),
         ({"prompt": PROMPT, "t5_length": 100_000}, "t5_length"),
     ],
@@ -378,9 +406,13 @@ def test_bad_native_requests_get_one_422_naming_the_field(client, body, field):
 
 
 def test_malformed_json_oversized_bodies_and_unknown_jobs(client):
-    r = client.post("/v1/jobs", content=b'{"prompt": "x", ', headers={"content-type": "application/json"})
+    r = client.post(
+        "/v1/jobs", content=b'{"prompt": "x", ', headers={"content-type": "application/json"}
+    )
     assert r.status_code == 422 and "json" in r.text.lower()
-    r = client.post("/sdapi/v1/txt2img", content=b"\xff\xfe", headers={"content-type": "application/json"})
+    r = client.post(
+        "/sdapi/v1/txt2img", content=b"\xff\xfe", headers={"content-type": "application/json"}
+    )
     assert 400 <= r.status_code < 500
     r = client.post("/v1/jobs", json={"prompt": "x", "init_image": "A" * 3_000_000})
     assert r.status_code == 413
@@ -439,7 +471,9 @@ def test_compatible_jobs_share_a_batch_and_get_their_own_images(client):
 
 
 def test_images_are_served_by_name_only_from_the_history(client, server):
-    (server.outputs / "planted.png").write_bytes(base64.b64decode(png_b64(Image.new("RGB", (4, 4)))))
+    (server.outputs / "planted.png").write_bytes(
+        base64.b64decode(png_b64(Image.new("RGB", (4, 4))))
+    )
     for path in (
         "/v1/images/planted.png",  # in the folder, not made by the server
         "/v1/images/history.sqlite3",
@@ -477,13 +511,20 @@ def test_docs_and_the_page_are_served_offline(client):
     assert "cdn" not in docs.text.lower()
     assert client.get("/docs-static/swagger-ui-bundle.js").status_code == 200
     schema = client.get("/openapi.json").json()
-    assert {"/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/v1/jobs", "/v1/history"} <= set(schema["paths"])
+    assert {"/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/v1/jobs", "/v1/history"} <= set(
+        schema["paths"]
+    )
     page = client.get("/")
-    assert page.status_code == 200 and "default-src 'self'" in page.headers["content-security-policy"]
+    assert (
+        page.status_code == 200 and "default-src 'self'" in page.headers["content-security-policy"]
+    )
     for asset in ("/static/page.js", "/static/page.css"):
         text = client.get(asset).text
         assert "http://" not in text and "https://" not in text
-    assert "access-control-allow-origin" not in client.get("/v1/health", headers={"Origin": "http://elsewhere.test"}).headers
+    assert (
+        "access-control-allow-origin"
+        not in client.get("/v1/health", headers={"Origin": "http://elsewhere.test"}).headers
+    )
 
 
 # --- its own processes: auth, CORS, binding, SIGTERM and restart -----------------------------
@@ -491,18 +532,26 @@ def test_docs_and_the_page_are_served_offline(client):
 
 def test_an_api_key_guards_everything_but_the_page(tmp_path):
     key = "correct horse battery staple"
-    server = ServerProcess(tmp_path, "--api-key", key, "--cors", "http://page.test", "--no-previews")
+    server = ServerProcess(
+        tmp_path, "--api-key", key, "--cors", "http://page.test", "--no-previews"
+    )
     try:
         with server.client() as c:
             r = c.get("/v1/info")
             assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
-            assert c.get("/sdapi/v1/sd-models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+            assert (
+                c.get("/sdapi/v1/sd-models", headers={"Authorization": "Bearer wrong"}).status_code
+                == 401
+            )
             assert c.post("/v1/jobs", json={"prompt": "x"}).status_code == 401
             assert c.get("/v1/images/x.png").status_code == 401
             good = {"Authorization": f"Bearer {key}"}
             assert c.get("/v1/info", headers=good).status_code == 200
             basic = base64.b64encode(f"user:{key}".encode()).decode()  # A1111 clients' --api-auth
-            assert c.get("/sdapi/v1/options", headers={"Authorization": f"Basic {basic}"}).status_code == 200
+            assert (
+                c.get("/sdapi/v1/options", headers={"Authorization": f"Basic {basic}"}).status_code
+                == 200
+            )
             for public in ("/", "/static/page.js", "/v1/health", "/docs", "/openapi.json"):
                 assert c.get(public).status_code == 200, public
             # CORS for the named origin only, preflight included

@@ -1,8 +1,8 @@
 """The page at `/` in real headless Chromium (Debian's chromium and chromium-driver, driven by
 selenium): type a prompt, generate with the bundled model (Ctrl+Enter), see the progress and a
 step preview, the images in the gallery, still there after a reload; use an image's settings;
-drop an A1111 PNG to load its settings; img2img from an uploaded file; a refused request shown
-on the page. Screenshots go to the test's folder; the console must stay free of errors.
+drop an A1111 PNG to load its settings; img2img from an uploaded file, then inpainting with the
+mask brush; a refused request shown on the page. Screenshots go to the test's folder; the console must stay free of errors.
 
 `python3 quickstart.py test` installs chromium where it is missing and apt can (CI runs as
 root); elsewhere without chromium this test skips, saying why. On CI it fails instead."""
@@ -10,8 +10,8 @@ root); elsewhere without chromium this test skips, saying why. On CI it fails in
 import json
 import os
 import shutil
-import time
 
+import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 from serve_helpers import ServerProcess, png_b64
@@ -29,9 +29,10 @@ if CHROMIUM is None or DRIVER is None:
 selenium = pytest.importorskip("selenium", reason="needs selenium (the test extra)")
 
 from selenium import webdriver  # noqa: E402
-from selenium.webdriver.chrome.options import Options  # noqa: E402
 from selenium.common.exceptions import TimeoutException  # noqa: E402
+from selenium.webdriver.chrome.options import Options  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -185,10 +186,35 @@ def test_the_page_generates_shows_progress_keeps_history_and_reads_pngs(server, 
         d.find_element(By.ID, field).send_keys(str(value))
     d.find_element(By.ID, "generate").click()
     # (the reload emptied the jobs column)
-    newest = wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#jobs .job-card"), what="a card")[0]
+    newest = wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#jobs .job-card"), what="a card")[
+        0
+    ]
     wait(d, lambda d: newest.get_attribute("data-state") == "done", what="the img2img job")
     wait(d, lambda d: loaded_images(d, "#gallery .item img") == 3, what="three in the gallery")
     d.save_screenshot(str(tmp_path / "5-img2img.png"))
+    assert errors(d) == []
+
+    # inpainting: paint a stroke down the left of the image with the mask brush
+    canvas = d.find_element(By.ID, "mask-canvas")
+    wait(d, lambda d: canvas.is_displayed(), what="the mask brush")
+    assert canvas.size["width"] == 128  # shown at the image's size
+    d.find_element(By.ID, "denoise").clear()
+    d.find_element(By.ID, "denoise").send_keys("1")
+    d.find_element(By.ID, "mask-blur").clear()
+    d.find_element(By.ID, "mask-blur").send_keys("0")
+    ActionChains(d).move_to_element_with_offset(canvas, -44, -60).click_and_hold().move_by_offset(
+        0, 60
+    ).move_by_offset(0, 60).release().perform()  # x = 20 of 128, top to bottom
+    d.save_screenshot(str(tmp_path / "6-brush.png"))
+    d.find_element(By.ID, "generate").click()
+    wait(d, lambda d: loaded_images(d, "#gallery .item img") == 4, what="the inpainted image")
+    newest = d.find_element(By.CSS_SELECTOR, "#gallery .item").get_attribute("data-name")
+    stored = json.loads(Image.open(server.outputs / newest).text["sd3"])["settings"]
+    assert stored["inpaint"] is not None and stored["inpaint"]["mask_blur"] == 0
+    inpainted = np.asarray(Image.open(server.outputs / newest).convert("RGB"), np.int16)
+    assert (inpainted[:, 48:] == (20, 160, 40)).all()  # unpainted: the input's pixels
+    assert np.abs(inpainted[:, 16:24] - (20, 160, 40)).mean() > 10  # painted: repainted
+    d.save_screenshot(str(tmp_path / "7-inpainted.png"))
     assert errors(d) == []
 
     # a request the server refuses: its reason on the page
@@ -197,7 +223,7 @@ def test_the_page_generates_shows_progress_keeps_history_and_reads_pngs(server, 
     d.find_element(By.ID, "width").send_keys("100")
     d.find_element(By.ID, "generate").click()
     wait(d, lambda d: "width" in d.find_element(By.ID, "message").text, what="the refusal")
-    d.save_screenshot(str(tmp_path / "6-refused.png"))
+    d.save_screenshot(str(tmp_path / "8-refused.png"))
     # the only console line: the browser's own note of the 422
     assert all("422" in e for e in errors(d)), errors(d)
     print(f"screenshots in {tmp_path}")

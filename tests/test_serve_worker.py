@@ -60,11 +60,11 @@ def test_a_job_that_fails_in_a_shared_batch_fails_alone(service, monkeypatch):
     generate = service.pipe.generate
     calls = []
 
-    def failing(s, init_image=None, callback=None, conditioning=None, noise=None):
+    def failing(s, init_image=None, callback=None, mask_image=None, conditioning=None, noise=None):
         calls.append(s.num_images if conditioning is not None else s.prompt)
         if s.prompt == "boom" or (conditioning is not None and s.num_images == 3):
             raise RuntimeError("the model fell over")
-        return generate(s, init_image, callback, conditioning, noise)
+        return generate(s, init_image, callback, mask_image, conditioning=conditioning, noise=noise)
 
     blocker = hold(service)
     jobs = [service.new_job({"prompt": p}) for p in ("boom", "fine", "also fine")]
@@ -122,6 +122,9 @@ def test_batch_keys_group_only_what_makes_the_same_images(service):
     assert service.new_job({"prompt": "x", "sampler": "euler_ancestral"}).batch_key is None
     init = Image.new("RGB", (128, 128))
     assert service.new_job({"prompt": "x", "denoise": 0.5}, init_image=init).batch_key is None
+    mask = Image.new("L", (128, 128), 255)
+    masked = service.new_job({"prompt": "x", "inpaint": {}}, init_image=init, mask=mask)
+    assert masked.batch_key is None and masked.settings.inpaint is not None
 
 
 def test_the_preview_map_follows_the_decoder(pipe):
@@ -162,7 +165,7 @@ def test_history_pages_and_searches_with_literal_wildcards(tmp_path):
 def test_a1111_infotext_reads_back_as_a1111_reads_it():
     text = (
         'a cat, "quoted"\nsecond line\nNegative prompt: ugly, blurry\nmore negative\n'
-        'Steps: 20, Sampler: DPM++ 2M, CFG scale: 7, Seed: 1234, Size: 512x768, '
+        "Steps: 20, Sampler: DPM++ 2M, CFG scale: 7, Seed: 1234, Size: 512x768, "
         'Lora hashes: "a: 1, b: 2", Denoising strength: 0.5, Version: v1.9'
     )
     found = metadata.parse_parameters(text)
@@ -182,6 +185,10 @@ def test_a1111_infotext_reads_back_as_a1111_reads_it():
     assert metadata.settings_from_parameters("x\nSteps: many, Seed: 1, Sampler: LMS")[1] == [
         "Steps", "Sampler"
     ]  # fmt: skip
-    for name, ours in (("Euler a", "euler_ancestral"), ("k_heun", "heun"), ("dpm++ 2m sde", "dpmpp_2m_sde")):
+    for name, ours in (
+        ("Euler a", "euler_ancestral"),
+        ("k_heun", "heun"),
+        ("dpm++ 2m sde", "dpmpp_2m_sde"),
+    ):
         assert metadata.sampler_named(name) == ours
     assert metadata.sampler_named("DDIM") is None

@@ -3,11 +3,19 @@
 Requests carry A1111's field names and types; fields left out take the served model's
 defaults (A1111's own defaults are SD1.5's: 512x512, 50 steps, CFG 7). An A1111 field that
 would change the result where sd3 cannot follow (hires fix, face restoration, tiling,
-subseeds, scripts, inpainting masks until inpainting lands, ...) is refused with a 422 naming
-it; one that changes nothing here (saving options, hires settings with hires off, ...) is
+subseeds, scripts, latent masks, ...) is refused with a 422 naming it; one that changes nothing here (saving options, hires settings with hires off, ...) is
 ignored, and so are keys A1111 does not know either (as A1111 does); `info` lists those.
 Samplers go by A1111's names (`metadata.A1111_SAMPLERS`). Responses are A1111's: base64 PNGs
 with sd3's metadata, the request echoed as `parameters`, and `info` as a JSON string.
+
+Inpainting (`img2img` with `mask`, white = repaint) maps onto `sd3.inpainting`: `mask_blur`
+(or equal `mask_blur_x`/`_y`) is the Gaussian feather's sigma in pixels, as A1111's;
+`inpaint_full_res` ("only masked") crops a box around the mask grown by
+`inpaint_full_res_padding` and pastes the result back; `inpainting_mask_invert` 1 inverts the
+mask; `inpainting_fill` 1 ("original") is sd3's blend, 0 ("fill") first fills the masked area
+with the colours around it (A1111's `masking.fill`), and 2/3 ("latent noise"/"nothing") differ
+from "original" only below denoising strength 1, where they are refused. LoRAs come as A1111's
+`<lora:name:strength>` tags in the prompt, by the names the server has (`GET /loras`).
 """
 
 import base64
@@ -18,6 +26,7 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException
 from fastapi.concurrency import run_in_threadpool
+from PIL import Image, ImageFilter, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import metadata
@@ -97,7 +106,7 @@ class Img2ImgRequest(A1111Request):
     init_images: list[str] | None = None
     resize_mode: int = 0
     image_cfg_scale: float | None = None
-    mask: str | None = Field(None, description="inpainting: refused until it lands")
+    mask: str | None = Field(None, description="inpainting: base64 image, white = repaint")
     mask_blur_x: int = 4
     mask_blur_y: int = 4
     mask_blur: int | None = None
@@ -148,7 +157,6 @@ REFUSED_UNLESS = {
     "infotext": _off,
     "firstpass_image": _off,
     "resize_mode": _is(0),  # 0: just resize, what sd3 does
-    "mask": _off,  # inpainting lands later
     "latent_mask": _off,
     "initial_noise_multiplier": _is(1),
 }
@@ -217,6 +225,70 @@ def request_settings(service: Service, req: A1111Request, img2img: bool) -> dict
     return given
 
 
+FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
+
+
+def inpaint_settings(req: Img2ImgRequest, denoise: float) -> dict:
+    """A1111's inpainting fields as `Inpaint`'s, or one RequestError naming the field."""
+    if req.mask_blur is not None:
+        blur = req.mask_blur
+    elif req.mask_blur_x == req.mask_blur_y:
+        blur = req.mask_blur_x
+    else:
+        raise RequestError(
+            "mask_blur_x", "mask_blur_x and mask_blur_y must agree (sd3 blurs both ways alike)"
+        )
+    if blur < 0:
+        raise RequestError("mask_blur", f"mask_blur must be >= 0, got {blur}")
+    if req.inpaint_full_res_padding < 0:
+        raise RequestError(
+            "inpaint_full_res_padding",
+            f"inpaint_full_res_padding must be >= 0, got {req.inpaint_full_res_padding}",
+        )
+    if req.inpainting_fill not in FILLS:
+        raise RequestError(
+            "inpainting_fill", f"inpainting_fill must be one of 0-3, got {req.inpainting_fill}"
+        )
+    if req.inpainting_fill in (2, 3) and denoise < 1:
+        raise RequestError(
+            "inpainting_fill",
+            f"inpainting_fill {req.inpainting_fill} ({FILLS[req.inpainting_fill]}) is not "
+            "supported below denoising_strength 1; use 1 (original) or 0 (fill)",
+        )
+    if req.inpainting_mask_invert not in (0, 1):
+        raise RequestError("inpainting_mask_invert", "inpainting_mask_invert must be 0 or 1")
+    crop = req.inpaint_full_res_padding if req.inpaint_full_res else None
+    return {"mask_blur": float(blur), "crop": crop}
+
+
+def fill(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """A1111's `masking.fill`: the masked area painted with ever less blurred copies of the
+    unmasked pixels, so that it starts from the colours around it."""
+    out = Image.new("RGBA", image.size)
+    kept = Image.new("RGBa", image.size)
+    kept.paste(image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
+    for radius, repeats in ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)):
+        blurred = kept.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+        for _ in range(repeats):
+            out.alpha_composite(blurred)
+    return out.convert("RGB")
+
+
+def inpainting_inputs(
+    service: Service, req: Img2ImgRequest, image: Image.Image, denoise: float
+) -> tuple[Image.Image, Image.Image, dict]:
+    """(init image, mask, Inpaint's fields) of an img2img request with a mask."""
+    inpaint = inpaint_settings(req, denoise)
+    mask = service.decode_image(req.mask, "mask").convert("L")
+    if req.inpainting_mask_invert:
+        mask = ImageOps.invert(mask)
+    if mask.size != image.size:
+        mask = mask.resize(image.size, Image.Resampling.BILINEAR)
+    if req.inpainting_fill == 0:
+        image = fill(image, mask)
+    return image, mask, inpaint
+
+
 def ignored_fields(req: A1111Request) -> list[str]:
     return sorted(req.model_extra or {})
 
@@ -225,8 +297,11 @@ def info_json(service: Service, req: A1111Request, job, ignored: list[str]) -> s
     """A1111's `Processed.js()`, from the job's settings."""
     s = job.settings
     n = s.num_images
+    records = service.worker.job_records(job)
     infotexts = [
-        metadata.a1111_parameters(replace(s, seed=s.seed + i, num_images=1), service.records["model"])
+        metadata.a1111_parameters(
+            replace(s, seed=s.seed + i, num_images=1), records["model"], records.get("loras", [])
+        )
         for i in range(n)
     ]
     return json.dumps(
@@ -262,6 +337,7 @@ def info_json(service: Service, req: A1111Request, job, ignored: list[str]) -> s
             "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)),
             "clip_skip": 1,
             "is_using_inpainting_conditioning": False,
+            "inpainting": s.inpaint is not None,
             "version": VERSION,
             "interrupted": job.state == CANCELLED,
             "sd3": {"job_id": job.id, "images": [i["name"] for i in job.images]},
@@ -275,12 +351,18 @@ def router(service: Service) -> APIRouter:
 
     async def run(req: A1111Request, img2img: bool) -> dict:
         given = request_settings(service, req, img2img)
-        image = None
+        given["prompt"], loras = service.prompt_loras(given["prompt"])
+        service.check_loras(loras, "prompt")  # a 422 names where the tags came from
+        image = mask = None
         if img2img:
             if not req.init_images:
                 raise RequestError("init_images", "init_images must hold one base64 image")
             image = await run_in_threadpool(service.decode_image, req.init_images[0], "init_images")
-        job = service.new_job(given, image, "a1111")
+            if req.mask:
+                image, mask, given["inpaint"] = await run_in_threadpool(
+                    inpainting_inputs, service, req, image, given["denoise"]
+                )
+        job = service.new_job(given, image, "a1111", mask=mask, loras=loras)
         service.queue.submit(job)
         await service.hub.until_ended(job)
         if job.state not in (DONE, CANCELLED):
@@ -370,8 +452,13 @@ def router(service: Service) -> APIRouter:
     @api.get("/schedulers")
     def schedulers() -> list[dict]:
         return [
-            {"name": "simple", "label": "Simple", "aliases": ["automatic"], "default_rho": -1,
-             "need_inner_model": False}  # fmt: skip
+            {
+                "name": "simple",
+                "label": "Simple",
+                "aliases": ["automatic"],
+                "default_rho": -1,
+                "need_inner_model": False,
+            }  # fmt: skip
         ]
 
     @api.get("/options")
@@ -411,7 +498,17 @@ def router(service: Service) -> APIRouter:
             "parameters": metadata.parse_parameters(parameters) if parameters else {},
         }
 
-    for listing in ("loras", "upscalers", "latent-upscale-modes", "sd-vae"):
+    @api.get("/loras", summary="The LoRAs this server has, for <lora:name:strength> tags")
+    def loras() -> list[dict]:
+        return [
+            {"name": name, "alias": name, "path": path.name, "metadata": {}}
+            for name, path in sorted(service.loras.items())
+        ]
+
+    api.add_api_route(
+        "/refresh-loras", lambda: None, methods=["POST"], summary="Nothing: fixed at start"
+    )
+    for listing in ("upscalers", "latent-upscale-modes", "sd-vae"):
         api.add_api_route(f"/{listing}", lambda: [], methods=["GET"], summary="none here")
     api.add_api_route(
         "/scripts", lambda: {"txt2img": [], "img2img": []}, methods=["GET"], summary="none here"

@@ -153,7 +153,9 @@ class LimitBody:
             await send_json(send, 413, self.message())
 
     def message(self) -> dict:
-        return {"detail": f"the request body is larger than this server takes ({self.max_bytes} bytes)"}
+        return {
+            "detail": f"the request body is larger than this server takes ({self.max_bytes} bytes)"
+        }
 
 
 class RequireKey:

@@ -53,6 +53,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="folder for the images and history.sqlite3 (default: ./outputs, made if missing)",
     )  # fmt: skip
     p.add_argument(
+        "--lora-dir", metavar="DIR",
+        help="LoRA files (*.safetensors) requests may choose by name (the file name without "
+        "its extension) and strength; they run beside the weights, not merged",
+    )  # fmt: skip
+    p.add_argument(
         "--cors", action="append", default=[], metavar="ORIGIN",
         help="allow browser pages from ORIGIN (repeatable; default: none)",
     )  # fmt: skip
@@ -72,9 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--shutdown-grace", type=float, default=30.0,
         help="on SIGTERM, seconds the running job may take to finish before it stops (default: 30)",
     )  # fmt: skip
-    p.add_argument(
-        "--no-previews", action="store_true", help="no step previews (no fit at start)"
-    )
+    p.add_argument("--no-previews", action="store_true", help="no step previews (no fit at start)")
     p.add_argument("--access-log", action="store_true", help="log every request")
 
 
@@ -124,6 +127,19 @@ def outputs_folder(text: str) -> Path:
     return folder.resolve()
 
 
+def lora_folder(text: str | None) -> dict[str, Path]:
+    """{name: file} of the LoRA files in `--lora-dir` (not its subfolders)."""
+    if text is None:
+        return {}
+    folder = Path(text)
+    if not folder.is_dir():
+        raise ValueError(f"--lora-dir {text}: no such folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix == ".safetensors" and p.is_file())
+    if not files:
+        raise ValueError(f"--lora-dir {text}: no .safetensors files in it")
+    return {p.stem: p.resolve() for p in files}
+
+
 def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -132,7 +148,9 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise ValueError(f"cannot bind {host}:{port} ({os.strerror(e.errno) if e.errno else e})") from None
+        raise ValueError(
+            f"cannot bind {host}:{port} ({os.strerror(e.errno) if e.errno else e})"
+        ) from None
     return sock
 
 
@@ -145,14 +163,22 @@ def run(args: argparse.Namespace) -> int:
     device = parse_device(args.device)
     files = model_files(args)
     outputs = outputs_folder(args.outputs)
+    loras = lora_folder(args.lora_dir)
     pipe = open_pipeline(files, device, args.low_memory, args.compile)
+    merged = {Path(lo["path"]).stem for lo in files.get("loras", [])}
+    if merged & set(loras):
+        raise ValueError(
+            f"--lora and --lora-dir both have {sorted(merged & set(loras))}: give each once"
+        )
+    for path in loras.values():  # matched against the model now, read with the weights
+        pipe.load_lora(path, 0.0)
     defaults = resolve_settings(args, pipe, None)
     check_settings(defaults, pipe.config, has_init_image=False)
     sock = bind(host, args.port)
 
     load_weights(pipe, files)
     previews = None if args.no_previews else preview.fit(pipe.vae, pipe.device, pipe.dtype)
-    service = Service(pipe, files, defaults, outputs, limits, previews, args.shutdown_grace)
+    service = Service(pipe, files, defaults, outputs, limits, previews, args.shutdown_grace, loras)
     service.start()
     app = create_app(service, key, args.cors)
     config = uvicorn.Config(

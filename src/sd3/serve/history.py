@@ -77,9 +77,16 @@ class History:
             (
                 "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    job["id"], job["state"], job["source"], job["created"], job["started"],
-                    job["finished"], json.dumps(job["settings"]), job["error"],
-                    json.dumps(job["timings"]), json.dumps([i["name"] for i in images]),
+                    job["id"],
+                    job["state"],
+                    job["source"],
+                    job["created"],
+                    job["started"],
+                    job["finished"],
+                    json.dumps(job["settings"]),
+                    job["error"],
+                    json.dumps(job["timings"]),
+                    json.dumps([i["name"] for i in images]),
                 ),
             )  # fmt: skip
         ]
@@ -90,9 +97,17 @@ class History:
                     "INSERT INTO images (name, job_id, created, prompt, negative_prompt, seed, "
                     "width, height, settings, model, timings) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
-                        image["name"], job["id"], job["finished"], s["prompt"],
-                        s["negative_prompt"], s["seed"], s["width"], s["height"], json.dumps(s),
-                        image["model"], json.dumps(job["timings"]),
+                        image["name"],
+                        job["id"],
+                        job["finished"],
+                        s["prompt"],
+                        s["negative_prompt"],
+                        s["seed"],
+                        s["width"],
+                        s["height"],
+                        json.dumps(s),
+                        image["model"],
+                        json.dumps(job["timings"]),
                     ),
                 )  # fmt: skip
             )
@@ -120,7 +135,9 @@ class History:
         or the negative prompt, case-insensitive for ASCII."""
         where, args = "", ()
         if query:
-            pattern = "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            pattern = (
+                "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            )
             where = "WHERE prompt LIKE ? ESCAPE '\\' OR negative_prompt LIKE ? ESCAPE '\\'"
             args = (pattern, pattern)
         with self._lock:

@@ -61,6 +61,8 @@ def new_job_id() -> str:
 class Job:
     settings: Settings  # seed fixed: what the images are made from
     init_image: Image.Image | None = None
+    mask_image: Image.Image | None = None  # inpainting: white repaints
+    loras: tuple[tuple[str, float], ...] = ()  # (name, strength) of the server's LoRAs it uses
     source: str = "native"  # or "a1111"
     batch_key: tuple | None = None  # jobs with equal keys can share a denoising batch
     id: str = field(default_factory=new_job_id)
@@ -94,13 +96,16 @@ class Job:
             "queue_position": position,
             "step": self.step,
             "steps": self.steps,
-            "progress": 1.0 if self.state == DONE else self.step / self.steps if self.steps else 0.0,
+            "progress": 1.0
+            if self.state == DONE
+            else self.step / self.steps
+            if self.steps
+            else 0.0,
             "eta": self.eta,
             "error": self.error,
             "settings": self.settings.to_dict(),
-            "images": [
-                {**image, "url": f"/v1/images/{image['name']}"} for image in self.images
-            ],
+            "loras": dict(self.loras),
+            "images": [{**image, "url": f"/v1/images/{image['name']}"} for image in self.images],
             "timings": self.timings,
         }
 
@@ -263,9 +268,7 @@ class JobQueue:
             old = self.seconds_per_job
             self.seconds_per_job = per_job if old is None else 0.8 * old + 0.2 * per_job
 
-    def end(
-        self, job: Job, state: str, error: str | None = None, images: list[dict] = ()
-    ) -> None:
+    def end(self, job: Job, state: str, error: str | None = None, images: list[dict] = ()) -> None:
         """Record the job's end (with the image files it wrote) and tell the waiters."""
         job.finished = time.time()
         job.error = error
@@ -274,7 +277,7 @@ class JobQueue:
         if job.started is not None:
             job.timings["queued"] = job.started - job.created
         job.state = state
-        job.init_image = None
+        job.init_image = job.mask_image = None
         job.preview = None
         try:
             self.history.record(job.view(), list(images))
@@ -300,10 +303,13 @@ class Worker(threading.Thread):
         records: dict,
         model_name: str,
         previews: PreviewMap | None,
+        lora_records: dict[str, dict] | None = None,
     ):
         super().__init__(name="sd3-worker", daemon=True)
         self.queue, self.pipe, self.outputs = queue, pipe, outputs
         self.records, self.model_name, self.previews = records, model_name, previews
+        self.lora_records = lora_records or {}  # the server's LoRAs by name, at strength 1
+        self.lora_scales: dict[str, float] = dict.fromkeys(self.lora_records, 0.0)
         self.live_previews = previews is not None
 
     def run(self) -> None:
@@ -352,14 +358,25 @@ class Worker(threading.Thread):
             job.step, job.eta = job.steps, 0.0
             self.queue.end(job, DONE, images=written)
 
+    def use_loras(self, loras: tuple[tuple[str, float], ...]) -> None:
+        """The server's LoRAs at the strengths a batch asks (the others at 0)."""
+        scales = {**dict.fromkeys(self.lora_records, 0.0), **dict(loras)}
+        if scales != self.lora_scales:
+            self.pipe.set_lora_scales(scales)
+            self.lora_scales = scales
+
     def generate(self, batch: list[Job]):
         """Denoise and decode the batch -> (latents, images, timings)."""
         pipe = self.pipe
         started = time.perf_counter()
+        self.use_loras(batch[0].loras)  # a batch's jobs agree on them (their batch key)
         if len(batch) == 1:
             job = batch[0]
             latents, images = pipe.generate(
-                job.settings, job.init_image, self.callback(batch, started)
+                job.settings,
+                job.init_image,
+                self.callback(batch, started),
+                mask_image=job.mask_image,
             )
         else:
             conditionings = [pipe.encode_prompt(job.settings) for job in batch]
@@ -381,7 +398,7 @@ class Worker(threading.Thread):
             )
             s = replace(s, num_images=len(noise))
             latents, images = pipe.generate(
-                s, None, self.callback(batch, started), conditioning=conditioning, noise=noise
+                s, callback=self.callback(batch, started), conditioning=conditioning, noise=noise
             )
         timings = {
             "generate": time.perf_counter() - started,
@@ -424,13 +441,21 @@ class Worker(threading.Thread):
     def write(self, job: Job, images: list[Image.Image]) -> list[dict]:
         """Each image as a PNG with its metadata in the outputs folder -> history rows."""
         written = []
+        records = self.job_records(job)
         for k, image in enumerate(images):
             one = replace(job.settings, seed=job.settings.seed + k, num_images=1)
             path = self.outputs / f"sd3-{job.id}-{k}.png"
-            data = encoded_image(image, path, one, self.records)
+            data = encoded_image(image, path, one, records)
             path = write_new(path, data, "--outputs")
             written.append(
                 {"name": path.name, "seed": one.seed, "settings": one.to_dict(),
                  "model": self.model_name}
             )  # fmt: skip
         return written
+
+    def job_records(self, job: Job) -> dict:
+        """The files an image of `job` records: the server's, and the LoRAs it chose."""
+        if not job.loras:
+            return self.records
+        chosen = [{**self.lora_records[name], "scale": scale} for name, scale in job.loras]
+        return {**self.records, "loras": [*self.records.get("loras", []), *chosen]}

@@ -1,6 +1,6 @@
 """sd3's own API: jobs that return at once, progress as server-sent events, results by URL,
-cancel, history. Field names are `Settings`' (`pipeline.py`); a request names the served model,
-and later LoRAs and ControlNets, by the names the server was started with, never by a path."""
+cancel, history. Field names are `Settings`' (`pipeline.py`); a request names the served model
+and its LoRAs by the names the server was started with, never by a path."""
 
 import base64
 import json
@@ -31,10 +31,23 @@ class SkipLayerGuidanceRequest(BaseModel):
     end: float = Field(None, description="fraction of the steps where it ends")
 
 
+class InpaintRequest(BaseModel):
+    """How a masked generation treats its mask (`sd3.inpainting.Inpaint`); fields left out
+    keep its defaults."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    mask_blur: float = Field(None, description="Gaussian feather of the mask, sigma in pixels")
+    mask_grow: int = Field(None, description="pixels the mask is dilated by before the blur")
+    paste_back: bool = Field(None, description="unmasked pixels exactly the input's")
+    crop: int | None = Field(None, description="inpaint a box around the mask, grown by this")
+    outpaint: list[int] | None = Field(None, description="pixels added left, top, right, bottom")
+    outpaint_fill: str = Field(None, description="edge-noise, edge, grey or noise")
+
+
 class JobRequest(BaseModel):
     """A generation. Fields left out (or null) take the served model's defaults (`GET
-    /v1/info`); unknown fields are refused. Inpainting (`mask`), LoRAs and ControlNets will be
-    further fields, chosen by name."""
+    /v1/info`); unknown fields are refused. LoRAs by name (`loras`, or A1111's
+    `<lora:name:strength>` in the prompt)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
     prompt: str
@@ -51,6 +64,11 @@ class JobRequest(BaseModel):
     num_images: int | None = Field(None, description="images of this request (one batch)")
     denoise: float | None = Field(None, description="img2img strength in (0, 1]; default 0.6")
     init_image: str | None = Field(None, description="img2img: base64 PNG/JPEG/WebP or data: URL")
+    mask: str | None = Field(None, description="inpainting: base64 image, white = repaint")
+    inpaint: InpaintRequest | None = Field(None, description="inpainting settings")
+    loras: dict[str, float] | None = Field(
+        None, description="{name: strength} of the server's LoRAs (GET /v1/info)"
+    )
     slg: SkipLayerGuidanceRequest | None = Field(
         None, description="skip-layer guidance; null turns it off"
     )
@@ -67,13 +85,20 @@ class PngRequest(BaseModel):
 def settings_from_request(service: Service, req: JobRequest) -> tuple[dict, str | None]:
     """(Settings fields the request gave, its init image) after the native-only checks."""
     given = req.model_dump(exclude_unset=True)
+    for name in ("mask", "loras"):
+        given.pop(name, None)
+    if req.inpaint is not None:
+        given["inpaint"] = req.inpaint.model_dump(exclude_unset=True)
+    elif req.mask is not None:
+        given["inpaint"] = {}
     service.check_model(given.pop("model", None), "model")
     init_image = given.pop("init_image", None)
     if given.get("sampler") is not None:
         sampler = metadata.sampler_named(given["sampler"])
         if sampler is None:
             raise RequestError(
-                "sampler", f"unknown sampler {given['sampler']!r}; choose one of {', '.join(SAMPLERS)}"
+                "sampler",
+                f"unknown sampler {given['sampler']!r}; choose one of {', '.join(SAMPLERS)}",
             )
         given["sampler"] = sampler
     if init_image is not None and given.get("denoise") is None:
@@ -100,24 +125,37 @@ def router(service: Service) -> APIRouter:
     def info() -> dict:
         preset: Preset = service.pipe.preset
         return {
-            "model": {"name": service.model_name, "file": service.model_file,
-                      "hash": service.model_hash, "title": service.model_title,
-                      "preset": preset.name},  # fmt: skip
+            "model": {
+                "name": service.model_name,
+                "file": service.model_file,
+                "hash": service.model_hash,
+                "title": service.model_title,
+                "preset": preset.name,
+            },  # fmt: skip
             "defaults": defaults_view(service.defaults),
             "samplers": [
                 {"name": name, "a1111": metadata.A1111_SAMPLERS[name][0]} for name in SAMPLERS
             ],
             "limits": vars(service.limits),
             "max_size": service.pipe.config.pos_embed_max_size * service.pipe.config.patch_size * 8,
-            "features": {"img2img": True, "inpainting": False, "loras": [], "controlnets": []},
+            "features": {
+                "img2img": True,
+                "inpainting": True,
+                "loras": sorted(service.loras),
+                "controlnets": [],
+            },
             "live_previews": service.worker.live_previews,
         }
 
     @api.post("/jobs", status_code=202, summary="Queue a generation; answers at once")
     def submit(req: JobRequest, response: Response) -> dict:
         given, init_image = settings_from_request(service, req)
+        given["prompt"], loras = service.prompt_loras(given["prompt"])
+        for name, scale in (req.loras or {}).items():
+            loras[name] = loras.get(name, 0.0) + scale
         image = service.decode_image(init_image, "init_image") if init_image is not None else None
-        job = service.new_job(given, image, "native")
+        mask = service.decode_image(req.mask, "mask") if req.mask is not None else None
+        job = service.new_job(given, image, "native", mask=mask, loras=loras)
         service.queue.submit(job)
         response.headers["Location"] = f"/v1/jobs/{job.id}"
         return job.view(service.queue.position(job))
@@ -137,7 +175,9 @@ def router(service: Service) -> APIRouter:
             raise HTTPException(404, f"no job {job_id!r}")
         return view
 
-    @api.delete("/jobs/{job_id}", summary="Cancel: a queued job at once, a running one at its next step")
+    @api.delete(
+        "/jobs/{job_id}", summary="Cancel: a queued job at once, a running one at its next step"
+    )
     def cancel(job_id: str, response: Response) -> dict:
         job = service.queue.get(job_id)
         if job is None:
@@ -190,7 +230,9 @@ def router(service: Service) -> APIRouter:
                     preview = job.preview
                     if preview is not None and job.preview_step != sent_preview:
                         sent_preview = job.preview_step
-                        event["preview"] = "data:image/png;base64," + base64.b64encode(preview).decode("ascii")
+                        event["preview"] = "data:image/png;base64," + base64.b64encode(
+                            preview
+                        ).decode("ascii")
                         event["preview_step"] = sent_preview
                     last = state
                     yield f"event: progress\ndata: {json.dumps(event)}\n\n"

@@ -5,6 +5,8 @@ through `Service.new_job`, so every request meets the same defaults and checks."
 import base64
 import binascii
 import io
+import math
+import re
 import secrets
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -13,6 +15,7 @@ from PIL import Image
 
 from .. import metadata
 from ..cli import file_records
+from ..inpainting import Inpaint
 from ..pipeline import Pipeline, Settings, check_settings, load_image
 from ..sampling import SkipLayerGuidance
 from .history import History
@@ -22,6 +25,8 @@ from .preview import PreviewMap
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # the decoders a client's image may reach
 MAX_RANDOM_SEED = 2**32  # random seeds are 32-bit, as A1111's
 MAX_T5_LENGTH = 512  # T5 tokens a request may fix (diffusers' largest max_sequence_length)
+MAX_LORA_SCALE = 10.0  # |strength| a request may give a LoRA
+LORA_TAG = re.compile(r"<lora:([^:>]*)((?::[^:>]*)*)>")  # A1111's <lora:name:scale> in a prompt
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class RequestError(ValueError):
 
 
 SETTING_NAMES = tuple(f.name for f in fields(Settings))
+NULLABLE = ("crop", "outpaint")  # Inpaint's fields where None means something
 
 
 class Service:
@@ -60,19 +66,26 @@ class Service:
         limits: Limits | None = None,
         previews: PreviewMap | None = None,
         shutdown_grace: float = 30.0,
+        loras: dict[str, Path] | None = None,
     ):
         self.pipe, self.defaults, self.outputs = pipe, defaults, outputs
+        self.loras = dict(loras or {})  # name -> file, loaded beside the weights at strength 0
         self.limits = limits = limits or Limits()
         self.shutdown_grace = shutdown_grace
         self.records = file_records(files)
         model = self.records["model"]
         self.model_file = model["name"]
         self.model_hash = model["sha256"]
-        self.model_title = f"{self.model_file} [{self.model_hash}]" if self.model_hash else self.model_file
+        self.model_title = (
+            f"{self.model_file} [{self.model_hash}]" if self.model_hash else self.model_file
+        )
         self.history = History(outputs)
         self.hub = Hub()
         self.queue = JobQueue(limits.max_queue, limits.batch_limit, self.history, self.hub)
-        self.worker = Worker(self.queue, pipe, outputs, self.records, self.model_file, previews)
+        lora_records = {name: metadata.lora_record(path, 1.0) for name, path in self.loras.items()}
+        self.worker = Worker(
+            self.queue, pipe, outputs, self.records, self.model_file, previews, lora_records
+        )
 
     @property
     def model_name(self) -> str:
@@ -104,6 +117,15 @@ class Service:
         if unknown:
             raise RequestError(unknown[0], f"unknown settings {unknown}")
         chosen = {k: v for k, v in given.items() if v is not None or k == "slg"}
+        if isinstance(chosen.get("inpaint"), dict):
+            inpaint = {k: v for k, v in chosen["inpaint"].items() if v is not None or k in NULLABLE}
+            if inpaint.get("outpaint") is not None:
+                if len(inpaint["outpaint"]) != 4:
+                    raise RequestError(
+                        "inpaint.outpaint", "outpaint takes 4 numbers: left, top, right, bottom"
+                    )
+                inpaint["outpaint"] = tuple(inpaint["outpaint"])
+            chosen["inpaint"] = Inpaint(**inpaint)
         if isinstance(chosen.get("slg"), dict):
             base = self.defaults.slg or SkipLayerGuidance()
             slg = {**vars(base), **chosen["slg"]}
@@ -112,7 +134,9 @@ class Service:
             chosen["seed"] = secrets.randbelow(MAX_RANDOM_SEED)
         return replace(self.defaults, **chosen)
 
-    def check(self, s: Settings, init_image: Image.Image | None) -> None:
+    def check(
+        self, s: Settings, init_image: Image.Image | None, mask: Image.Image | None = None
+    ) -> None:
         """The server's limits, then the model's (`check_settings`): one RequestError."""
         lim = self.limits
         for name, value, limit in (
@@ -125,27 +149,88 @@ class Service:
                 raise RequestError(name, f"{name} {value} is above this server's limit ({limit})")
         if s.t5_length is not None and s.t5_length > MAX_T5_LENGTH:
             raise RequestError(
-                "t5_length", f"t5_length {s.t5_length} is above this server's limit ({MAX_T5_LENGTH})"
+                "t5_length",
+                f"t5_length {s.t5_length} is above this server's limit ({MAX_T5_LENGTH})",
             )
         for name in ("prompt", "negative_prompt"):
             if len(getattr(s, name)) > lim.max_prompt:
                 raise RequestError(name, f"{name} is longer than {lim.max_prompt} characters")
         try:
-            check_settings(s, self.pipe.config, init_image is not None)
+            check_settings(s, self.pipe.config, init_image is not None, mask is not None)
         except ValueError as e:
-            raise RequestError(None, str(e)) from None
+            masked = s.inpaint is not None and any(w in str(e) for w in ("mask", "paint"))
+            raise RequestError("mask" if masked else None, str(e)) from None
+        if (
+            mask is not None
+            and s.inpaint.outpaint is None
+            and mask.convert("L").getextrema()[1] == 0
+        ):
+            raise RequestError("mask", "the mask is empty (all black): there is nothing to repaint")
+
+    def check_loras(self, loras: dict, field: str = "loras") -> tuple[tuple[str, float], ...]:
+        """The LoRAs a request chose, by the names this server has, as ((name, strength), ...)
+        sorted, strength 0 left out; or one RequestError."""
+        chosen = []
+        for name, scale in loras.items():
+            if name not in self.loras:
+                have = ", ".join(sorted(self.loras)) or "none (start with --lora-dir DIR)"
+                raise RequestError(field, f"no LoRA named {name!r} here; this server has {have}")
+            if (
+                not isinstance(scale, int | float)
+                or not math.isfinite(scale)
+                or abs(scale) > MAX_LORA_SCALE
+            ):
+                raise RequestError(
+                    field, f"LoRA {name}: strength must be a number in ±{MAX_LORA_SCALE:g}"
+                )
+            if scale != 0:
+                chosen.append((name, float(scale)))
+        return tuple(sorted(chosen))
+
+    def prompt_loras(self, prompt: str, field: str = "prompt") -> tuple[str, dict]:
+        """A1111's extra-network tags: the prompt without its <lora:name[:strength]> tags, and
+        {name: strength} (repeated names add up, as A1111's do)."""
+        loras: dict[str, float] = {}
+
+        def take(m: re.Match) -> str:
+            name, rest = m.group(1).strip(), m.group(2)
+            numbers = [x for x in rest.split(":")[1:]]
+            if len(numbers) > 1:
+                raise RequestError(
+                    field, f"<lora:{name}{rest}>: one strength only (text-encoder and MMDiT "
+                    "strengths apart are not supported)"
+                )  # fmt: skip
+            try:
+                scale = float(numbers[0]) if numbers and numbers[0].strip() else 1.0
+            except ValueError:
+                raise RequestError(
+                    field, f"<lora:{name}{rest}>: the strength is not a number"
+                ) from None
+            loras[name] = loras.get(name, 0.0) + scale
+            return ""
+
+        return LORA_TAG.sub(take, prompt).strip(), loras
 
     def new_job(
-        self, given: dict, init_image: Image.Image | None = None, source: str = "native"
+        self,
+        given: dict,
+        init_image: Image.Image | None = None,
+        source: str = "native",
+        mask: Image.Image | None = None,
+        loras: dict | None = None,
     ) -> Job:
         """A checked job, not yet queued."""
         s = self.settings(given)
-        self.check(s, init_image)
+        chosen = self.check_loras(loras or {})
+        self.check(s, init_image, mask)
+        key = batch_key(self.pipe, s, init_image is not None)
         return Job(
             settings=s,
             init_image=init_image,
+            mask_image=mask,
+            loras=chosen,
             source=source,
-            batch_key=batch_key(self.pipe, s, init_image is not None),
+            batch_key=None if key is None else (*key, chosen),
         )
 
     def check_model(self, name: str | None, field: str) -> None:
@@ -169,7 +254,8 @@ class Service:
             raise RequestError(field, f"{field} is not valid base64") from None
 
     def decode_image(self, data: str, field: str) -> Image.Image:
-        """An RGB image from base64 (or a data: URL), its size checked before decoding."""
+        """An RGB image from base64 (or a data: URL), its size checked before decoding (a mask's
+        alpha, where it has one, is lost: masks are read as grey, white = repaint)."""
         raw = self.decode_base64(data, field)
         try:
             return load_image(

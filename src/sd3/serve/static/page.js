@@ -10,6 +10,7 @@ const state = {
   info: null,
   key: localStorage.getItem(KEY_STORE) || "",
   initImage: null, // data: URL of the img2img image
+  masked: false, // whether the mask brush has painted on it
   carried: {}, // settings from an image that the form does not show (slg, t5)
   historyOffset: 0,
   query: "",
@@ -130,6 +131,12 @@ function readForm() {
   }
   request.num_images = parseInt($("batch").value, 10) || 1;
   if (state.initImage) request.init_image = state.initImage;
+  if (state.initImage && state.masked) {
+    request.mask = maskDataURL();
+    request.inpaint = { mask_blur: parseFloat($("mask-blur").value) || 0 };
+  }
+  const lora = $("lora").value;
+  if (lora) request.loras = { [lora]: parseFloat($("lora-scale").value) || 0 };
   return { ...request, ...state.carried };
 }
 
@@ -276,6 +283,68 @@ async function setInitImage(file) {
   $("init-preview").hidden = !state.initImage;
   $("init-thumb").src = state.initImage || "";
   if (!file) $("init-image").value = "";
+  $("mask-editor").hidden = !state.initImage;
+  if (state.initImage) {
+    const base = $("mask-base");
+    base.src = state.initImage;
+    await base.decode();
+    const canvas = $("mask-canvas");
+    canvas.width = base.naturalWidth;
+    canvas.height = base.naturalHeight;
+  }
+  clearMask();
+}
+
+// --- the mask brush: white strokes on a transparent canvas over the init image ---------------
+
+function clearMask() {
+  const canvas = $("mask-canvas");
+  canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+  state.masked = false;
+}
+
+function maskDataURL() {
+  // the strokes white on black, at the init image's size: what the server reads as the mask
+  const canvas = $("mask-canvas");
+  const out = document.createElement("canvas");
+  out.width = canvas.width;
+  out.height = canvas.height;
+  const ctx = out.getContext("2d");
+  ctx.fillStyle = "#000";
+  ctx.fillRect(0, 0, out.width, out.height);
+  ctx.drawImage(canvas, 0, 0);
+  return out.toDataURL("image/png");
+}
+
+function setUpBrush() {
+  const canvas = $("mask-canvas");
+  let last = null;
+  const at = (e) => {
+    const box = canvas.getBoundingClientRect();
+    return [(e.clientX - box.left) * (canvas.width / box.width), (e.clientY - box.top) * (canvas.height / box.height)];
+  };
+  const paint = (e) => {
+    const point = at(e);
+    const ctx = canvas.getContext("2d");
+    const scale = canvas.width / canvas.getBoundingClientRect().width;
+    ctx.strokeStyle = ctx.fillStyle = "#fff";
+    ctx.lineWidth = parseFloat($("brush").value) * scale;
+    ctx.lineCap = ctx.lineJoin = "round";
+    ctx.beginPath();
+    ctx.moveTo(...(last || point));
+    ctx.lineTo(...point);
+    ctx.stroke();
+    last = point;
+    state.masked = true;
+  };
+  canvas.addEventListener("pointerdown", (e) => {
+    canvas.setPointerCapture(e.pointerId);
+    last = null;
+    paint(e);
+  });
+  canvas.addEventListener("pointermove", (e) => { if (e.buttons & 1) paint(e); });
+  canvas.addEventListener("pointerup", () => { last = null; });
+  $("clear-mask").addEventListener("click", clearMask);
 }
 
 async function loadSettingsFrom(file) {
@@ -317,6 +386,9 @@ async function start() {
   $("width").max = Math.min(info.limits.max_width, info.max_size);
   $("height").max = Math.min(info.limits.max_height, info.max_size);
   $("img2img").hidden = !info.features.img2img;
+  const loras = $("lora");
+  for (const name of info.features.loras || []) loras.add(new Option(name, name));
+  $("lora-row").hidden = !(info.features.loras || []).length;
   loadHistory(true);
 }
 
@@ -339,6 +411,7 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("init-image").addEventListener("change", (e) => setInitImage(e.target.files[0]).catch((x) => message(x.message)));
   $("clear-init").addEventListener("click", () => setInitImage(null));
+  setUpBrush();
   $("load-png").addEventListener("change", (e) => {
     if (e.target.files[0]) loadSettingsFrom(e.target.files[0]);
     e.target.value = "";
