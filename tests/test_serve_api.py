@@ -173,7 +173,7 @@ def test_a1111_img2img(client):
         ("subseed_strength", 0.5),
         ("styles", ["a style"]),
         ("script_name", "x/y/z plot"),
-        ("alwayson_scripts", {"controlnet": {"args": []}}),
+        ("alwayson_scripts", {"adetailer": {"args": []}}),
         ("sampler_name", "DPM++ SDE Karras"),
         ("scheduler", "karras"),
         ("override_settings", {"sd_model_checkpoint": "sd_xl_base_1.0.safetensors"}),

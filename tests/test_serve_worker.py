@@ -60,11 +60,11 @@ def test_a_job_that_fails_in_a_shared_batch_fails_alone(service, monkeypatch):
     generate = service.pipe.generate
     calls = []
 
-    def failing(s, init_image=None, callback=None, mask_image=None, conditioning=None, noise=None):
-        calls.append(s.num_images if conditioning is not None else s.prompt)
-        if s.prompt == "boom" or (conditioning is not None and s.num_images == 3):
+    def failing(s, init_image=None, callback=None, mask_image=None, control_images=(), **batch):
+        calls.append(s.num_images if batch else s.prompt)
+        if s.prompt == "boom" or (batch and s.num_images == 3):
             raise RuntimeError("the model fell over")
-        return generate(s, init_image, callback, mask_image, conditioning=conditioning, noise=noise)
+        return generate(s, init_image, callback, mask_image, control_images, **batch)
 
     blocker = hold(service)
     jobs = [service.new_job({"prompt": p}) for p in ("boom", "fine", "also fine")]

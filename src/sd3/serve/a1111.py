@@ -3,8 +3,9 @@
 Requests carry A1111's field names and types; fields left out take the served model's
 defaults (A1111's own defaults are SD1.5's: 512x512, 50 steps, CFG 7). An A1111 field that
 would change the result where sd3 cannot follow (hires fix, face restoration, tiling,
-subseeds, scripts, latent masks, ...) is refused with a 422 naming it; one that changes nothing here (saving options, hires settings with hires off, ...) is
-ignored, and so are keys A1111 does not know either (as A1111 does); `info` lists those.
+subseeds, scripts, latent masks, ...) is refused with a 422 naming it; one that changes
+nothing here (saving options, hires settings with hires off, ...) is ignored, and so are keys
+A1111 does not know either (as A1111 does); `info` lists those.
 Samplers go by A1111's names (`metadata.A1111_SAMPLERS`). Responses are A1111's: base64 PNGs
 with sd3's metadata, the request echoed as `parameters`, and `info` as a JSON string.
 
@@ -16,6 +17,8 @@ mask; `inpainting_fill` 1 ("original") is sd3's blend, 0 ("fill") first fills th
 with the colours around it (A1111's `masking.fill`), and 2/3 ("latent noise"/"nothing") differ
 from "original" only below denoising strength 1, where they are refused. LoRAs come as A1111's
 `<lora:name:strength>` tags in the prompt, by the names the server has (`GET /loras`).
+ControlNets come as A1111's ControlNet extension sends them (`alwayson_scripts.controlnet.args`:
+`model` by name, `image`, `module` none/canny/blur_gaussian, `weight`, `guidance_start/end`).
 """
 
 import base64
@@ -149,7 +152,6 @@ REFUSED_UNLESS = {
     "styles": _off,
     "script_name": _off,
     "script_args": _off,
-    "alwayson_scripts": _off,
     "s_churn": _is(0),
     "s_noise": _is(1),
     "s_min_uncond": _is(0),
@@ -289,6 +291,71 @@ def inpainting_inputs(
     return image, mask, inpaint
 
 
+CONTROLNET_MODULES = {"none": "none", "canny": "canny", "blur_gaussian": "blur"}
+
+
+def controlnet_units(req: A1111Request) -> list[dict]:
+    """The A1111 ControlNet extension's enabled units as `Service.control_inputs` takes them
+    (images still base64), or one RequestError; any other always-on script is refused."""
+    units = []
+    for key, value in (req.alwayson_scripts or {}).items():
+        if key.lower() != "controlnet":
+            raise RequestError(
+                "alwayson_scripts", f"alwayson_scripts {key!r} is not supported (only ControlNet)"
+            )
+        args = value.get("args") if isinstance(value, dict) else None
+        if not isinstance(args, list):
+            raise RequestError(
+                "alwayson_scripts", "alwayson_scripts.controlnet.args must be a list"
+            )
+        for i, unit in enumerate(args):
+            field = f"alwayson_scripts.controlnet.args.{i}"
+            if not isinstance(unit, dict):
+                raise RequestError(field, f"{field} must be an object")
+            if not unit.get("enabled", True):
+                continue
+            name = str(unit.get("model") or "None").split(" [")[0]
+            module = unit.get("module") or "none"
+            image = unit.get("image") or unit.get("input_image")
+            if isinstance(image, dict):  # {"image": ..., "mask": ...}
+                image = image.get("image")
+            if name == "None":
+                raise RequestError(field, f"{field}: model names no ControlNet")
+            if module not in CONTROLNET_MODULES:
+                raise RequestError(
+                    field,
+                    f"{field}: module {module!r} is not supported; this server has "
+                    f"{', '.join(CONTROLNET_MODULES)}",
+                )
+            if unit.get("control_mode", 0) not in (0, "Balanced"):
+                raise RequestError(field, f"{field}: only control_mode Balanced is supported")
+            if not isinstance(image, str):
+                raise RequestError(field, f"{field}: image must be a base64 image")
+            numbers = [unit.get(k, d) for k, d in (("weight", 1.0), ("guidance_start", 0.0),
+                                                    ("guidance_end", 1.0))]  # fmt: skip
+            if not all(isinstance(x, int | float) for x in numbers):
+                raise RequestError(field, f"{field}: weight and guidance_start/end are numbers")
+            unit_out = {"name": name, "image": image, "strength": float(numbers[0]),
+                        "start": float(numbers[1]), "end": float(numbers[2]), "type": None,
+                        "preprocess": CONTROLNET_MODULES[module]}  # fmt: skip
+            low, high = unit.get("threshold_a"), unit.get("threshold_b")
+            if module == "canny" and isinstance(low, int | float) and low >= 0:
+                unit_out["canny_low"] = int(low)
+                if isinstance(high, int | float) and high >= 0:
+                    unit_out["canny_high"] = int(high)
+            units.append(unit_out)
+    return units
+
+
+def control_inputs(service: Service, units: list[dict]):
+    """`Service.control_inputs` of the units, their images decoded (off the event loop)."""
+    decoded = [
+        {**u, "image": service.decode_image(u["image"], f"alwayson_scripts.controlnet.args.{i}")}
+        for i, u in enumerate(units)
+    ]
+    return service.control_inputs(decoded, "alwayson_scripts")
+
+
 def ignored_fields(req: A1111Request) -> list[str]:
     return sorted(req.model_extra or {})
 
@@ -353,6 +420,10 @@ def router(service: Service) -> APIRouter:
         given = request_settings(service, req, img2img)
         given["prompt"], loras = service.prompt_loras(given["prompt"])
         service.check_loras(loras, "prompt")  # a 422 names where the tags came from
+        units = controlnet_units(req)
+        controls = ((), (), [])
+        if units:
+            controls = await run_in_threadpool(control_inputs, service, units)
         image = mask = None
         if img2img:
             if not req.init_images:
@@ -362,7 +433,7 @@ def router(service: Service) -> APIRouter:
                 image, mask, given["inpaint"] = await run_in_threadpool(
                     inpainting_inputs, service, req, image, given["denoise"]
                 )
-        job = service.new_job(given, image, "a1111", mask=mask, loras=loras)
+        job = service.new_job(given, image, "a1111", mask=mask, loras=loras, controls=controls)
         service.queue.submit(job)
         await service.hub.until_ended(job)
         if job.state not in (DONE, CANCELLED):

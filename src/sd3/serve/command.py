@@ -16,6 +16,7 @@ from pathlib import Path
 
 import uvicorn
 
+from ..checkpoints import Component
 from ..cli import (
     add_model_arguments,
     load_weights,
@@ -25,7 +26,7 @@ from ..cli import (
     resolve_settings,
 )
 from ..outputs import check_folder
-from ..pipeline import check_settings
+from ..pipeline import Pipeline, check_settings
 from .service import Limits, Service
 
 KEY_VARIABLE = "SD3_API_KEY"
@@ -56,6 +57,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--lora-dir", metavar="DIR",
         help="LoRA files (*.safetensors) requests may choose by name (the file name without "
         "its extension) and strength; they run beside the weights, not merged",
+    )  # fmt: skip
+    p.add_argument(
+        "--controlnet", action="append", default=[], metavar="FILE", dest="serve_controlnets",
+        help="a ControlNet file or diffusers folder requests may choose by name (the file name "
+        "without its extension); repeatable",
     )  # fmt: skip
     p.add_argument(
         "--cors", action="append", default=[], metavar="ORIGIN",
@@ -140,6 +146,20 @@ def lora_folder(text: str | None) -> dict[str, Path]:
     return {p.stem: p.resolve() for p in files}
 
 
+def controlnet_names(paths: list[str]) -> dict[str, Path]:
+    """{name: file or folder} of the `--controlnet`s."""
+    named = {}
+    for text in paths:
+        path = Path(text)
+        if not path.exists():
+            raise ValueError(f"--controlnet {text}: no such file or folder")
+        name = path.stem if path.is_file() else path.name
+        if name in named:
+            raise ValueError(f"--controlnet: two ControlNets named {name!r}")
+        named[name] = path.resolve()
+    return named
+
+
 def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -172,13 +192,16 @@ def run(args: argparse.Namespace) -> int:
         )
     for path in loras.values():  # matched against the model now, read with the weights
         pipe.load_lora(path, 0.0)
+    controlnets = load_controlnets(pipe, controlnet_names(args.serve_controlnets))
     defaults = resolve_settings(args, pipe, None)
     check_settings(defaults, pipe.config, has_init_image=False)
     sock = bind(host, args.port)
 
     load_weights(pipe, files)
     previews = None if args.no_previews else preview.fit(pipe.vae, pipe.device, pipe.dtype)
-    service = Service(pipe, files, defaults, outputs, limits, previews, args.shutdown_grace, loras)
+    service = Service(
+        pipe, files, defaults, outputs, limits, previews, args.shutdown_grace, loras, controlnets
+    )
     service.start()
     app = create_app(service, key, args.cors)
     config = uvicorn.Config(
@@ -192,6 +215,17 @@ def run(args: argparse.Namespace) -> int:
     server = Server(config, service, sock)
     server.run(sockets=[sock])
     return 0
+
+
+def load_controlnets(pipe: Pipeline, named: dict[str, Path]) -> dict[str, tuple[Path, Component]]:
+    """{name: (file, ControlNet)} checked to fit the model, none of them running yet: a job's worker
+    sets `pipe.controlnets` to those it chose. The served model's preset stays (an SD3.5
+    ControlNet would bring its own defaults, which are for requests using it)."""
+    preset, out = pipe.preset, {}
+    for name, path in named.items():
+        out[name] = (path, pipe.load_controlnet(path))
+    pipe.preset, pipe.controlnets = preset, []
+    return out
 
 
 class Server(uvicorn.Server):

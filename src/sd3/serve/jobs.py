@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .. import metadata
+from ..checkpoints import Component
 from ..cli import encoded_image, one_line
 from ..outputs import write_new
 from ..pipeline import Pipeline, Settings
@@ -63,6 +65,8 @@ class Job:
     init_image: Image.Image | None = None
     mask_image: Image.Image | None = None  # inpainting: white repaints
     loras: tuple[tuple[str, float], ...] = ()  # (name, strength) of the server's LoRAs it uses
+    controlnets: tuple[str, ...] = ()  # the server's ControlNets it runs, as settings.controls
+    control_images: list[Image.Image] = field(default_factory=list)  # one per ControlNet
     source: str = "native"  # or "a1111"
     batch_key: tuple | None = None  # jobs with equal keys can share a denoising batch
     id: str = field(default_factory=new_job_id)
@@ -105,6 +109,7 @@ class Job:
             "error": self.error,
             "settings": self.settings.to_dict(),
             "loras": dict(self.loras),
+            "controlnets": list(self.controlnets),
             "images": [{**image, "url": f"/v1/images/{image['name']}"} for image in self.images],
             "timings": self.timings,
         }
@@ -278,6 +283,7 @@ class JobQueue:
             job.timings["queued"] = job.started - job.created
         job.state = state
         job.init_image = job.mask_image = None
+        job.control_images = []
         job.preview = None
         try:
             self.history.record(job.view(), list(images))
@@ -304,12 +310,18 @@ class Worker(threading.Thread):
         model_name: str,
         previews: PreviewMap | None,
         lora_records: dict[str, dict] | None = None,
+        controlnets: dict[str, tuple[Path, Component]] | None = None,
     ):
         super().__init__(name="sd3-worker", daemon=True)
         self.queue, self.pipe, self.outputs = queue, pipe, outputs
         self.records, self.model_name, self.previews = records, model_name, previews
         self.lora_records = lora_records or {}  # the server's LoRAs by name, at strength 1
         self.lora_scales: dict[str, float] = dict.fromkeys(self.lora_records, 0.0)
+        self.controlnets = {name: c for name, (_, c) in (controlnets or {}).items()}
+        self.controlnet_records = {
+            name: metadata.file_record(path) for name, (path, _) in (controlnets or {}).items()
+        }
+        self.running_controlnets: tuple[str, ...] = ()
         self.live_previews = previews is not None
 
     def run(self) -> None:
@@ -365,11 +377,20 @@ class Worker(threading.Thread):
             self.pipe.set_lora_scales(scales)
             self.lora_scales = scales
 
+    def use_controlnets(self, names: tuple[str, ...]) -> None:
+        """The pipeline runs these ControlNets (a change loads them again, from the page cache
+        while it holds their files)."""
+        if names != self.running_controlnets:
+            self.pipe.release("controlnet")
+            self.pipe.controlnets = [self.controlnets[name] for name in names]
+            self.running_controlnets = names
+
     def generate(self, batch: list[Job]):
         """Denoise and decode the batch -> (latents, images, timings)."""
         pipe = self.pipe
         started = time.perf_counter()
         self.use_loras(batch[0].loras)  # a batch's jobs agree on them (their batch key)
+        self.use_controlnets(batch[0].controlnets)  # jobs with ControlNets run alone
         if len(batch) == 1:
             job = batch[0]
             latents, images = pipe.generate(
@@ -377,6 +398,7 @@ class Worker(threading.Thread):
                 job.init_image,
                 self.callback(batch, started),
                 mask_image=job.mask_image,
+                control_images=job.control_images,
             )
         else:
             conditionings = [pipe.encode_prompt(job.settings) for job in batch]
@@ -455,7 +477,10 @@ class Worker(threading.Thread):
 
     def job_records(self, job: Job) -> dict:
         """The files an image of `job` records: the server's, and the LoRAs it chose."""
-        if not job.loras:
-            return self.records
-        chosen = [{**self.lora_records[name], "scale": scale} for name, scale in job.loras]
-        return {**self.records, "loras": [*self.records.get("loras", []), *chosen]}
+        records = dict(self.records)
+        if job.loras:
+            chosen = [{**self.lora_records[name], "scale": scale} for name, scale in job.loras]
+            records["loras"] = [*self.records.get("loras", []), *chosen]
+        if job.controlnets:
+            records["controlnet"] = [self.controlnet_records[name] for name in job.controlnets]
+        return records

@@ -44,6 +44,19 @@ class InpaintRequest(BaseModel):
     outpaint_fill: str = Field(None, description="edge-noise, edge, grey or noise")
 
 
+class ControlRequest(BaseModel):
+    """One of the server's ControlNets, by name, with its control image."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(description="a ControlNet the server has (GET /v1/info)")
+    image: str = Field(description="the control image: base64 PNG/JPEG/WebP or data: URL")
+    strength: float = 1.0
+    start: float = Field(0.0, description="fraction of the steps where it starts")
+    end: float = Field(1.0, description="fraction of the steps where it ends")
+    type: str | None = Field(None, description="blur, canny or depth (SD3.5 ControlNets)")
+    preprocess: str = Field("none", description="none, canny or blur: made from the image here")
+
+
 class JobRequest(BaseModel):
     """A generation. Fields left out (or null) take the served model's defaults (`GET
     /v1/info`); unknown fields are refused. LoRAs by name (`loras`, or A1111's
@@ -69,6 +82,9 @@ class JobRequest(BaseModel):
     loras: dict[str, float] | None = Field(
         None, description="{name: strength} of the server's LoRAs (GET /v1/info)"
     )
+    controls: list[ControlRequest] | None = Field(
+        None, description="the server's ControlNets to run, by name, each with its image"
+    )
     slg: SkipLayerGuidanceRequest | None = Field(
         None, description="skip-layer guidance; null turns it off"
     )
@@ -85,7 +101,7 @@ class PngRequest(BaseModel):
 def settings_from_request(service: Service, req: JobRequest) -> tuple[dict, str | None]:
     """(Settings fields the request gave, its init image) after the native-only checks."""
     given = req.model_dump(exclude_unset=True)
-    for name in ("mask", "loras"):
+    for name in ("mask", "loras", "controls"):
         given.pop(name, None)
     if req.inpaint is not None:
         given["inpaint"] = req.inpaint.model_dump(exclude_unset=True)
@@ -142,7 +158,7 @@ def router(service: Service) -> APIRouter:
                 "img2img": True,
                 "inpainting": True,
                 "loras": sorted(service.loras),
-                "controlnets": [],
+                "controlnets": sorted(service.controlnets),
             },
             "live_previews": service.worker.live_previews,
         }
@@ -155,7 +171,14 @@ def router(service: Service) -> APIRouter:
             loras[name] = loras.get(name, 0.0) + scale
         image = service.decode_image(init_image, "init_image") if init_image is not None else None
         mask = service.decode_image(req.mask, "mask") if req.mask is not None else None
-        job = service.new_job(given, image, "native", mask=mask, loras=loras)
+        controls = [
+            {**c.model_dump(), "image": service.decode_image(c.image, f"controls.{i}.image")}
+            for i, c in enumerate(req.controls or [])
+        ]
+        job = service.new_job(
+            given, image, "native", mask=mask, loras=loras,
+            controls=service.control_inputs(controls),
+        )  # fmt: skip
         service.queue.submit(job)
         response.headers["Location"] = f"/v1/jobs/{job.id}"
         return job.view(service.queue.position(job))

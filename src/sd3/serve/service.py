@@ -14,9 +14,12 @@ from pathlib import Path
 from PIL import Image
 
 from .. import metadata
+from ..checkpoints import Component, infer_config
 from ..cli import file_records
+from ..control import Control, resolve_type
 from ..inpainting import Inpaint
 from ..pipeline import Pipeline, Settings, check_settings, load_image
+from ..preprocess import Preprocess, preprocess
 from ..sampling import SkipLayerGuidance
 from .history import History
 from .jobs import Hub, Job, JobQueue, Worker, batch_key
@@ -67,9 +70,11 @@ class Service:
         previews: PreviewMap | None = None,
         shutdown_grace: float = 30.0,
         loras: dict[str, Path] | None = None,
+        controlnets: dict[str, tuple[Path, Component]] | None = None,
     ):
         self.pipe, self.defaults, self.outputs = pipe, defaults, outputs
         self.loras = dict(loras or {})  # name -> file, loaded beside the weights at strength 0
+        self.controlnets = dict(controlnets or {})  # name -> (file, ControlNet), run when asked
         self.limits = limits = limits or Limits()
         self.shutdown_grace = shutdown_grace
         self.records = file_records(files)
@@ -84,8 +89,9 @@ class Service:
         self.queue = JobQueue(limits.max_queue, limits.batch_limit, self.history, self.hub)
         lora_records = {name: metadata.lora_record(path, 1.0) for name, path in self.loras.items()}
         self.worker = Worker(
-            self.queue, pipe, outputs, self.records, self.model_file, previews, lora_records
-        )
+            self.queue, pipe, outputs, self.records, self.model_file, previews, lora_records,
+            self.controlnets,
+        )  # fmt: skip
 
     @property
     def model_name(self) -> str:
@@ -211,6 +217,46 @@ class Service:
 
         return LORA_TAG.sub(take, prompt).strip(), loras
 
+    def control_inputs(
+        self, given: list[dict], field: str = "controls"
+    ) -> tuple[tuple[str, ...], tuple[Control, ...], list[Image.Image]]:
+        """(ControlNet names, their Controls, their control images) of a request's
+        [{"name", "image" (decoded), "strength", "start", "end", "type", "preprocess"}], the
+        images preprocessed; or one RequestError. Run it off the event loop (preprocessing)."""
+        names, controls, images = [], [], []
+        for i, c in enumerate(given):
+            name = c["name"]
+            if name not in self.controlnets:
+                have = ", ".join(sorted(self.controlnets)) or "none (start with --controlnet FILE)"
+                raise RequestError(
+                    field, f"no ControlNet named {name!r} here; this server has {have}"
+                )
+            if name in names:
+                raise RequestError(field, f"ControlNet {name!r} is chosen twice")
+            kind = c.get("preprocess") or "none"
+            if kind == "depth":
+                raise RequestError(
+                    field, "this server has no depth model: send a depth image (preprocess none)"
+                )
+            control = Control(
+                strength=c.get("strength", 1.0), start=c.get("start", 0.0),
+                end=c.get("end", 1.0), control_type=c.get("type"),
+                preprocess=Preprocess(
+                    kind=kind, canny_low=c.get("canny_low", 100), canny_high=c.get("canny_high", 200)
+                ),
+            )  # fmt: skip
+            try:
+                control.check(i)
+                component = self.controlnets[name][1]
+                resolve_type(component, infer_config(component), control)
+                image = preprocess(c["image"], control.preprocess)
+            except ValueError as e:
+                raise RequestError(field, f"{name}: {e}") from None
+            names.append(name)
+            controls.append(control)
+            images.append(image)
+        return tuple(names), tuple(controls), images
+
     def new_job(
         self,
         given: dict,
@@ -218,17 +264,23 @@ class Service:
         source: str = "native",
         mask: Image.Image | None = None,
         loras: dict | None = None,
+        controls: tuple[tuple[str, ...], tuple[Control, ...], list[Image.Image]] = ((), (), []),
     ) -> Job:
-        """A checked job, not yet queued."""
+        """A checked job, not yet queued; `controls` as `control_inputs` gives them."""
+        names, chosen_controls, control_images = controls
+        if names:
+            given = {**given, "controls": chosen_controls}
         s = self.settings(given)
         chosen = self.check_loras(loras or {})
         self.check(s, init_image, mask)
-        key = batch_key(self.pipe, s, init_image is not None)
+        key = None if names else batch_key(self.pipe, s, init_image is not None)
         return Job(
             settings=s,
             init_image=init_image,
             mask_image=mask,
             loras=chosen,
+            controlnets=names,
+            control_images=control_images,
             source=source,
             batch_key=None if key is None else (*key, chosen),
         )

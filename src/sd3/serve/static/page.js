@@ -11,6 +11,7 @@ const state = {
   key: localStorage.getItem(KEY_STORE) || "",
   initImage: null, // data: URL of the img2img image
   masked: false, // whether the mask brush has painted on it
+  controlImage: null, // data: URL of the ControlNet's image
   carried: {}, // settings from an image that the form does not show (slg, t5)
   historyOffset: 0,
   query: "",
@@ -137,6 +138,15 @@ function readForm() {
   }
   const lora = $("lora").value;
   if (lora) request.loras = { [lora]: parseFloat($("lora-scale").value) || 0 };
+  const controlnet = $("controlnet").value;
+  if (controlnet && state.controlImage) {
+    request.controls = [{
+      name: controlnet,
+      image: state.controlImage,
+      strength: parseFloat($("control-strength").value) || 0,
+      preprocess: $("control-preprocess").value,
+    }];
+  }
   return { ...request, ...state.carried };
 }
 
@@ -389,6 +399,9 @@ async function start() {
   const loras = $("lora");
   for (const name of info.features.loras || []) loras.add(new Option(name, name));
   $("lora-row").hidden = !(info.features.loras || []).length;
+  const nets = $("controlnet");
+  for (const name of info.features.controlnets || []) nets.add(new Option(name, name));
+  $("controlnet-row").hidden = !(info.features.controlnets || []).length;
   loadHistory(true);
 }
 
@@ -412,6 +425,10 @@ document.addEventListener("DOMContentLoaded", () => {
   $("init-image").addEventListener("change", (e) => setInitImage(e.target.files[0]).catch((x) => message(x.message)));
   $("clear-init").addEventListener("click", () => setInitImage(null));
   setUpBrush();
+  $("control-image").addEventListener("change", async (e) => {
+    const file = e.target.files[0];
+    state.controlImage = file ? await readAsDataURL(file) : null;
+  });
   $("load-png").addEventListener("change", (e) => {
     if (e.target.files[0]) loadSettingsFrom(e.target.files[0]);
     e.target.value = "";

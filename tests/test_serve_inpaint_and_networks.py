@@ -1,12 +1,15 @@
-"""`sd3 serve` with inpainting and LoRAs, through a real server process: A1111's img2img mask
-fields mapped onto `sd3.inpainting` (or refused by name), native jobs with a mask, and LoRAs
-chosen by name, from A1111's `<lora:name:strength>` prompt tags or the native `loras` field."""
+"""`sd3 serve` with inpainting, LoRAs and ControlNets, through a real server process: A1111's
+img2img mask fields mapped onto `sd3.inpainting` (or refused by name), native jobs with a mask,
+LoRAs chosen by name from A1111's `<lora:name:strength>` prompt tags or the native `loras`
+field, and ControlNets by name from A1111's ControlNet-extension units or the native `controls`."""
 
+import io
 import json
 
 import numpy as np
 import pytest
 import torch
+from helpers import randomize
 from PIL import Image
 from safetensors.torch import save_file
 from serve_helpers import ServerProcess, decode_png, png_b64, wait_job
@@ -31,14 +34,29 @@ def write_lora(path):
     save_file(tensors, str(path))
 
 
+def write_controlnet(path):
+    """An InstantX-kind ControlNet (diffusers' layout) that fits the bundled MMDiT, random."""
+    from diffusers import SD3ControlNetModel
+
+    net = SD3ControlNetModel(
+        sample_size=32, num_layers=2, attention_head_dim=64, num_attention_heads=3,
+        joint_attention_dim=128, caption_projection_dim=192, pooled_projection_dim=128,
+        pos_embed_max_size=16, out_channels=16,
+    )  # fmt: skip
+    randomize(net, 3)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("serve-inpaint")
     (folder / "loras").mkdir()
     write_lora(folder / "loras" / "strong.safetensors")
+    write_controlnet(folder / "edges.safetensors")
     process = ServerProcess(
         folder, "--steps", "4", "--max-width", "256", "--max-height", "256",
-        "--lora-dir", str(folder / "loras"), "--no-previews",
+        "--lora-dir", str(folder / "loras"), "--controlnet", str(folder / "edges.safetensors"),
+        "--no-previews",
     )  # fmt: skip
     yield process
     assert process.stop() == 0, process.log()
@@ -154,7 +172,7 @@ def test_native_jobs_take_a_mask(client):
     assert job["state"] == "done", job
     assert job["settings"]["inpaint"]["mask_blur"] == 0.0
     image = client.get(job["images"][0]["url"])
-    out = np.asarray(Image.open(__import__("io").BytesIO(image.content)).convert("RGB"), np.int16)
+    out = np.asarray(Image.open(io.BytesIO(image.content)).convert("RGB"), np.int16)
     assert np.array_equal(out[:, SIZE // 2 + 8 :], original[:, SIZE // 2 + 8 :])
     refused(client.post("/v1/jobs", json={**body, "init_image": None}), "mask")
     refused(client.post("/v1/jobs", json={**body, "inpaint": {"crop": -1}}), "mask")
@@ -192,7 +210,7 @@ def test_loras_by_name_from_a1111_prompt_tags_and_native_jobs(client):
     assert job["state"] == "done" and job["loras"] == {"strong": 0.8}
     native = client.get(job["images"][0]["url"]).content
     assert np.array_equal(
-        np.asarray(Image.open(__import__("io").BytesIO(native)).convert("RGB"), np.int16),
+        np.asarray(Image.open(io.BytesIO(native)).convert("RGB"), np.int16),
         pixels(tagged["images"][0]),
     )
     # a name the server does not have, a path, a bad strength: one 422 each
@@ -202,3 +220,77 @@ def test_loras_by_name_from_a1111_prompt_tags_and_native_jobs(client):
     refused(r, "prompt")
     for loras in ({"../loras/strong": 1.0}, {"/etc/passwd": 1.0}, {"strong": 1e9}):
         refused(client.post("/v1/jobs", json={"prompt": "x", "loras": loras}), "loras")
+
+
+def image_of(client, job) -> np.ndarray:
+    content = client.get(job["images"][0]["url"]).content
+    return np.asarray(Image.open(io.BytesIO(content)).convert("RGB"), np.int16)
+
+
+def control_image() -> Image.Image:
+    a = np.zeros((SIZE, SIZE, 3), np.uint8)
+    a[32:96, 32:96] = 255
+    return Image.fromarray(a)
+
+
+def test_controlnets_by_name_from_a1111_units_and_native_jobs(client):
+    assert client.get("/v1/info").json()["features"]["controlnets"] == ["edges"]
+    base = {"prompt": PROMPT, "seed": 4, "steps": 4, "width": SIZE, "height": SIZE,
+            "sampler": "euler", "cfg": 2.0}  # fmt: skip
+    plain = wait_job(client, client.post("/v1/jobs", json=base).json()["id"])
+    control = {"name": "edges", "image": png_b64(control_image()), "strength": 0.8,
+               "preprocess": "canny"}  # fmt: skip
+    r = client.post("/v1/jobs", json={**base, "controls": [control]})
+    assert r.status_code == 202, r.text
+    controlled = wait_job(client, r.json()["id"])
+    assert controlled["state"] == "done" and controlled["controlnets"] == ["edges"]
+    assert np.abs(image_of(client, controlled) - image_of(client, plain)).mean() > 1
+    stored = json.loads(
+        Image.open(io.BytesIO(client.get(controlled["images"][0]["url"]).content)).text["sd3"]
+    )
+    assert [c["name"] for c in stored["files"]["controlnet"]] == ["edges.safetensors"]
+    assert stored["settings"]["controls"][0]["strength"] == 0.8
+    assert stored["settings"]["controls"][0]["preprocess"]["kind"] == "canny"
+    # the next job without a ControlNet is the plain image again
+    again = wait_job(client, client.post("/v1/jobs", json=base).json()["id"])
+    assert np.array_equal(image_of(client, again), image_of(client, plain))
+    # A1111's ControlNet extension unit: the same image
+    unit = {"enabled": True, "model": "edges [0123abcd]", "image": png_b64(control_image()),
+            "module": "canny", "weight": 0.8, "guidance_start": 0.0, "guidance_end": 1.0,
+            "threshold_a": 100, "threshold_b": 200, "control_mode": 0}  # fmt: skip
+    body = {"prompt": PROMPT, "seed": 4, "steps": 4, "width": SIZE, "height": SIZE,
+            "sampler_name": "Euler", "cfg_scale": 2.0,
+            "alwayson_scripts": {"ControlNet": {"args": [unit, {"enabled": False}]}}}  # fmt: skip
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    assert np.array_equal(pixels(r.json()["images"][0]), image_of(client, controlled))
+    # refused by name: unknown ControlNets, preprocessors, ranges, other scripts
+    for bad in ({**unit, "model": "other"}, {**unit, "module": "openpose"},
+                {**unit, "control_mode": 2}, {**unit, "image": None}):  # fmt: skip
+        scripts = {"controlnet": {"args": [bad]}}
+        refused(client.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": scripts}),
+                "alwayson_scripts")  # fmt: skip
+    for bad in ({**control, "name": "../edges"}, {**control, "start": 0.9, "end": 0.1},
+                {**control, "preprocess": "depth"}, {**control, "image": "x"}):  # fmt: skip
+        refused(client.post("/v1/jobs", json={**base, "controls": [bad]}), "controls")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lora-dir", "missing"], "--lora-dir missing: no such folder"),
+        (["--lora-dir", "."], "no .safetensors files"),
+        (["--controlnet", "missing.safetensors"], "--controlnet missing.safetensors: no such"),
+    ],
+)
+def test_lora_and_controlnet_options_are_checked_before_loading(tmp_path, args, message):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "sd3", "serve", "--port", "0", *args],
+        cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert done.returncode != 0 and message in done.stderr, done.stderr
