@@ -3,6 +3,7 @@
 
     python3 quickstart.py demo   # install into .venv, then draw a picture with the bundled model
     python3 quickstart.py test   # install into .venv with the test extras, then run every test
+                                 # (as root with apt: also chromium for the page's browser test)
 
 Both are idempotent: the virtual environment is made once, and the install runs again only when
 pyproject.toml has changed since the last one. Arguments after the verb go to `sd3 generate`
@@ -10,6 +11,8 @@ pyproject.toml has changed since the last one. Arguments after the verb go to `s
 """
 
 import hashlib
+import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -40,6 +43,27 @@ def install(extras: str) -> None:
         f.write(wanted + "\n")
 
 
+def browser() -> None:
+    """Headless Chromium and its driver for the page's test (tests/test_serve_page.py): Debian's
+    packages, installed where they are missing and apt can (as root: CI); elsewhere that test
+    skips and says why."""
+    if shutil.which("chromium") and shutil.which("chromedriver"):
+        return
+    if not (hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get")):
+        print("quickstart: no chromium/chromedriver (the browser test will skip)", flush=True)
+        return
+    print("quickstart: installing chromium and chromium-driver with apt-get", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    quiet = {"env": env, "stdout": subprocess.DEVNULL}
+    if (
+        subprocess.run(["apt-get", "update", "-qq"], **quiet).returncode
+        or subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "chromium", "chromium-driver"], **quiet
+        ).returncode
+    ):
+        print("quickstart: apt-get could not install chromium", flush=True)
+
+
 def main(argv: list[str]) -> int:
     verbs = {"demo", "test"}
     if not argv or argv[0] not in verbs:
@@ -53,6 +77,7 @@ def main(argv: list[str]) -> int:
         command = [str(BIN / "sd3"), "generate", PROMPT, *rest]
         return subprocess.run(command, cwd=out).returncode
     install("[test]")
+    browser()
     return subprocess.run([str(BIN / "python"), "-m", "pytest", "-q", *rest], cwd=ROOT).returncode
 
 

@@ -1,4 +1,4 @@
-"""The `sd3` command line: generate, inspect, train, eval, lora."""
+"""The `sd3` command line: generate, inspect, train, eval, lora, serve."""
 
 import argparse
 import io
@@ -727,7 +727,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(run=run_eval)
     lo = sub.add_parser("lora", help="convert or inspect LoRA files")
     add_lora_arguments(lo)
+    from .serve import command as serve_command
     from .training import command as train_command  # the trainer's imports only when needed
+
+    srv = sub.add_parser(
+        "serve", help="HTTP server: the AUTOMATIC1111 API, sd3's job API and a web page"
+    )
+    serve_command.add_arguments(srv)
+    srv.set_defaults(run=serve_command.run)
 
     tr = sub.add_parser("train", help="rectified-flow training (full, LoRA, torchrun)")
     train_command.add_arguments(tr)

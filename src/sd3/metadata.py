@@ -16,7 +16,9 @@ import hashlib
 import json
 import math
 import os
+import re
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, PngImagePlugin
 
@@ -167,6 +169,87 @@ def png_info(s: Settings, files: dict) -> PngImagePlugin.PngInfo:
     return info
 
 
+# --- A1111's vocabulary ------------------------------------------------------------------------
+
+# sd3's samplers under the names A1111 (and its API clients) use, with A1111's own aliases
+A1111_SAMPLERS = {
+    "euler": ("Euler", "k_euler"),
+    "euler_ancestral": ("Euler a", "k_euler_a", "k_euler_ancestral"),
+    "heun": ("Heun", "k_heun"),
+    "dpmpp_2m": ("DPM++ 2M", "k_dpmpp_2m"),
+    "dpmpp_2m_sde": ("DPM++ 2M SDE", "k_dpmpp_2m_sde"),
+}
+_SAMPLER_OF = {
+    name.lower(): ours for ours, names in A1111_SAMPLERS.items() for name in (ours, *names)
+}
+
+
+def sampler_named(name: str) -> str | None:
+    """sd3's sampler for an sd3 or A1111 sampler name or alias (any case), else None."""
+    return _SAMPLER_OF.get(name.strip().lower())
+
+
+# A1111's infotext: "KEY: VALUE" pairs, a value quoted where it holds a comma
+_PARAMETER = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def parse_parameters(text: str) -> dict[str, str]:
+    """A1111's `parameters` text -> {"prompt", "negative_prompt", and each "Key": value}, as
+    A1111's own reader splits it: the last line holds the pairs when it has three or more."""
+    *lines, last = text.strip().split("\n")
+    if len(_PARAMETER.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:") :].strip()
+        (negative if in_negative else prompt).append(line)
+    found = {"prompt": "\n".join(prompt).strip(), "negative_prompt": "\n".join(negative).strip()}
+    for key, value in _PARAMETER.findall(last):
+        value = value.strip()
+        if len(value) > 1 and value[0] == value[-1] == '"':
+            try:
+                value = json.loads(value)
+            except ValueError:
+                value = value[1:-1]
+        found[key.strip()] = value
+    return found
+
+
+def settings_from_parameters(text: str) -> tuple[dict, list[str]]:
+    """(Settings fields, keys left out) from A1111's `parameters` text: the prompts, steps,
+    sampler, CFG scale, seed, size, denoising strength and shift, where sd3 has them."""
+    found = parse_parameters(text)
+    settings = {"prompt": found.pop("prompt"), "negative_prompt": found.pop("negative_prompt")}
+    readers = {
+        "Steps": ("steps", int),
+        "CFG scale": ("cfg", float),
+        "Seed": ("seed", int),
+        "Denoising strength": ("denoise", float),
+        "Shift": ("shift", float),
+        "Sampler": ("sampler", lambda v: sampler_named(v) or _unknown()),
+    }
+    left_out = []
+    for key, value in found.items():
+        try:
+            if key == "Size":
+                width, height = (int(v) for v in value.lower().split("x"))
+                settings.update(width=width, height=height)
+            elif key in readers:
+                name, read = readers[key]
+                settings[name] = read(value)
+            else:
+                left_out.append(key)
+        except ValueError:
+            left_out.append(key)
+    return settings, left_out
+
+
+def _unknown():
+    raise ValueError("not one of sd3's")
+
+
 # --- reading -----------------------------------------------------------------------------------
 
 NUMBER = (int, float)
@@ -216,10 +299,10 @@ INPAINT_TYPES = {
 SLG_TYPES = {"scale": NUMBER, "layers": (list,), "start": NUMBER, "end": NUMBER}
 
 
-def read_png(path: str | Path) -> dict:
-    """{"settings": Settings, "files": {...}} from an sd3 PNG, every field checked: one
-    MetadataError naming the field otherwise."""
-    where = f"--from-png {path}"
+def read_png(path: str | Path | BinaryIO, where: str | None = None) -> dict:
+    """{"settings": Settings, "files": {...}} from an sd3 PNG (a file, or an open binary file),
+    every field checked: one MetadataError naming the field otherwise, beginning with `where`."""
+    where = where or f"--from-png {path}"
     try:
         with Image.open(path) as image:
             if image.format != "PNG":

@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ from .sampling import (
     get_sigmas,
     noise_latent,
 )
-from .text import TextEncoders, Tokenizers
+from .text import T5_MIN_LENGTH, TextEncoders, Tokenizers
 
 # torch.compile's modes; "reduce-overhead" (and "max-autotune" on a GPU) replay CUDA graphs
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -519,6 +520,13 @@ class Pipeline:
         self._text.t5_length = t5_length
         return self._text
 
+    def text_length(self, s: Settings) -> int:
+        """The T5 positions of the conditioning `encode_prompt(s)` gives: requests whose lengths
+        agree can be denoised as one batch and still get the images they would get alone."""
+        if s.use_t5 and "t5xxl" in self.components:
+            return self.tokenizers.t5.length([s.prompt, s.negative_prompt], s.t5_length)
+        return s.t5_length or T5_MIN_LENGTH
+
     def encode_prompt(self, s: Settings) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(context, pooled, negative context, negative pooled); both prompts in one call so their
         T5 lengths agree."""
@@ -610,12 +618,20 @@ class Pipeline:
         conditioning: tuple[Tensor, Tensor, Tensor, Tensor],
         mask: Tensor | None = None,
         controls: list[tuple[Control, Tensor]] = (),
+        noise: Tensor | None = None,
     ) -> Tensor:
         """`sample` after the settings are checked and the prompt encoded; with a latent `mask`
-        (1 = repaint), the masked blend of `inpainting`; with `controls`, the ControlNets'."""
+        (1 = repaint), the masked blend of `inpainting`; with `controls`, the ControlNets';
+        `noise` replaces the one drawn from `s.seed` (a batch of several requests, each with its
+        own seeds)."""
         context, pooled, neg_context, neg_pooled = conditioning
         sigmas = get_sigmas(s.steps, s.shift, s.denoise).to(self.device)
-        x = noise = get_noise(s.seed, s.num_images, s.height, s.width).to(self.device)
+        shape = (s.num_images, 16, s.height // 8, s.width // 8)
+        if noise is not None and tuple(noise.shape) != shape:
+            raise ValueError(f"noise of shape {tuple(noise.shape)} does not fit {shape}")
+        if noise is None:
+            noise = get_noise(s.seed, s.num_images, s.height, s.width)
+        x = noise = noise.to(self.device)
         if init_image is not None:
             with torch.no_grad():
                 image = to_image_tensor(init_image, s.width, s.height).to(self.device, self.dtype)
@@ -787,12 +803,17 @@ class Pipeline:
         callback: Callback | None = None,
         mask_image: Image.Image | None = None,
         control_images: list[Image.Image] = (),
+        conditioning: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+        noise: Tensor | None = None,
     ) -> tuple[Tensor, list[Image.Image]]:
         """Encode, denoise, decode -> (latents, images); records each stage's seconds in
         `timings`. The prompt is encoded before the first step, so per-step times are the
         denoiser's alone; with `compile`, `compile` is the first step's time beyond the others'
         and `per_step` leaves the first step out. With `s.inpaint`, a masked generation: the
-        latents are the working canvas's, the images the finished (pasted-back) ones."""
+        latents are the working canvas's, the images the finished (pasted-back) ones.
+        `conditioning` (as `encode_prompt` returns it, one row per image or one for all) and
+        `noise` ([num_images, 16, H/8, W/8]) replace the prompt's and the seed's: several requests
+        denoised as one batch (`sd3.serve`)."""
         check_settings(s, self.config, init_image is not None, mask_image is not None)
         self.check_loras(s.use_t5)
         job = None
@@ -801,7 +822,8 @@ class Pipeline:
             init_image = job.image
         started = time.perf_counter()
         controls = self.control_latents(s, list(control_images))
-        conditioning = self.encode_prompt(s)
+        if conditioning is None:
+            conditioning = self.encode_prompt(s)
         encoded = time.perf_counter()
         first_step_done = []
         with tqdm(total=s.steps, desc="denoising", unit="step", disable=not self.progress) as bar:
@@ -813,7 +835,9 @@ class Pipeline:
                 if callback is not None:
                     callback(*args)
 
-            latents = self._denoise(s, init_image, step, conditioning, job and job.mask, controls)
+            latents = self._denoise(
+                s, init_image, step, conditioning, job and job.mask, controls, noise
+            )
             # a GPU's steps are queued: wait for them, so the time is theirs, not the queueing's
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -849,21 +873,26 @@ def describe_timings(timings: dict[str, float]) -> str:
 MAX_IMAGE_PIXELS = 1 << 26  # 8192 x 8192: larger inputs are refused before they are decoded
 
 
-def load_image(path: str | Path, option: str = "image") -> Image.Image:
-    """An RGB image from a file, or one ValueError naming `option` and the file: the size is
-    checked from the header before decoding, and 16-bit and float images are scaled to 8 bits,
-    not clipped."""
+def load_image(
+    path: str | Path | BinaryIO,
+    option: str = "image",
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    formats: tuple[str, ...] | None = None,
+) -> Image.Image:
+    """An RGB image from a file (or an open binary file: bytes a client sent), or one ValueError
+    naming `option` and the file: the size is checked from the header before decoding, and 16-bit
+    and float images are scaled to 8 bits, not clipped. `formats` limits the decoders tried
+    (PIL's names: "PNG", "JPEG", ...)."""
+    where = f"{option} {path}" if isinstance(path, str | Path) else option
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=formats) as image:
             width, height = image.size
-            if width * height > MAX_IMAGE_PIXELS:
-                raise ValueError(
-                    f"{width}x{height} pixels is more than sd3 reads ({MAX_IMAGE_PIXELS:,})"
-                )
+            if width * height > max_pixels:
+                raise ValueError(f"{width}x{height} pixels is more than sd3 reads ({max_pixels:,})")
             image.load()
             return to_rgb(image)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{option} {path}: cannot read the image ({e})") from None
+        raise ValueError(f"{where}: cannot read the image ({e})") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

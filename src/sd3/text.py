@@ -141,11 +141,24 @@ class T5Tokenizer:
     def default(cls) -> "T5Tokenizer":
         return cls.from_folder(BUNDLED / "t5")
 
+    def _encode(self, prompts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(prompts, add_special_tokens=False)]
+
+    def length(self, prompts: list[str], length: int | None = None) -> int:
+        """T, the number of positions `__call__` gives these prompts."""
+        return self._length(self._encode(prompts), length)
+
+    @staticmethod
+    def _length(encoded: list[list[int]], length: int | None) -> int:
+        if length is not None:
+            return length
+        longest = max((len(tokens) + 1 for tokens in encoded), default=0)
+        return max(T5_MIN_LENGTH, min(longest, T5_MAX_LENGTH))
+
     def __call__(self, prompts: list[str], length: int | None = None) -> Tensor:
-        encoded = [e.ids for e in self.tokenizer.encode_batch(prompts, add_special_tokens=False)]
+        encoded = self._encode(prompts)
         if length is None:
-            longest = max((len(tokens) + 1 for tokens in encoded), default=0)
-            length = max(T5_MIN_LENGTH, min(longest, T5_MAX_LENGTH))
+            length = self._length(encoded, None)
         elif length < 1:
             raise ValueError(f"T5 length must be at least 1 (room for EOS), got {length}")
         ids = torch.full((len(prompts), length), self.pad, dtype=torch.long)
