@@ -6,12 +6,16 @@ Layouts read:
 - standalone files without prefix: clip_l / clip_g / t5xxl (transformers naming), a VAE or an MMDiT;
 - diffusers folders (`transformer/`, `vae/`, `text_encoder{,_2,_3}/`, sharded `*.index.json` too),
   whose MMDiT and VAE names are mapped to Stability's here;
+- GGUF files (`sd3.gguf`) in the same layouts: stable-diffusion.cpp's (Stability's names, a
+  single file or one component), ComfyUI-GGUF's (an MMDiT with bare `joint_blocks.*` names) and
+  llama.cpp's T5 names (`enc.blk.*`, ComfyUI-GGUF's T5-XXL files);
 - ControlNets (`open_controlnet`): Stability's SD3.5 files (no prefix, diffusers names for the
   embedders, Stability's for the blocks, an int `control_type`) and diffusers' files and folders
   (SD3.5 and InstantX), mapped to Stability's names with the MMDiT's map.
 
-Files are parsed from their safetensors header and memory-mapped; a tensor is converted to the compute
-dtype once, and one already in that dtype is used in place. Pickle files are refused, never unpickled.
+Files are parsed from their safetensors or GGUF header and memory-mapped; a tensor is converted to
+the compute dtype once (a GGUF block-quantized one dequantized straight into it), and one already
+in that dtype is used in place. Pickle files are refused, never unpickled.
 Model configurations are inferred from tensor shapes, so reduced-size checkpoints load too.
 """
 
@@ -27,7 +31,15 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .kernels.quantization import SCALE, pack_for_int8_gemm, quantize_weight, use_int8
+from .gguf import GGUFError, GGUFFile, is_gguf, transformers_name
+from .kernels.quantization import (
+    SCALE,
+    pack_for_int8_gemm,
+    quantize_int4,
+    quantize_weight,
+    use_int4,
+    use_int8,
+)
 from .models.clip import CLIPConfig, CLIPTextModel
 from .models.controlnet import CONTROL_TYPES, ControlNet, ControlNetConfig
 from .models.mmdit import MMDiT, MMDiTConfig
@@ -194,14 +206,56 @@ class LazyTensor:
     read: Callable[[], Tensor]
     mapped: bool = False
     release: Callable[[], None] = _nothing
+    # GGUF block-quantized tensors: the ggml type's name, the dequantization straight into a
+    # dtype, and the stored blocks ([rows, bytes], for `--int4` to take Q4_0 blocks as they are)
+    quant: str | None = None
+    read_as: Callable[[torch.dtype], Tensor] | None = None
+    blocks: Callable[[], Tensor] | None = None
+
+    def read_in(self, dtype: torch.dtype) -> Tensor:
+        """The tensor in `dtype` (a quantized one dequantized into it, no float32 copy whole)."""
+        return self.read_as(dtype) if self.read_as else self.read().to(dtype)
+
+    @property
+    def stored(self) -> str:
+        """How the file stores it: a dtype ("bf16"-style torch name) or a GGUF type."""
+        return self.quant or str(self.dtype).removeprefix("torch.")
 
 
-def from_file(file: SafetensorsFile, key: str) -> LazyTensor:
+WeightsFile = SafetensorsFile | GGUFFile
+
+
+def from_file(file: WeightsFile, key: str) -> LazyTensor:
+    origin = f"{file.path}:{key}"
     info = file.tensors[key]
+    if isinstance(file, SafetensorsFile):
+        return LazyTensor(
+            info.shape, info.dtype, origin, lambda: file.get(key), True, lambda: file.release(key)
+        )
+    release = lambda: file.release(key)  # noqa: E731
+    if info.type.dtype is not None:  # F32 / F16 / BF16: used in place like safetensors'
+        return LazyTensor(info.shape, info.type.dtype, origin, lambda: file.get(key), True, release)
     return LazyTensor(
-        info.shape, info.dtype, f"{file.path}:{key}", lambda: file.get(key), True,
-        lambda: file.release(key),
+        info.shape, torch.float32, origin, lambda: file.get(key), False, release,
+        info.type.name, lambda dtype: file.get(key, dtype), lambda: file.raw(key),
     )  # fmt: skip
+
+
+def open_weights(path: str | Path) -> WeightsFile:
+    """A safetensors or GGUF file (told apart by their first bytes)."""
+    path = Path(path)
+    if path.is_file() and (path.suffix.lower() == ".gguf" or is_gguf(path)):
+        try:
+            return GGUFFile(path)
+        except GGUFError as e:
+            raise CheckpointError(str(e)) from None
+    return SafetensorsFile(path)
+
+
+def gguf_metadata(file: WeightsFile) -> dict[str, str]:
+    if isinstance(file, SafetensorsFile):
+        return file.metadata
+    return {k: str(v) for k, v in file.metadata.items()}
 
 
 def derived(
@@ -251,7 +305,8 @@ class Component:
 
     @property
     def stored_dtypes(self) -> list[str]:
-        return sorted({str(t.dtype).removeprefix("torch.") for t in self.tensors.values()})
+        """The dtypes and GGUF types the files store this component's tensors in."""
+        return sorted({t.stored for t in self.tensors.values()})
 
     @property
     def num_params(self) -> int:
@@ -291,15 +346,16 @@ def kind_of_standalone(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
 
 
 def open_file(path: str | Path, role: str | None = None) -> dict[str, Component]:
-    """The components in one safetensors file. `role` says what a standalone file is meant to be
-    (e.g. "clip_g" for `--clip-g FILE`) and is checked against what the file holds."""
-    file = SafetensorsFile(path)
+    """The components in one safetensors or GGUF file. `role` says what a standalone file is
+    meant to be (e.g. "clip_g" for `--clip-g FILE`) and is checked against what the file holds."""
+    file = open_weights(path)
+    metadata = gguf_metadata(file)
     found: dict[str, Component] = {}
     rest = []
     for key in file.tensors:
         for name, prefix in SINGLE_FILE_PREFIXES.items():
             if key.startswith(prefix):
-                comp = found.setdefault(name, Component(name, [file.path], metadata=file.metadata))
+                comp = found.setdefault(name, Component(name, [file.path], metadata=metadata))
                 comp.tensors[key[len(prefix) :]] = from_file(file, key)
                 break
         else:
@@ -313,6 +369,8 @@ def open_file(path: str | Path, role: str | None = None) -> dict[str, Component]
             )
     else:
         tensors = {k: from_file(file, k) for k in rest}
+        if isinstance(file, GGUFFile) and any(k.startswith("enc.blk.") for k in rest):
+            tensors = {transformers_name(k): t for k, t in tensors.items()}  # llama.cpp's T5
         kind = kind_of_standalone({k: t.shape for k, t in tensors.items()})
         if kind == "controlnet":
             raise CheckpointError(
@@ -329,7 +387,7 @@ def open_file(path: str | Path, role: str | None = None) -> dict[str, Component]
                 f"{file.path}: unknown model: its {len(rest)} tensors are not an SD3 MMDiT, VAE, "
                 f"CLIP-L, CLIP-G or T5-XXL (first keys: {rest[:3]})"
             )
-        found[kind] = Component(kind, [file.path], tensors, file.metadata)
+        found[kind] = Component(kind, [file.path], tensors, metadata)
     if role is not None and role not in found:
         raise CheckpointError(
             f"{file.path}: expected a {role} file, but it holds {', '.join(found)}"
@@ -680,14 +738,26 @@ def load_component(
     device: str | torch.device = "cpu",
     int8: bool = False,
     edits: Mapping[str, Callable[[Tensor], Tensor]] | None = None,
+    int4: bool = False,
 ) -> nn.Module:
     """Build the module for `component` from its tensors, checking every key and shape first.
     `int8`: the MMDiT's or T5's block linears are quantized as they load (`kernels.quantization`),
     one tensor at a time, so their full-precision weights are never all in memory; an fp32 MMDiT
-    on a CPU then multiplies in int8. `edits`: {key: tensor as stored -> tensor to use}, applied
+    on a CPU then multiplies in int8. `int4`: the same layers in 4 bits (a GGUF file's Q4_0
+    weights taken as they are stored). `edits`: {key: tensor as stored -> tensor to use}, applied
     as each tensor is read, before it is converted or quantized (merged LoRAs, `sd3.loras`)."""
+    if int8 and int4:
+        raise ValueError("int8 and int4 exclude each other: choose one")
     module = check_component(component)
-    quantized = set(use_int8(module, component.name)) if int8 else set()
+    if int8:
+        quantized = set(use_int8(module, component.name))
+    elif int4:
+        try:
+            quantized = set(use_int4(module, component.name))
+        except ValueError as e:
+            raise CheckpointError(f"{component.where()}: {e}") from None
+    else:
+        quantized = set()
     expected = module.state_dict()
     got = component.tensors
     state = {}
@@ -695,17 +765,36 @@ def load_component(
         layer, _, leaf = k.rpartition(".")
         if layer in quantized and leaf == SCALE:
             continue  # made with its weight
-        source = got[k].read()
-        if edits and k in edits:
-            source = edits[k](source)
+        t = got[k]
+        edit = edits.get(k) if edits else None
         if layer in quantized and leaf == "weight":
-            state[k], state[f"{layer}.{SCALE}"] = quantize_weight(source.to(device))
-        else:
-            state[k] = source.to(device=device, dtype=dtype)
-        if not (got[k].mapped and state[k] is source):  # converted: the file pages are done with
-            got[k].release()
+            if int4 and edit is None and t.quant == "Q4_0" and t.blocks is not None:
+                state[k], state[f"{layer}.{SCALE}"] = q4_0_as_int4(t.blocks(), device)
+            else:
+                source = t.read() if edit is None else edit(t.read())
+                quantize = quantize_int4 if int4 else quantize_weight
+                state[k], state[f"{layer}.{SCALE}"] = quantize(source.to(device))
+            t.release()
+            continue
+        if edit is None and t.read_as is not None:  # GGUF blocks: dequantized into `dtype`
+            state[k] = t.read_in(dtype).to(device)
+            t.release()
+            continue
+        source = t.read() if edit is None else edit(t.read())
+        state[k] = source.to(device=device, dtype=dtype)
+        if not (t.mapped and state[k] is source):  # converted: the file pages are done with
+            t.release()
     module.load_state_dict(state, assign=True)
     del state  # the module holds the weights alone, so packing frees each int8 weight in turn
     if int8:
         pack_for_int8_gemm(module, component.name, dtype, device)
     return module.eval().requires_grad_(False)
+
+
+def q4_0_as_int4(blocks: Tensor, device: str | torch.device) -> tuple[Tensor, Tensor]:
+    """GGUF Q4_0 blocks [out, in / 32 * 18 bytes] -> `Int4Linear`'s (packed weight, scale):
+    the same numbers, split into the 16 bytes of nibbles and the fp16 scale of each block."""
+    rows = blocks.shape[0]
+    b = blocks.reshape(rows, -1, 18)
+    scale = b[:, :, :2].contiguous().view(torch.float16).reshape(rows, -1)
+    return b[:, :, 2:].reshape(rows, -1).to(device, copy=True), scale.to(device)

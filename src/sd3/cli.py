@@ -42,7 +42,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The model files and how to sample them: shared by generate and eval."""
     p.add_argument(
         "--model",
-        help="Stability single file (.safetensors) or diffusers folder (default: the bundled shapes model)",
+        help="Stability single file (.safetensors or .gguf) or diffusers folder (default: the "
+        "bundled shapes model)",
     )
     p.add_argument("--clip-l", help="CLIP-L file (if not bundled in --model)")
     p.add_argument("--clip-g", help="CLIP-G file (if not bundled in --model)")
@@ -59,6 +60,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="int8 T5-XXL and MMDiT blocks: half their memory (a third in fp32); the MMDiT "
         "multiplies in int8 where the CPU does that faster than in the compute dtype, else the "
         "weights are dequantized as each layer runs; a small output error (see the README)",
+    )  # fmt: skip
+    p.add_argument(
+        "--int4", action="store_true", default=None,
+        help="4-bit T5-XXL and MMDiT blocks (groups of 32 with an fp16 scale, as GGUF's Q4_0, "
+        "whose weights load as stored): about 0.28 of their bf16 memory, dequantized as each "
+        "layer runs; a larger output error than --int8 (see docs/gguf.md)",
     )  # fmt: skip
     p.add_argument(
         "--compile", action="store_true",
@@ -420,7 +427,8 @@ def lora_files(args: argparse.Namespace, stored: dict | None) -> list[dict]:
 
 def model_files(args: argparse.Namespace, stored: dict | None = None) -> dict:
     """The files to load: those given, else those a PNG records (found by name and hash next
-    to it or in the current folder), else the bundled model; plus dtype, int8 and the LoRAs."""
+    to it or in the current folder), else the bundled model; plus dtype, int8, int4 and the
+    LoRAs."""
     files = {}
     for key, value in (stored["files"] if stored else {}).items():
         if key == "loras" or getattr(args, key, None) is not None or value is None:
@@ -432,7 +440,7 @@ def model_files(args: argparse.Namespace, stored: dict | None = None) -> dict:
             files[key] = [str(metadata.locate(key, v, png, DEFAULT_MODEL)) for v in value]
         else:
             files[key] = value
-    for key in (*metadata.FILE_KEYS, *metadata.FILE_LIST_KEYS, "dtype", "int8"):
+    for key in (*metadata.FILE_KEYS, *metadata.FILE_LIST_KEYS, "dtype", "int8", "int4"):
         if getattr(args, key, None) is not None:
             files[key] = getattr(args, key)
     if files.get("model") is None:
@@ -477,6 +485,7 @@ def open_pipeline(
         device=device,
         low_memory=low_memory,
         int8=bool(files.get("int8")),
+        int4=bool(files.get("int4")),
         compile=compile,
         load=False,
         loras=[(lo["path"], lo["scale"]) for lo in files.get("loras", [])],
@@ -491,7 +500,7 @@ def load_weights(pipe: Pipeline, files: dict) -> None:
     pipe.load()
     bundled = Path(files["model"]).resolve() == DEFAULT_MODEL.resolve()
     print(
-        f"{pipe.preset.name}{' (bundled)' if bundled else ''}, {files['dtype']}{' (int8 weights)' if pipe.int8 else ''} on {pipe.device}"
+        f"{pipe.preset.name}{' (bundled)' if bundled else ''}, {files['dtype']}{' (int8 weights)' if pipe.int8 else ' (int4 weights)' if pipe.int4 else ''} on {pipe.device}"
         f"{', low-memory mode' if pipe.low_memory else ''}{', MMDiT compiled on its first step' if pipe.compile else ''}, loaded in {time.perf_counter() - started:.1f}s",
         file=sys.stderr,
     )

@@ -161,7 +161,7 @@ def a1111_parameters(s: Settings, model: dict, loras: list[dict] = ()) -> str:
 
 
 def png_info(s: Settings, files: dict) -> PngImagePlugin.PngInfo:
-    """Both text chunks for one image; `files` maps FILE_KEYS to records, plus dtype, int8 and
+    """Both text chunks for one image; `files` maps FILE_KEYS to records, plus dtype, int8, int4 and
     the LoRAs."""
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", a1111_parameters(s, files["model"], files.get("loras", [])))
@@ -375,7 +375,7 @@ def _settings(d, where: str) -> Settings:
 def _files(d, where: str) -> dict:
     if not isinstance(d, dict):
         raise MetadataError(f"{where}: files must be a JSON object")
-    unknown = sorted(set(d) - {*FILE_KEYS, *FILE_LIST_KEYS, "dtype", "int8", "loras"})
+    unknown = sorted(set(d) - {*FILE_KEYS, *FILE_LIST_KEYS, "dtype", "int8", "int4", "loras"})
     if unknown:
         raise MetadataError(f"{where}: files has unknown fields {unknown}")
     if "model" not in d:
@@ -385,9 +385,9 @@ def _files(d, where: str) -> dict:
         if key == "dtype":
             if value is not None and value not in ("bf16", "fp16", "fp32"):
                 raise MetadataError(f"{where}: files.dtype {value!r} is not bf16, fp16 or fp32")
-        elif key == "int8":
+        elif key in ("int8", "int4"):
             if not isinstance(value, bool | None):
-                raise MetadataError(f"{where}: files.int8 must be true, false or null")
+                raise MetadataError(f"{where}: files.{key} must be true, false or null")
         elif key == "loras":
             value = _loras(value, where)
         elif key in FILE_LIST_KEYS:

@@ -220,6 +220,7 @@ class Pipeline:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     low_memory: bool = False
     int8: bool = False  # int8 T5-XXL and MMDiT blocks (`kernels.quantization`)
+    int4: bool = False  # int4 (Q4_0-style groups of 32) for the same layers
     # the MMDiT under torch.compile, which pays off on GPUs after a first step that compiles
     # (benchmarks/RESULTS.md); True is torch.compile's default
     # mode, a string one of COMPILE_MODES
@@ -249,9 +250,10 @@ class Pipeline:
         load: bool = True,
         loras: Iterable[tuple[str | Path, float]] = (),
         controlnets: Iterable[str | Path] = (),
+        int4: bool = False,
     ) -> "Pipeline":
         """A Stability single file (encoders bundled or given separately) or a diffusers folder,
-        and any ControlNet files or folders. Every file's keys and shapes are checked first;
+        and any ControlNet files or folders; any file may be GGUF. Every file's keys and shapes are checked first;
         `load=False` leaves reading the weights to `load()` or first use, so settings can be
         checked against the model before. `loras`: (file, strength) pairs merged into the
         weights as they load, each matched against the model first (`add_lora`)."""
@@ -260,7 +262,7 @@ class Pipeline:
         tokenizers = Tokenizers.from_folder(path) if folder else Tokenizers.default()
         pipe = cls.from_components(
             components, tokenizers, dtype, device, low_memory, str(path or ""), int8, compile,
-            load=False, loras=loras,
+            load=False, loras=loras, int4=int4,
         )  # fmt: skip
         for controlnet in controlnets:
             pipe.load_controlnet(controlnet)
@@ -283,9 +285,12 @@ class Pipeline:
         compile: bool | str = False,
         load: bool = True,
         loras: Iterable[tuple[str | Path, float]] = (),
+        int4: bool = False,
     ) -> "Pipeline":
-        """`low_memory=None` turns it on when all weights in `dtype` (int8 where `int8` quantizes
-        them) need over 60% of the free memory."""
+        """`low_memory=None` turns it on when all weights in `dtype` (int8 or int4 where `int8`
+        or `int4` quantizes them) need over 60% of the free memory."""
+        if int8 and int4:
+            raise ValueError("int8 and int4 exclude each other: choose one")
         if not isinstance(compile, bool) and compile not in COMPILE_MODES:
             raise ValueError(
                 f"compile must be True, False or one of {COMPILE_MODES}, got {compile!r}"
@@ -306,8 +311,9 @@ class Pipeline:
         if dtype == torch.bfloat16 and device.type == "cpu":
             warn_if_bf16_is_emulated("bf16 on the CPU")
         if low_memory is None:
+            low_bit = 1 if int8 else 4.5 / 8 if int4 else None  # bytes a quantized weight
             needed = sum(
-                c.num_params * (1 if int8 and name in INT8_SCOPE else dtype.itemsize)
+                c.num_params * (low_bit if low_bit and name in INT8_SCOPE else dtype.itemsize)
                 for name, c in components.items()
             )
             free = available_memory()
@@ -321,6 +327,7 @@ class Pipeline:
             device=device,
             low_memory=low_memory,
             int8=int8,
+            int4=int4,
             compile=compile,
             model_name=model_name,
         )
@@ -354,9 +361,9 @@ class Pipeline:
         """ControlNet `index` (in the order they were added), loaded on first use."""
         name = f"controlnet.{index}"
         if name not in self._modules:
-            int8 = self.int8  # --int8 covers the ControlNet's blocks as it does the MMDiT's
+            int8 = self.int8  # --int8/--int4 cover the ControlNet's blocks as the MMDiT's
             self._modules[name] = load_component(
-                self.controlnets[index], self.dtype, self.device, int8
+                self.controlnets[index], self.dtype, self.device, int8, int4=self.int4
             )
         return self._modules[name]
 
@@ -366,8 +373,11 @@ class Pipeline:
         """The network for component `name` ("mmdit", "vae", "clip_l", ...), loaded on first use."""
         if name not in self._modules:
             int8 = self.int8 and name in INT8_SCOPE
+            int4 = self.int4 and name in INT8_SCOPE
             edits = merge_edits(self.loras, name)
-            module = load_component(self.components[name], self.dtype, self.device, int8, edits)
+            module = load_component(
+                self.components[name], self.dtype, self.device, int8, edits, int4
+            )
             if any(not lora.merged and name in lora.matches for lora in self.loras):
                 install(module, name, self.loras, self.dtype, self.device)
             if name == "mmdit" and self.compile:  # compiles on its first call
