@@ -166,3 +166,22 @@ def test_bundled_controlnet_is_canny_and_strength_0_is_the_base_image():
     assert np.array_equal(off, plain)
     assert np.abs(on.astype(int) - plain).mean() > 1.0  # it does change the image
     assert isinstance(edges, Image.Image)
+
+
+@pytest.mark.skipif(not BUNDLED_CONTROLNET.is_file(), reason="no bundled ControlNet")
+def test_cli_takes_the_bundled_controlnet_by_its_short_name(tmp_path):
+    from sd3.cli import main
+
+    scene = tmp_path / "scene.png"
+    render(sample_scene(7, 1), 128).save(scene)
+    out = tmp_path / "out.png"
+    argv = [
+        "generate", "a red circle above a blue square", "--controlnet", "shapes-canny",
+        "--control-image", str(scene), "--control-preprocess", "canny", "--steps", "3",
+        "--out", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    with Image.open(out) as im:
+        record = json.loads(im.text["sd3"])
+        assert im.size == (128, 128)
+    assert record["files"]["controlnet"][0]["name"] == BUNDLED_CONTROLNET.name
