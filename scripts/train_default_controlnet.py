@@ -30,7 +30,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True, help="working folder (checkpoint, logs)")
     p.add_argument("--export", type=Path, default=DEFAULT_EXPORT)
     p.add_argument("--scenes", type=int, default=2400)
-    p.add_argument("--steps", type=int, default=900)
+    p.add_argument("--steps", type=int, default=1173)
     p.add_argument("--batch-size", type=int, default=24)
     p.add_argument("--blocks", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-4)
