@@ -185,3 +185,21 @@ def test_cli_takes_the_bundled_controlnet_by_its_short_name(tmp_path):
         record = json.loads(im.text["sd3"])
         assert im.size == (128, 128)
     assert record["files"]["controlnet"][0]["name"] == BUNDLED_CONTROLNET.name
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--controlnet", "--data", "."], "--controlnet trains on --shapes N"),
+        (["--shapes", "8", "--controlnet-blocks", "2"], "--controlnet-blocks applies to"),
+        (["--shapes", "8", "--controlnet", "--controlnet-blocks", "4"], "4 blocks cannot serve"),
+        (["--shapes", "8", "--controlnet", "--lora-rank", "4"], "frozen: no --lora-rank"),
+    ],
+)
+def test_train_controlnet_option_errors(tmp_path, capsys, extra, message):
+    from sd3.training.command import main
+
+    argv = ["--model", str(BUNDLED), "--resolution", "128", "--out", str(tmp_path / "o"), *extra]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -583,7 +583,7 @@ def _check_sources(args: argparse.Namespace, given: set[str]) -> None:
             raise ValueError(f"{_dash(name)} applies to LoRA training (--lora-rank R) only")
     if args.resolution % 16:
         raise ValueError(f"--resolution must be a multiple of 16, got {args.resolution}")
-    if args.controlnet_blocks is not None and not args.controlnet:
+    if args.controlnet_blocks and not args.controlnet:  # 0: not given (TrainConfig's default)
         raise ValueError("--controlnet-blocks applies to ControlNet training (--controlnet) only")
     if args.controlnet:
         if args.model is None:
