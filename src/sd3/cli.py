@@ -32,6 +32,10 @@ from .sampling import SAMPLERS, SkipLayerGuidance
 from .shapes import evaluation
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "default" / "sd3_shapes.safetensors"
+# bundled ControlNets for the bundled model, by the short name --controlnet takes
+BUNDLED_CONTROLNETS = {
+    "shapes-canny": DEFAULT_MODEL.with_name("sd3_shapes_controlnet_canny.safetensors"),
+}
 OPTION_OF = {"clip_l": "--clip-l", "clip_g": "--clip-g", "t5xxl": "--t5xxl", "vae": "--vae"}
 
 
@@ -161,7 +165,8 @@ def add_control_arguments(p: argparse.ArgumentParser) -> None:
     each = "; once for all ControlNets or once per --controlnet"
     p.add_argument(
         "--controlnet", action="append", metavar="FILE",
-        help="a ControlNet file or diffusers folder; repeat, each with its --control-image",
+        help="a ControlNet file or diffusers folder (shapes-canny: the bundled model's canny "
+        "ControlNet); repeat, each with its --control-image",
     )  # fmt: skip
     p.add_argument(
         "--control-image", action="append", metavar="IMG",
@@ -437,12 +442,21 @@ def model_files(args: argparse.Namespace, stored: dict | None = None) -> dict:
             files[key] = str(metadata.locate(key, value, Path(args.from_png), DEFAULT_MODEL))
         elif key in metadata.FILE_LIST_KEYS:
             png = Path(args.from_png)
-            files[key] = [str(metadata.locate(key, v, png, DEFAULT_MODEL)) for v in value]
+            bundled = {path.name: path for path in BUNDLED_CONTROLNETS.values()}
+            files[key] = [
+                str(metadata.locate(key, v, png, bundled.get(v["name"], DEFAULT_MODEL)))
+                for v in value
+            ]
         else:
             files[key] = value
     for key in (*metadata.FILE_KEYS, *metadata.FILE_LIST_KEYS, "dtype", "int8", "int4"):
         if getattr(args, key, None) is not None:
             files[key] = getattr(args, key)
+    if files.get("controlnet"):  # a short name is the bundled file, unless a file has that name
+        files["controlnet"] = [
+            str(BUNDLED_CONTROLNETS[v]) if v in BUNDLED_CONTROLNETS and not Path(v).exists() else v
+            for v in files["controlnet"]
+        ]
     if files.get("model") is None:
         if not DEFAULT_MODEL.is_file():
             raise ValueError(

@@ -39,7 +39,7 @@ from .loras.weights import adapted_layers, remove_adapted
 from .models.controlnet import SD35, ControlNet
 from .models.mmdit import MMDiT, MMDiTConfig
 from .models.vae import AutoEncoder
-from .presets import PRESETS, Preset, preset_for
+from .presets import PRESET_METADATA, PRESETS, Preset, preset_for, stored_preset
 from .sampling import (
     SAMPLERS,
     Callback,
@@ -353,7 +353,9 @@ class Pipeline:
         component = open_controlnet(path)
         config = check_fit(component, self.config, self.model_name)
         self.controlnets.append(component)
-        if config.kind == SD35 and component.control_type is not None:
+        if PRESET_METADATA in component.metadata:  # the preset of the model it was made for
+            self.preset = stored_preset(component.metadata[PRESET_METADATA], str(path))
+        elif config.kind == SD35 and component.control_type is not None:
             self.preset = PRESETS[f"sd3.5_large_controlnet_{component.control_type}"]
         return component
 

@@ -3,11 +3,13 @@
     sd3 train --model sd3.5_medium.safetensors --data pictures/ --out run1 --lora-rank 16
     sd3 train --init-config small --shapes 20000 --resolution 64 --out shapes --bf16
     sd3 train --out shapes --resume                      # continue where it stopped
+    sd3 train --model sd3_shapes.safetensors --shapes 4000 --resolution 128 --controlnet --out cn
     torchrun --nproc_per_node 4 -m sd3.training.command ...   # data-parallel (DDP)
 
 Writes into --out: checkpoint.safetensors (every --checkpoint-every steps), log.jsonl, and at the
-end model.safetensors (Stability's single-file layout, EMA weights) or lora.safetensors
-(diffusers' SD3 LoRA format). A fresh --init-config model is first saved as base.safetensors.
+end model.safetensors (Stability's single-file layout, EMA weights), lora.safetensors
+(diffusers' SD3 LoRA format) or controlnet.safetensors (Stability's SD3.5 ControlNet layout, canny).
+A fresh --init-config model is first saved as base.safetensors.
 
 Everything that can be checked is checked before the models load, and before anything is
 written: the settings (finite and in range; on --resume, that only the resumable ones change),
@@ -30,7 +32,7 @@ import re
 import shlex
 import sys
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -50,9 +52,11 @@ from sd3.models.mmdit import MMDiT
 from sd3.models.vae import AutoEncoder
 from sd3.outputs import OutputError, check_folder
 from sd3.pipeline import MAX_SEED
+from sd3.presets import PRESET_METADATA, Preset, preset_for
 from sd3.text import TextEncoders
 
 from .checkpoint import read_state, remove_stale_temporaries
+from .controlnet import check_blocks, control_encoder, save_controlnet, shapes_edges
 from .data import ImageCaptionFolder, cached_latents, check_pairs, load_latents
 from .export import export_single_file, save_lora
 from .flow import SAMPLINGS
@@ -66,8 +70,9 @@ RESUMABLE = {
     "export_on_interrupt",
 }  # fmt: skip
 LATENTS, BASE = "latents.safetensors", "base.safetensors"
-RUN_FILES = (CHECKPOINT, LOG, LATENTS, BASE)  # what a run writes and rewrites in --out itself
-EXPORTS = "model|lora"  # the names of its exports (model.safetensors, lora-step40.safetensors)
+CONTROLS = "controls.safetensors"  # --controlnet: the control latents' cache
+RUN_FILES = (CHECKPOINT, LOG, LATENTS, BASE, CONTROLS)  # what a run writes in --out itself
+EXPORTS = "model|lora|controlnet"  # names of its exports (model.safetensors, lora-step40...)
 BASE_KEY = "sd3_base"  # base.safetensors' metadata: which --init-config and --seed made it
 RESOLUTION = 256  # --resolution's default; the others are TrainConfig's
 DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
@@ -246,6 +251,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"(default {','.join(DEFAULT_TARGETS)})",
     )
 
+    control = parser.add_argument_group("ControlNet")
+    control.add_argument(
+        "--controlnet", action="store_true",
+        help="train a ControlNet (SD3.5 Large kind) for --model, which stays frozen, on the "
+        "--shapes scenes with their edges as canny control images; exports controlnet.safetensors "
+        "in Stability's layout",
+    )  # fmt: skip
+    control.add_argument(
+        "--controlnet-blocks", type=_whole(1), metavar="N",
+        help="its blocks, initialised from the MMDiT's first N (default: half the MMDiT's, as "
+        "SD3.5 Large's 19 of 38)",
+    )  # fmt: skip
+
 
 def _dash(name: str) -> str:
     return "--" + name.replace("_", "-")
@@ -268,6 +286,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     values = {k: v for k, v in vars(args).items() if k in names and v is not None}
     values["lora_targets"] = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
     values["paired"] = args.shapes_mirror_pairs
+    values["controlnet_blocks"] = (args.controlnet_blocks or 0) if args.controlnet else 0
     try:
         return TrainConfig(**values)
     except (ValueError, TypeError) as e:
@@ -359,6 +378,13 @@ def _check_models(args: argparse.Namespace) -> dict[str, Component]:
         modules["mmdit"].check_size(latent, latent)
     except ValueError as e:
         raise ValueError(f"--resolution {args.resolution}: {e}") from None
+    if args.controlnet:
+        depth = modules["mmdit"].config.depth
+        args.controlnet_blocks = args.controlnet_blocks or max(1, depth // 2)
+        try:
+            check_blocks(args.controlnet_blocks, depth)
+        except ValueError as e:
+            raise ValueError(f"--controlnet-blocks {args.controlnet_blocks}: {e}") from None
     if args.lora_rank:
         targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
         try:
@@ -470,6 +496,22 @@ def _latents(args, dataset, key: dict, vae, rank: int, quiet: bool):
     return (latents, captions) if rank == 0 else load_latents(cache)
 
 
+def _controls(args, dataset, key: dict, vae, rank: int, quiet: bool):
+    """The control latents of the scenes' edges, as sampling encodes a canny control image,
+    cached in --out/controls.safetensors (computed by process 0)."""
+    with torch.no_grad():
+        vae_key = f"{sum(p.double().sum().item() for p in vae.encoder.parameters()):.10e}"
+    cache, key = args.out / CONTROLS, {**key, "vae": vae_key, "control": "canny edges"}
+    if rank == 0:
+        progress = {"desc": "encoding edges", "unit": "img", "disable": quiet}
+        controls, _ = cached_latents(
+            cache, shapes_edges(dataset), vae, key, progress=progress, encode=control_encoder(vae)
+        )
+    if dist.is_initialized():
+        dist.barrier()
+    return controls if rank == 0 else load_latents(cache)[0]
+
+
 def _same(name: str, given: object, saved: object) -> bool:
     if name == "lora_targets" and isinstance(saved, str):
         return [t.strip() for t in str(given).split(",")] == [t.strip() for t in saved.split(",")]
@@ -541,6 +583,21 @@ def _check_sources(args: argparse.Namespace, given: set[str]) -> None:
             raise ValueError(f"{_dash(name)} applies to LoRA training (--lora-rank R) only")
     if args.resolution % 16:
         raise ValueError(f"--resolution must be a multiple of 16, got {args.resolution}")
+    if args.controlnet_blocks and not args.controlnet:  # 0: not given (TrainConfig's default)
+        raise ValueError("--controlnet-blocks applies to ControlNet training (--controlnet) only")
+    if args.controlnet:
+        if args.model is None:
+            raise ValueError("--controlnet trains a ControlNet for a trained model: give --model")
+        if args.shapes is None:
+            raise ValueError(
+                "--controlnet trains on --shapes N (the scenes' edges are its control images); "
+                "a --data folder has no control images"
+            )
+        for name in ("lora_rank", "train_text_encoders"):
+            if getattr(args, name):
+                raise ValueError(
+                    f"--controlnet keeps the MMDiT and the text encoders frozen: no {_dash(name)}"
+                )
 
 
 def _check_out(out: Path) -> None:
@@ -590,6 +647,9 @@ def _check_own_files(args: argparse.Namespace) -> None:
         foreign.append(LOG)
     if latents is not None and "captions" not in latents:
         foreign.append(LATENTS)
+    controls = _metadata(out / CONTROLS)
+    if controls is not None and "captions" not in controls:
+        foreign.append(CONTROLS)
     if args.init_config and base is not None and BASE_KEY not in base:
         foreign.append(BASE)
     if foreign:
@@ -639,6 +699,8 @@ def _prepare(args: argparse.Namespace) -> Plan:
             stacklevel=2,
         )
     found = _check_models(args)
+    if args.controlnet:  # its block count is known now that the MMDiT's depth is
+        config = train_config(args)
     dataset, key = _dataset(args, rank, args.quiet)
     return Plan(args, config, device, found, dataset, key)
 
@@ -724,11 +786,18 @@ def _execute(plan: Plan) -> int:
         models = _load_models(args, rank, plan.found)
         models["vae"].to(device)
         latents, captions = _latents(args, plan.dataset, plan.key, models["vae"], rank, quiet)
+        controls = None
+        if config.controlnet_blocks:
+            controls = _controls(args, plan.dataset, plan.key, models["vae"], rank, quiet)
         models["vae"].cpu()
         mmdit = models["mmdit"].to(device)
+        # a model that stores its preset may read fewer CLIP positions than 77: train it so
+        found = plan.found.get("mmdit")
+        preset = preset_for(mmdit.config, str(args.model or ""), found and found.metadata)
         text_encoders = TextEncoders(
             models["clip_l"], models["clip_g"], models.get("t5xxl"),
             context_width=mmdit.config.context_dim, t5_length=args.t5_length,
+            clip_length=preset.clip_length,
         ).to(device)  # fmt: skip
         saved_args = {  # for --resume; leaves out what a surrounding CLI adds (e.g. its handler)
             k: str(v) if isinstance(v, Path) else v
@@ -737,7 +806,7 @@ def _execute(plan: Plan) -> int:
         }
         trainer = Trainer(
             config, mmdit, text_encoders, latents, captions, args.out,
-            metadata={"args": saved_args}, progress=not quiet,
+            metadata={"args": saved_args}, progress=not quiet, controls=controls,
         )  # fmt: skip
         if args.resume:
             trainer.resume()
@@ -756,9 +825,9 @@ def _execute(plan: Plan) -> int:
             file=sys.stderr,
         )
         if args.export_on_interrupt:
-            _export(args, trainer, models, f"-step{step}")
+            _export(args, trainer, models, preset, f"-step{step}")
     elif rank == 0:
-        _export(args, trainer, models)
+        _export(args, trainer, models, preset)
         print(
             f"step {step}: checkpoint {trainer.checkpoint_path}, log {args.out / LOG}",
             file=sys.stderr,
@@ -771,11 +840,25 @@ def _execute(plan: Plan) -> int:
     return status
 
 
-def _export(args: argparse.Namespace, trainer: Trainer, models: dict, suffix: str = "") -> None:
-    """model.safetensors or lora.safetensors (with `suffix` before .safetensors), never over an
-    existing file: a taken name moves on to the next free one."""
+def _export(
+    args: argparse.Namespace, trainer: Trainer, models: dict, preset: Preset, suffix: str = ""
+) -> None:
+    """model.safetensors, lora.safetensors or controlnet.safetensors (with `suffix` before
+    .safetensors), never over an existing file: a taken name moves on to the next free one."""
     with trainer.ema_weights():
-        if trainer.config.lora_rank:
+        if trainer.controlnet is not None:
+            # the base model's preset goes with it: how the model it serves is sampled
+            meta = {
+                PRESET_METADATA: json.dumps(asdict(preset)),
+                "sd3_training": json.dumps(
+                    {"step": trainer.step, "args": trainer.metadata["args"]}
+                ),
+            }
+            path = save_controlnet(
+                args.out / f"controlnet{suffix}.safetensors", trainer.controlnet, "canny",
+                DTYPE_NAMES[args.export_dtype], meta, new="--out",
+            )  # fmt: skip
+        elif trainer.config.lora_rank:
             path = save_lora(args.out / f"lora{suffix}.safetensors", trainer.mmdit, new="--out")
         else:
             components = dict(models)

@@ -169,15 +169,18 @@ def encode_latents(
     batch_size: int = 8,
     indices: Sequence[int] | None = None,
     progress: Callable[[int], None] | None = None,
+    encode: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, list[str]]:
-    """VAE posterior means (MMDiT latent format, float32, CPU) and captions of the examples."""
+    """VAE posterior means (MMDiT latent format, float32, CPU) and captions of the examples.
+    `encode` replaces `vae.encode` (e.g. ControlNet control images, `sd3.control.control_latent`)."""
+    encode = encode or vae.encode
     indices = range(len(dataset)) if indices is None else indices
     device = next(vae.parameters()).device
     latents, captions = [], []
     for start in range(0, len(indices), batch_size):
         examples = [dataset[i] for i in indices[start : start + batch_size]]
         images = torch.stack([image for image, _ in examples]).to(device)
-        latents.append(vae.encode(images).float().cpu())
+        latents.append(encode(images).float().cpu())
         captions.extend(caption for _, caption in examples)
         if progress is not None:
             progress(len(examples))
@@ -191,6 +194,7 @@ def cached_latents(
     key: Mapping[str, str] | None = None,
     batch_size: int = 8,
     progress: dict | None = None,
+    encode: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, list[str]]:
     """The dataset's latents and captions (`encode_latents`), kept in the safetensors file `path`:
     read from it if it carries every metadata entry of `key` (what the data and the VAE were; no
@@ -205,7 +209,9 @@ def cached_latents(
         return load_latents(path)
     options = {"total": len(dataset), "disable": progress is None} | (progress or {})
     with tqdm(**options) as bar:
-        latents, captions = encode_latents(dataset, vae, batch_size, progress=bar.update)
+        latents, captions = encode_latents(
+            dataset, vae, batch_size, progress=bar.update, encode=encode
+        )
     save_atomic(path, {"latents": latents}, {**key, "captions": json.dumps(captions)})
     return latents, captions
 

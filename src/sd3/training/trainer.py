@@ -34,12 +34,14 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from sd3.kernels.hardware import warn_if_bf16_is_emulated
+from sd3.models.controlnet import ControlNet
 from sd3.models.mmdit import MMDiT
 from sd3.pipeline import MAX_SEED
 from sd3.text import T5_MIN_LENGTH, TextEncoders
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .conditioning import TextCache, embed, t5_length_for, tokenize, truncation_report
+from .controlnet import controlled, controlnet_from_base
 from .data import check_pairs
 from .flow import TimestepSampling, flow_loss
 from .lora import DEFAULT_TARGETS, add_lora
@@ -80,6 +82,9 @@ class TrainConfig:
     lora_rank: int = 0  # > 0: train LoRA adapters only
     lora_alpha: float | None = None  # None: alpha = rank
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
+    # > 0: train a ControlNet of this many blocks on the examples' control latents, the MMDiT
+    # frozen (`sd3.training.controlnet`)
+    controlnet_blocks: int = 0
     checkpoint_every: int = 500
     seed: int = 0
     # examples 2k and 2k + 1 form a pair (e.g. a scene and its mirror, `ShapesDataset`): shuffled
@@ -92,7 +97,7 @@ class TrainConfig:
         self.adam_betas = tuple(self.adam_betas)
         self.lora_targets = tuple(self.lora_targets)
         whole = {"steps": 1, "batch_size": 1, "checkpoint_every": 1, "warmup_steps": 0,
-                 "lora_rank": 0, "seed": 0}  # fmt: skip
+                 "lora_rank": 0, "controlnet_blocks": 0, "seed": 0}  # fmt: skip
         for name, low in whole.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -141,6 +146,11 @@ class TrainConfig:
             )
         if self.lora_rank and self.train_text_encoders:
             raise ValueError("LoRA training (lora_rank > 0) keeps the text encoders frozen")
+        if self.controlnet_blocks and (self.lora_rank or self.train_text_encoders):
+            raise ValueError(
+                "ControlNet training (controlnet_blocks > 0) keeps the MMDiT and the text encoders "
+                "frozen: no lora_rank or train_text_encoders with it"
+            )
         self.sampling()  # validates the timestep sampling and shift
 
     def sampling(self) -> TimestepSampling:
@@ -167,18 +177,22 @@ def enable_gradient_checkpointing(mmdit: MMDiT) -> None:
 class FlowObjective(nn.Module):
     """The trainable networks and the loss as one module (what DDP wraps). With trainable text
     encoders the prompts are encoded here, with autograd; otherwise (context, pooled) come cached.
-    `loss` has `flow_loss`'s signature (an experiment may weight the error otherwise)."""
+    `loss` has `flow_loss`'s signature (an experiment may weight the error otherwise). With a
+    `controlnet`, the velocity is the MMDiT's with the ControlNet's residuals for each example's
+    control latent (`controlnet.controlled`)."""
 
     def __init__(
         self,
         mmdit: MMDiT,
         text_encoders: TextEncoders | None = None,
         loss: Callable[..., Tensor] = flow_loss,
+        controlnet: ControlNet | None = None,
     ):
         super().__init__()
         self.mmdit = mmdit
         self.text_encoders = text_encoders
         self.loss = loss
+        self.controlnet = controlnet
 
     def forward(
         self,
@@ -191,15 +205,20 @@ class FlowObjective(nn.Module):
         g_ids: Tensor | None = None,
         t5_ids: Tensor | None = None,
         t5_length: int = T5_MIN_LENGTH,
+        control: Tensor | None = None,
     ) -> Tensor:
         if l_ids is not None:
             context, pooled = embed(self.text_encoders, l_ids, g_ids, t5_ids, t5_length)
-        return self.loss(self.mmdit, x0, noise, sigma, context, pooled)
+        model = self.mmdit
+        if self.controlnet is not None:
+            model = controlled(self.mmdit, self.controlnet, control)
+        return self.loss(model, x0, noise, sigma, context, pooled)
 
 
 class Trainer:
-    """Trains `mmdit` (and optionally the text encoders, or LoRA adapters) on VAE latents with
-    captions. Construct it in every process of a torchrun job after `init_process_group`."""
+    """Trains `mmdit` (and optionally the text encoders, or LoRA adapters, or a ControlNet on
+    `controls`, the control latents of the examples) on VAE latents with captions. Construct it in
+    every process of a torchrun job after `init_process_group`."""
 
     def __init__(
         self,
@@ -211,10 +230,16 @@ class Trainer:
         out_dir: str | Path,
         metadata: dict | None = None,
         progress: bool = True,
+        controls: Tensor | None = None,
     ):
         if len(latents) != len(captions) or len(latents) == 0:
             raise ValueError(
                 f"need as many captions as latents (>= 1), got {len(captions)} and {len(latents)}"
+            )
+        if config.controlnet_blocks and (controls is None or len(controls) != len(latents)):
+            got = "none" if controls is None else len(controls)
+            raise ValueError(
+                f"ControlNet training needs one control latent per latent ({len(latents)}), got {got}"
             )
         if config.paired:
             check_pairs("paired examples need", {"number of latents": len(latents)})
@@ -236,7 +261,7 @@ class Trainer:
         if c.bf16 and self.device.type == "cpu" and self.rank == 0:
             warn_if_bf16_is_emulated("bf16 autocast on the CPU")
         self.mmdit, self.text_encoders = mmdit, text_encoders
-        self.latents, self.captions = latents, captions
+        self.latents, self.captions, self.controls = latents, captions, controls
         self.sampling = c.sampling()
         self.t5_length = t5_length_for(text_encoders, captions)
         report = truncation_report(text_encoders, captions, self.t5_length)
@@ -249,9 +274,13 @@ class Trainer:
                 clip.text_projection.requires_grad_(
                     False
                 )  # unused (CLIP-L's pooled is unprojected)
+        self.controlnet = None
         if c.lora_rank:
             add_lora(mmdit, c.lora_rank, c.lora_alpha, c.lora_targets)
             mmdit.to(self.device)
+        elif c.controlnet_blocks:
+            mmdit.requires_grad_(False)
+            self.controlnet = controlnet_from_base(mmdit, c.controlnet_blocks)
         else:
             mmdit.requires_grad_(True)
             mmdit.pos_embed.requires_grad_(False)  # SD3's fixed sin-cos table
@@ -274,7 +303,7 @@ class Trainer:
 
             loss = partial(pair_contrast_loss, weight=c.pair_contrast)
         self.objective = FlowObjective(
-            mmdit, text_encoders if self.text_cache is None else None, loss
+            mmdit, text_encoders if self.text_cache is None else None, loss, self.controlnet
         )
         self.objective.train()
         trained = [(n, p) for n, p in self.objective.named_parameters() if p.requires_grad]
@@ -339,6 +368,8 @@ class Trainer:
             "noise": noise.to(self.device),
             "sigma": sigma.to(self.device),
         }
+        if self.controlnet is not None:
+            batch["control"] = self.controls[indices].to(self.device)
         if self.text_cache is not None:
             context, pooled = self.text_cache.get(self.rows[indices], keep)
             batch |= {"context": context.to(self.device), "pooled": pooled.to(self.device)}
