@@ -268,3 +268,4 @@ def test_fresh_model_on_shapes(tmp_path, capsys):
     assert context.shape[1] == 77 + 8
     meta = json.loads(SafetensorsFile(out / "model_1.safetensors").metadata["sd3_training"])
     assert meta["step"] == 2 and meta["args"]["t5_length"] == 8
+    assert meta["args"]["out"] == "fresh"  # an exported file names folders, never their paths

@@ -840,6 +840,19 @@ def _execute(plan: Plan) -> int:
     return status
 
 
+PATH_ARGS = ("model", "vae", "clip_l", "clip_g", "t5xxl", "data", "out")
+
+
+def shared_record(trainer: Trainer) -> str:
+    """The training record an exported file carries: the step and the settings, with files and
+    folders by name only (an exported model travels; the paths of the machine it came from stay)."""
+    args = {
+        k: Path(v).name if k in PATH_ARGS and isinstance(v, str) else v
+        for k, v in trainer.metadata["args"].items()
+    }
+    return json.dumps({"step": trainer.step, "args": args})
+
+
 def _export(
     args: argparse.Namespace, trainer: Trainer, models: dict, preset: Preset, suffix: str = ""
 ) -> None:
@@ -850,9 +863,7 @@ def _export(
             # the base model's preset goes with it: how the model it serves is sampled
             meta = {
                 PRESET_METADATA: json.dumps(asdict(preset)),
-                "sd3_training": json.dumps(
-                    {"step": trainer.step, "args": trainer.metadata["args"]}
-                ),
+                "sd3_training": shared_record(trainer),
             }
             path = save_controlnet(
                 args.out / f"controlnet{suffix}.safetensors", trainer.controlnet, "canny",
@@ -863,9 +874,7 @@ def _export(
         else:
             components = dict(models)
             components["mmdit"] = trainer.mmdit
-            meta = {
-                "sd3_training": json.dumps({"step": trainer.step, "args": trainer.metadata["args"]})
-            }
+            meta = {"sd3_training": shared_record(trainer)}
             path = export_single_file(
                 args.out / f"model{suffix}.safetensors", components, args.export_dtype, meta,
                 new="--out",
