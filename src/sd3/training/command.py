@@ -22,7 +22,6 @@ the next free one (model_1.safetensors).
 """
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -36,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from sd3 import distributed
 from sd3.checkpoints import (
     DTYPE_NAMES,
     CheckpointError,
@@ -274,23 +274,6 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         options = sorted((n for n in names if n in vars(args)), key=len, reverse=True)
         text = re.sub(rf"\b({'|'.join(options)})\b", lambda m: _dash(m[1]), str(e))
         raise ValueError(text) from None
-
-
-def _distributed(
-    args: argparse.Namespace, device: torch.device | None
-) -> tuple[int, int, torch.device]:
-    """Join the torchrun job if there is one; returns (rank, world size, device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        # process 0 alone encodes the dataset while the others wait: allow it hours
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(hours=12))
-    return (dist.get_rank(), dist.get_world_size(), device) if world > 1 else (0, 1, device)
 
 
 def _base_identity(args: argparse.Namespace) -> str:
@@ -719,7 +702,7 @@ def _execute(plan: Plan) -> int:
     try:
         if args.threads:
             torch.set_num_threads(args.threads)
-        rank, world, device = _distributed(args, plan.device)
+        rank, world, device = distributed.join(plan.device)
         quiet = args.quiet or rank != 0
         models = _load_models(args, rank, plan.found)
         models["vae"].to(device)
