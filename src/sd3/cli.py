@@ -817,6 +817,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["train", "export"]:  # a command of its own beside train's options
+        from .training.command import export_main
+
+        return export_main(argv[2:])
     args = build_parser().parse_args(argv)
     return guarded(args.command, lambda: args.run(args))
 
