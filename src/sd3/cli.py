@@ -810,7 +810,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve_command.add_arguments(srv)
     srv.set_defaults(run=serve_command.run)
 
-    tr = sub.add_parser("train", help="rectified-flow training (full, LoRA, torchrun)")
+    tr = sub.add_parser(
+        "train",
+        help="rectified-flow training (full, LoRA, torchrun DDP or --shard); train export RUN OUT",
+    )
     train_command.add_arguments(tr)
     tr.set_defaults(run=train_command.run)
     return parser

@@ -4,6 +4,8 @@
     sd3 train --init-config small --shapes 20000 --resolution 64 --out shapes --bf16
     sd3 train --out shapes --resume                      # continue where it stopped
     torchrun --nproc_per_node 4 -m sd3.training.command ...   # data-parallel (DDP)
+    torchrun --nproc_per_node 4 -m sd3 train --shard ...      # sharded (FSDP2)
+    sd3 train export RUN OUT.safetensors                 # a run's checkpoint as one model file
 
 Writes into --out: checkpoint.safetensors (every --checkpoint-every steps), log.jsonl, and at the
 end model.safetensors (Stability's single-file layout, EMA weights) or lora.safetensors
