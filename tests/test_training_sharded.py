@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import save_single_file, tiny_models
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from sd3.training.command import export_run, main
 
@@ -97,6 +97,7 @@ def test_sharded_training_matches_one_process_and_resumes(model_file, data_dir, 
     finish(*first)
     assert (two / "checkpoint.sharded" / "state.json").is_file()
     assert not (two / "checkpoint.safetensors").exists()
+    assert_no_pickles(two / "checkpoint.sharded", 2)
 
     a, b = log(one), log(two)
     for name in ("loss", "grad_norm"):
@@ -135,6 +136,8 @@ def test_sharded_training_matches_one_process_and_resumes(model_file, data_dir, 
         print(f"resumed on {2 if run == half else 1} rank(s): max abs diff {diff:.2e}")
         assert diff <= bound
     assert json.loads((half1 / "checkpoint.sharded" / "state.json").read_text())["world_size"] == 1
+    assert_no_pickles(half1 / "checkpoint.sharded", 1)
+    assert_no_pickles(half / "checkpoint.sharded", 2)
 
 
 def test_shard_rejects_what_it_does_not_train(model_file, data_dir, tmp_path, capsys):
@@ -143,3 +146,92 @@ def test_shard_rejects_what_it_does_not_train(model_file, data_dir, tmp_path, ca
     assert "--shard trains the MMDiT in full" in capsys.readouterr().err
     assert main(["export", str(tmp_path), str(tmp_path / "m.safetensors")]) == 2
     assert "no checkpoint.safetensors or checkpoint.sharded" in capsys.readouterr().err
+
+
+def assert_no_pickles(folder, world: int) -> None:
+    """A sharded checkpoint is JSON and safetensors only: no file of it is ever unpickled."""
+    names = sorted(p.name for p in folder.iterdir())
+    ranks = [f"rank{r:05d}.safetensors" for r in range(world)]
+    assert names == sorted(["layout.json", "state.json", *ranks])
+    for path in folder.iterdir():
+        data = path.read_bytes()
+        assert not data.startswith(b"\x80"), f"{path} looks like a pickle"
+        if path.suffix == ".json":
+            json.loads(data)
+        else:  # 8 bytes of header length, then a JSON header
+            (size,) = np.frombuffer(data[:8], dtype="<u8")
+            json.loads(data[8 : 8 + int(size)])
+    layout = json.loads((folder / "layout.json").read_text())
+    assert layout["world_size"] == world
+    split = 0
+    for name, entry in layout["tensors"].items():
+        rows = entry["shape"][0] if entry["shape"] else 1
+        if len(entry["shards"]) > 1:  # FSDP2 shards dim 0 as torch.chunk does
+            bounds = np.cumsum([0] + [len(c) for c in torch.arange(rows).chunk(world)])
+            chunks = [[r, int(bounds[r]), int(bounds[r + 1])] for r in range(world)]
+            assert entry["shards"] == [c for c in chunks if c[2] > c[1]], name
+            split += 1
+        else:
+            assert entry["shards"] == [[0, 0, rows]], name
+    assert split > 0 if world > 1 else split == 0
+
+
+def test_sharded_checkpoint_is_pickle_free_and_validated(model_file, data_dir, tmp_path, capsys):
+    """A 1-rank sharded run's checkpoint holds JSON and safetensors only; a pickle dropped into it
+    is never loaded; a tampered layout or a missing shard file is one error naming the file, for
+    --resume and for export alike, before anything is trained or written."""
+    run = tmp_path / "run"
+    assert main(args_for(model_file, data_dir, run, "--steps", "2", "--shard")) == 0
+    folder = run / "checkpoint.sharded"
+    assert_no_pickles(folder, 1)
+    capsys.readouterr()
+
+    def fails(out, *expected) -> None:
+        assert main(["--out", str(out), "--resume", "--steps", "3", "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("sd3 train: error:"), err
+        assert all(e in err[0] for e in expected), err[0]
+        assert main(["export", str(out), str(tmp_path / "x.safetensors")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and all(e in err[0] for e in expected), err
+        assert list(log(out)["step"]) == [1, 2] and not (tmp_path / "x.safetensors").exists()
+
+    def copy(name: str):
+        shutil.copytree(run, tmp_path / name)
+        return tmp_path / name, tmp_path / name / "checkpoint.sharded"
+
+    wrong, ckpt = copy("wrong-shape")
+    layout = json.loads((ckpt / "layout.json").read_text())
+    name = next(n for n, e in layout["tensors"].items() if n.startswith("model.") and e["shape"])
+    layout["tensors"][name]["shape"][0] += 1
+    (ckpt / "layout.json").write_text(json.dumps(layout))
+    fails(wrong, str(ckpt / "layout.json"), name, "do not cover rows")
+    # files and layout agree, the model does not: one more row in the file and the layout
+    tensors = load_file(ckpt / "rank00000.safetensors")
+    tensors[name] = torch.cat([tensors[name], tensors[name][:1]])
+    save_file(tensors, ckpt / "rank00000.safetensors")
+    layout["tensors"][name]["shards"] = [[0, 0, layout["tensors"][name]["shape"][0]]]
+    layout["files"][0]["bytes"] = (ckpt / "rank00000.safetensors").stat().st_size
+    (ckpt / "layout.json").write_text(json.dumps(layout))
+    fails(wrong, str(ckpt / "layout.json"), name, "this run's is")
+
+    missing, ckpt = copy("missing")
+    (ckpt / "rank00000.safetensors").unlink()
+    fails(missing, f"{ckpt / 'rank00000.safetensors'}: missing")
+
+    cut, ckpt = copy("cut")
+    with open(ckpt / "rank00000.safetensors", "rb+") as f:
+        f.truncate(1000)
+    fails(cut, f"{ckpt / 'rank00000.safetensors'}: 1000 bytes, layout.json says")
+
+    # DCP's pickled metadata, planted: never read (unpickling it would write `marker`)
+    marker = tmp_path / "unpickled"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (folder / ".metadata").write_bytes(__import__("pickle").dumps(Payload()))
+    assert main(["--out", str(run), "--resume", "--steps", "3", "--quiet"]) == 0
+    assert main(["export", str(run), str(tmp_path / "y.safetensors")]) == 0
+    assert not marker.exists() and list(log(run)["step"]) == [1, 2, 3]
