@@ -368,12 +368,15 @@ def test_resume_of_what_is_not_a_resumable_run_is_refused(
         return target
 
     line = refused(capsys, tmp_path, "--out", tmp_path / "nowhere", "--resume")
-    assert f"--resume: no checkpoint.safetensors in {tmp_path / 'nowhere'}" in line
+    assert (
+        f"--resume: no checkpoint.safetensors or checkpoint.sharded in {tmp_path / 'nowhere'}"
+        in line
+    )
     not_a_run = tmp_path / "pictures"
     not_a_run.mkdir()
     (not_a_run / "cat.png").write_bytes(b"meow")
     line = refused(capsys, tmp_path, "--out", not_a_run, "--resume")
-    assert f"--resume: no checkpoint.safetensors in {not_a_run}" in line
+    assert f"--resume: no checkpoint.safetensors or checkpoint.sharded in {not_a_run}" in line
     garbage = copy()
     (garbage / "checkpoint.safetensors").write_bytes(b"\0" * 100)
     line = refused(capsys, tmp_path, "--out", garbage, "--resume")

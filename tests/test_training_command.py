@@ -142,7 +142,7 @@ def test_bad_runs_say_why(model_file, data_dir, tmp_path, capsys):
     err = run_error(["--model", str(model_file), "--data", str(empty), "--out", out], capsys)
     assert f"data folder {empty} holds no images" in err
     err = run_error(["--out", out, "--resume"], capsys)
-    assert f"--resume: no checkpoint.safetensors in {out}" in err
+    assert f"--resume: no checkpoint.safetensors or checkpoint.sharded in {out}" in err
     err = run_error(["--data", str(data_dir), "--out", out], capsys)
     assert "give exactly one of --model FILE and --init-config NAME" in err
     err = run_error(

@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 from safetensors.torch import save
+from tqdm import tqdm
 
-from . import metadata
+from . import batch, distributed, metadata
 from .checkpoints import COMPONENTS, DTYPE_NAMES, find_components, infer_config
 from .control import TYPES, Control
 from .inpainting import OUTPAINT_FILLS, Inpaint, outpaint_size
@@ -157,6 +158,15 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     add_control_arguments(p)
     p.add_argument("--out", help="output PNG (default: sd3_SEED.png); never overwritten")
+    p.add_argument(
+        "--prompts", metavar="FILE",
+        help="a prompt file instead of PROMPT: one prompt a line, or a .jsonl file of objects "
+        "with prompt and optionally negative, seed or seeds, steps, cfg, cfg_start, cfg_end, "
+        "sampler, shift, width, height, t5_length; one image per prompt and seed (--seed, "
+        "--batch) into --out-dir as LINE_SEED.png, those present skipped; under torchrun the "
+        "ranks share the work",
+    )  # fmt: skip
+    p.add_argument("--out-dir", help="the folder of --prompts' images (made if missing)")
     p.add_argument("--save-latent", help="also write the final latent (what the VAE decodes) here")
     p.add_argument("--from-png", help="re-run the settings stored in a PNG made by sd3")
 
@@ -536,6 +546,8 @@ def encoded_image(image: Image.Image, path: Path, s: Settings, records: dict) ->
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    if args.prompts is not None or args.out_dir is not None:
+        return run_prompt_file(args)
     # Everything that can be checked is checked before the weights load.
     stored = metadata.read_png(args.from_png) if args.from_png else None
     if args.prompt is None and not stored:  # "" is a prompt: unconditional, as in diffusers
@@ -605,6 +617,64 @@ def run_generate(args: argparse.Namespace) -> int:
         if written != path:
             print(f"sd3 generate: {path} was taken meanwhile; wrote {written}", file=sys.stderr)
         print(written)
+    return 0
+
+
+SINGLE_IMAGE_OPTIONS = (
+    "prompt", "out", "from_png", "init_image", "mask", "outpaint", "controlnet", "save_latent",
+)  # fmt: skip
+
+
+def run_prompt_file(args: argparse.Namespace) -> int:
+    """`sd3 generate --prompts FILE --out-dir DIR`: every prompt and seed not yet in DIR, shared
+    among the torchrun ranks; one progress bar (rank 0's) over the whole set."""
+    if args.prompts is None or args.out_dir is None:
+        raise ValueError("--prompts FILE and --out-dir DIR go together")
+    for name in SINGLE_IMAGE_OPTIONS:
+        if getattr(args, name, None) is not None:
+            what = "PROMPT" if name == "prompt" else "--" + name.replace("_", "-")
+            raise ValueError(f"{what} does not apply to --prompts (one text-to-image per line)")
+    lines = batch.read_prompts(args.prompts)
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out-dir {out_dir} is a file, not a folder")
+    files = model_files(args)
+    device = distributed.local_device(parse_device(args.device))
+    pipe = open_pipeline(files, device, args.low_memory, args.compile)
+    base = resolve_settings(args, pipe, None)
+    first = args.seed or 0
+    seeds = tuple(range(first, first + (args.batch or 1)))
+    jobs = batch.jobs(lines, base, seeds, pipe.config, Path(args.prompts))
+    pipe.check_loras(base.use_t5)
+    records = file_records(files)
+
+    rank, world, device = distributed.join(device)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        check_folder(out_dir, "--out-dir")
+    todo = distributed.agree([j for j in jobs if not (out_dir / j.name).exists()])
+    if rank == 0:
+        print(
+            f"sd3 generate: {len(jobs)} images, {len(jobs) - len(todo)} in {out_dir} already, "
+            f"{len(todo)} to make" + (f" on {world} processes" if world > 1 else ""),
+            file=sys.stderr,
+        )
+    mine = distributed.share(todo, rank, world)
+    if todo:
+        load_weights(pipe, files) if rank == 0 else pipe.load()
+    with tqdm(
+        total=len(jobs), initial=len(jobs) - len(todo), unit="image", disable=rank != 0
+    ) as bar:
+        for i in range(math.ceil(len(todo) / world)):  # every rank joins every round's count
+            if i < len(mine):
+                job = mine[i]
+                _, (image,) = pipe.generate(job.settings)
+                path = out_dir / job.name
+                write_new(path, encoded_image(image, path, job.settings, records), "--out-dir",
+                          move_if_taken=False)  # fmt: skip
+                print(path)
+            bar.update(distributed.total(int(i < len(mine)), device))
+    distributed.leave()
     return 0
 
 
@@ -713,10 +783,12 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.oracle is not None:
         return evaluation.run(args)
     files = model_files(args)
-    pipe = open_pipeline(files, parse_device(args.device), args.low_memory, args.compile)
+    device = distributed.local_device(parse_device(args.device))
+    pipe = open_pipeline(files, device, args.low_memory, args.compile)
     base = resolve_settings(args, pipe, None)
     check_settings(base, pipe.config, has_init_image=False)
-    load_weights(pipe, files)
+    rank, _, _ = distributed.join(device)  # under torchrun the ranks share the batches
+    load_weights(pipe, files) if rank == 0 else pipe.load()
 
     def generate(prompts: list[str], seed: int) -> list[Image.Image]:
         # All prompts as one batch: image i gets seed + 1000 * seed_index + i, a fixed draw.
@@ -727,7 +799,9 @@ def run_eval(args: argparse.Namespace) -> int:
         conditioning = (context[:-1], pooled[:-1], context[-1:], pooled[-1:])
         return pipe.decode(pipe.sample(s, conditioning=conditioning))
 
-    return evaluation.run(args, generate)
+    status = evaluation.run(args, generate)
+    distributed.leave()
+    return status
 
 
 # --- entry point -----------------------------------------------------------------------------
@@ -759,13 +833,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve_command.add_arguments(srv)
     srv.set_defaults(run=serve_command.run)
 
-    tr = sub.add_parser("train", help="rectified-flow training (full, LoRA, torchrun)")
+    tr = sub.add_parser(
+        "train",
+        help="rectified-flow training (full, LoRA, torchrun DDP or --shard); train export RUN OUT",
+    )
     train_command.add_arguments(tr)
     tr.set_defaults(run=train_command.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["train", "export"]:  # a command of its own beside train's options
+        from .training.command import export_main
+
+        return export_main(argv[2:])
     args = build_parser().parse_args(argv)
     return guarded(args.command, lambda: args.run(args))
 

@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from sd3 import distributed
 from sd3.outputs import check_new_file, write_new
 from sd3.shapes.scenes import (
     BACKGROUND,
@@ -275,11 +276,18 @@ def evaluate(
         raise ValueError(
             f"seeds_per_prompt and batch_size must be >= 1, got {seeds_per_prompt}, {batch_size}"
         )
-    results, sheet = [], []
+    # under torchrun each rank makes every world-th batch; all ranks then hold every result
+    rank, world = distributed.rank_and_world()
+    batches = [(seed, start) for seed in range(seeds_per_prompt)
+               for start in range(0, len(prompts), batch_size)]  # fmt: skip
+    mine = distributed.share(batches, rank, world)
+    found = []  # (seed, prompt index, result, image or None)
     total = seeds_per_prompt * len(prompts)
-    with tqdm(total=total, desc="eval", unit="image", disable=not progress) as bar:
-        for seed in range(seeds_per_prompt):
-            for start in range(0, len(prompts), batch_size):
+    with tqdm(total=total, desc="eval", unit="image", disable=not progress or rank != 0) as bar:
+        for k in range(math.ceil(len(batches) / world)):
+            made = []
+            if k < len(mine):
+                seed, start = mine[k]
                 batch = prompts[start : start + batch_size]
                 images = generate([p.text for p in batch], seed)
                 if len(images) != len(batch):
@@ -287,12 +295,15 @@ def evaluate(
                         f"generate returned {len(images)} images for {len(batch)} prompts"
                     )
                 for i, (prompt, image) in enumerate(zip(batch, images, strict=True)):
-                    result = check(image, prompt)
-                    results.append((start + i, seed, result))
-                    if contact_sheet is not None:
-                        sheet.append((image, f"{start + i} s{seed}", result.passed))
-                bar.update(len(batch))
-                bar.set_postfix(passed=f"{sum(r.passed for *_, r in results) / len(results):.3f}")
+                    keep = image if contact_sheet is not None else None
+                    made.append((seed, start + i, check(image, prompt), keep))
+            for part in distributed.gather(made):
+                found += part
+                bar.update(len(part))
+            bar.set_postfix(passed=f"{sum(r.passed for *_, r, _ in found) / len(found):.3f}")
+    found.sort(key=lambda entry: entry[:2])  # the order one process makes them in
+    results = [(i, seed, result) for seed, i, result, _ in found]
+    sheet = [(image, f"{i} s{seed}", r.passed) for seed, i, r, image in found if image is not None]
     counts = {}
     for category in CATEGORIES:
         passed = [r.passed for i, _, r in results if prompts[i].category == category]
@@ -300,9 +311,10 @@ def evaluate(
             counts[category] = (sum(passed), len(passed))
     per_category = {c: p / n for c, (p, n) in counts.items()}
     report = Report(sum(per_category.values()) / len(per_category), per_category, counts, results)
-    print(format_report(report))
-    if contact_sheet is not None:
-        save_contact_sheet(sheet, contact_sheet)
+    if rank == 0:
+        print(format_report(report))
+        if contact_sheet is not None:
+            save_contact_sheet(sheet, contact_sheet)
     return report
 
 

@@ -5,6 +5,8 @@
     sd3 train --out shapes --resume                      # continue where it stopped
     sd3 train --model sd3_shapes.safetensors --shapes 4000 --resolution 128 --controlnet --out cn
     torchrun --nproc_per_node 4 -m sd3.training.command ...   # data-parallel (DDP)
+    torchrun --nproc_per_node 4 -m sd3 train --shard ...      # sharded (FSDP2)
+    sd3 train export RUN OUT.safetensors                 # a run's checkpoint as one model file
 
 Writes into --out: checkpoint.safetensors (every --checkpoint-every steps), log.jsonl, and at the
 end model.safetensors (Stability's single-file layout, EMA weights), lora.safetensors
@@ -24,7 +26,6 @@ the next free one (model_1.safetensors).
 """
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -38,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from sd3 import distributed
 from sd3.checkpoints import (
     DTYPE_NAMES,
     CheckpointError,
@@ -50,12 +52,13 @@ from sd3.checkpoints import (
 from sd3.cli import guarded, parse_device
 from sd3.models.mmdit import MMDiT
 from sd3.models.vae import AutoEncoder
-from sd3.outputs import OutputError, check_folder
+from sd3.outputs import OutputError, check_folder, check_new_file
 from sd3.pipeline import MAX_SEED
 from sd3.presets import PRESET_METADATA, Preset, preset_for
 from sd3.text import TextEncoders
 
-from .checkpoint import read_state, remove_stale_temporaries
+from . import sharded
+from .checkpoint import load_checkpoint, read_state, remove_stale_temporaries
 from .controlnet import check_blocks, control_encoder, save_controlnet, shapes_edges
 from .data import ImageCaptionFolder, cached_latents, check_pairs, load_latents
 from .export import export_single_file, save_lora
@@ -211,6 +214,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--grad-checkpointing", action="store_true", help="recompute joint blocks in backward"
     )
     opt.add_argument(
+        "--shard", action="store_true",
+        help="FSDP2 under torchrun: each of N processes holds 1/N of the MMDiT's weights, "
+        "gradients and AdamW state, with activation checkpointing; checkpoints are sharded "
+        "(checkpoint.sharded, resumable on any number of processes; `sd3 train export`)",
+    )  # fmt: skip
+    opt.add_argument(
         "--compile", action="store_true",
         help="torch.compile the training step (a minute or two to compile; pays on long runs)",
     )  # fmt: skip
@@ -293,23 +302,6 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         options = sorted((n for n in names if n in vars(args)), key=len, reverse=True)
         text = re.sub(rf"\b({'|'.join(options)})\b", lambda m: _dash(m[1]), str(e))
         raise ValueError(text) from None
-
-
-def _distributed(
-    args: argparse.Namespace, device: torch.device | None
-) -> tuple[int, int, torch.device]:
-    """Join the torchrun job if there is one; returns (rank, world size, device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        # process 0 alone encodes the dataset while the others wait: allow it hours
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(hours=12))
-    return (dist.get_rank(), dist.get_world_size(), device) if world > 1 else (0, 1, device)
 
 
 def _base_identity(args: argparse.Namespace) -> str:
@@ -522,10 +514,9 @@ def _same(name: str, given: object, saved: object) -> bool:
 
 def _resume_args(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Namespace, int]:
     """The checkpoint's options, with those given that may change; and the checkpoint's step."""
-    path = args.out / CHECKPOINT
-    if not path.is_file():
-        raise ValueError(f"--resume: no {CHECKPOINT} in {args.out}")
-    state = read_state(path)
+    path, state = run_state(args.out)
+    if path is None:
+        raise ValueError(f"--resume: no {CHECKPOINT} or {sharded.SHARDED} in {args.out}")
     meta = state.get("metadata")
     saved = meta.get("args") if isinstance(meta, dict) else None
     if not isinstance(saved, dict):
@@ -553,6 +544,14 @@ def _resume_args(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Na
             "--steps to train on"
         )
     return argparse.Namespace(**merged), step
+
+
+def run_state(out: Path) -> tuple[Path | None, dict]:
+    """The run's checkpoint (single file or sharded folder) and its state; (None, {}) if none."""
+    if (out / CHECKPOINT).is_file():
+        return out / CHECKPOINT, read_state(out / CHECKPOINT)
+    path = sharded.find_checkpoint(out)
+    return (path, sharded.read_state(path)) if path is not None else (None, {})
 
 
 def _check_sources(args: argparse.Namespace, given: set[str]) -> None:
@@ -598,6 +597,8 @@ def _check_sources(args: argparse.Namespace, given: set[str]) -> None:
                 raise ValueError(
                     f"--controlnet keeps the MMDiT and the text encoders frozen: no {_dash(name)}"
                 )
+        if getattr(args, "shard", False):
+            raise ValueError("--shard shards the MMDiT it trains; --controlnet trains beside it")
 
 
 def _check_out(out: Path) -> None:
@@ -636,7 +637,7 @@ def _check_own_files(args: argparse.Namespace) -> None:
     """A fresh run into a folder that exists: the files it writes by name are absent, or are the
     leftovers of an earlier sd3 run (then reused or replaced), never someone else's."""
     out = args.out
-    if (out / CHECKPOINT).is_file():
+    if (out / CHECKPOINT).is_file() or sharded.find_checkpoint(out) is not None:
         raise ValueError(
             f"--out {out} already holds a checkpoint: pass --resume to continue it, or "
             "choose another folder"
@@ -683,7 +684,7 @@ def _prepare(args: argparse.Namespace) -> Plan:
             _check_sources(args, given)
             config = train_config(args)
         except (ValueError, TypeError, AttributeError) as e:
-            path = args.out / CHECKPOINT
+            path = run_state(args.out)[0]
             raise ValueError(f"--resume: {path} holds settings sd3 cannot use: {e}") from None
     else:
         _apply_defaults(args)
@@ -723,6 +724,7 @@ def _remove_failed_run(out: Path, made: list[Path], before: set[str]) -> None:
         if name not in before:
             (out / name).unlink(missing_ok=True)
     remove_stale_temporaries(out, RUN_FILES, EXPORTS)
+    sharded.remove_temporaries(out)
     for folder in reversed(made):
         try:
             folder.rmdir()
@@ -744,10 +746,12 @@ def _resume_command(out: Path) -> str:
 def _kept(out: Path) -> str:
     """What there is to resume in `out`, in words."""
     try:
-        step = read_state(out / CHECKPOINT)["step"]
+        path, state = run_state(out)
     except (CheckpointError, OSError):
+        path = None
+    if path is None:
         return "no checkpoint was saved"
-    return f"{out / CHECKPOINT} holds step {step}; resume with: {_resume_command(out)}"
+    return f"{path} holds step {state['step']}; resume with: {_resume_command(out)}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -781,7 +785,7 @@ def _execute(plan: Plan) -> int:
     try:
         if args.threads:
             torch.set_num_threads(args.threads)
-        rank, world, device = _distributed(args, plan.device)
+        rank, world, device = distributed.join(plan.device)
         quiet = args.quiet or rank != 0
         models = _load_models(args, rank, plan.found)
         models["vae"].to(device)
@@ -811,23 +815,26 @@ def _execute(plan: Plan) -> int:
         if args.resume:
             trainer.resume()
             if rank == 0:
-                print(f"resumed {args.out / CHECKPOINT} at step {trainer.step}", file=sys.stderr)
+                print(f"resumed {trainer.checkpoint_path} at step {trainer.step}", file=sys.stderr)
         step = trainer.train()
     except BaseException:
-        if first and not args.resume and not (args.out / CHECKPOINT).exists():
+        if first and not args.resume and run_state(args.out)[0] is None:
             _remove_failed_run(args.out, made, before)
         raise
     status = 0
-    if rank == 0 and trainer.interrupted is not None:
-        print(
-            f"sd3 train: interrupted at step {step} of {config.steps}, saved in "
-            f"{trainer.checkpoint_path}; resume with: {_resume_command(args.out)}",
-            file=sys.stderr,
-        )
-        if args.export_on_interrupt:
+    exporter = rank == 0 or config.shard  # every rank gathers the sharded weights
+    if trainer.interrupted is not None:
+        if rank == 0:
+            print(
+                f"sd3 train: interrupted at step {step} of {config.steps}, saved in "
+                f"{trainer.checkpoint_path}; resume with: {_resume_command(args.out)}",
+                file=sys.stderr,
+            )
+        if args.export_on_interrupt and exporter:
             _export(args, trainer, models, preset, f"-step{step}")
-    elif rank == 0:
+    elif exporter:
         _export(args, trainer, models, preset)
+    if rank == 0 and trainer.interrupted is None:
         print(
             f"step {step}: checkpoint {trainer.checkpoint_path}, log {args.out / LOG}",
             file=sys.stderr,
@@ -857,8 +864,17 @@ def _export(
     args: argparse.Namespace, trainer: Trainer, models: dict, preset: Preset, suffix: str = ""
 ) -> None:
     """model.safetensors, lora.safetensors or controlnet.safetensors (with `suffix` before
-    .safetensors), never over an existing file: a taken name moves on to the next free one."""
+    .safetensors), never over an existing file: a taken name moves on to the next free one.
+    Sharded: every rank calls this."""
     with trainer.ema_weights():
+        mmdit = trainer.mmdit
+        if trainer.config.shard:  # gathered into rank 0 as plain tensors
+            weights = sharded.full_model_state(mmdit)
+            if trainer.rank != 0:
+                return
+            with torch.device("meta"):
+                mmdit = MMDiT(trainer.mmdit.config)
+            mmdit.load_state_dict(weights, assign=True)
         if trainer.controlnet is not None:
             # the base model's preset goes with it: how the model it serves is sampled
             meta = {
@@ -873,7 +889,7 @@ def _export(
             path = save_lora(args.out / f"lora{suffix}.safetensors", trainer.mmdit, new="--out")
         else:
             components = dict(models)
-            components["mmdit"] = trainer.mmdit
+            components["mmdit"] = mmdit
             meta = {"sd3_training": shared_record(trainer)}
             path = export_single_file(
                 args.out / f"model{suffix}.safetensors", components, args.export_dtype, meta,
@@ -882,7 +898,79 @@ def _export(
     print(f"saved {path}{' (EMA weights)' if trainer.ema else ''}", file=sys.stderr)
 
 
+# --- sd3 train export RUN OUT ----------------------------------------------------------------
+
+
+def export_run(run: Path, out: Path, dtype: str | None = None, ema: bool = True) -> Path:
+    """The model a run's checkpoint (sharded or not) holds, as one file in the official layout:
+    its MMDiT (the EMA where the run keeps one and `ema`), with the run's VAE and text encoders."""
+    path, state = run_state(run)
+    if path is None:
+        raise ValueError(f"RUN {run}: no {CHECKPOINT} or {sharded.SHARDED} in it")
+    saved = (
+        state.get("metadata", {}).get("args") if isinstance(state.get("metadata"), dict) else None
+    )
+    if not isinstance(saved, dict):
+        raise ValueError(f"RUN {run}: {path} was not written by `sd3 train`")
+    if saved.get("lora_rank"):
+        raise ValueError(f"RUN {run} trains a LoRA: its end writes lora.safetensors")
+    if out.suffix != ".safetensors":
+        raise ValueError(f"OUT {out}: sd3 writes models as .safetensors files")
+    check_new_file(out, "OUT")
+    dtype = dtype or saved.get("export_dtype") or "fp32"
+
+    def given(name: str) -> Path | None:
+        return Path(saved[name]) if saved.get(name) else None
+
+    if saved.get("init_config"):
+        found = find_components(run / BASE, vae=given("vae"))
+    else:
+        found = find_components(given("model"))
+        found.update(find_components(None, given("clip_l"), given("clip_g"), given("t5xxl"), given("vae")))  # fmt: skip
+    models = {name: load_component(comp) for name, comp in found.items()}
+    mmdit = models["mmdit"]
+    if path.is_dir():
+        sharded.load_for_export(path, mmdit, ema)
+    else:
+        tensors, _ = load_checkpoint(path)
+        weights = mmdit.state_dict()
+        with torch.no_grad():
+            for name, t in weights.items():
+                kept = tensors.get(f"ema.mmdit.{name}") if ema else None
+                kept = kept if kept is not None else tensors.get(f"params.mmdit.{name}")
+                if kept is not None:
+                    t.copy_(kept)
+    meta = {"sd3_training": json.dumps({"step": state["step"], "args": saved})}
+    return export_single_file(out, models, dtype, meta, new="OUT")
+
+
+def export_main(argv: list[str]) -> int:
+    """`sd3 train export RUN OUT.safetensors`."""
+    parser = argparse.ArgumentParser(
+        prog="sd3 train export",
+        description="Write the model of a training run's checkpoint (sharded or not) as one "
+        "file in Stability's single-file layout. Never overwrites OUT.",
+    )
+    parser.add_argument("run", metavar="RUN", type=Path, help="the run's --out folder")
+    parser.add_argument("out", metavar="OUT", type=Path, help="the new .safetensors file")
+    parser.add_argument(
+        "--dtype", choices=list(DTYPE_NAMES), help="default: the run's --export-dtype"
+    )
+    parser.add_argument("--no-ema", action="store_true", help="the trained weights, not their EMA")
+    args = parser.parse_args(argv)
+
+    def work() -> int:
+        written = export_run(args.run, args.out, args.dtype, not args.no_ema)
+        print(written)
+        return 0
+
+    return guarded("train export", work)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:
+        return export_main(argv[1:])
     parser = argparse.ArgumentParser(prog="sd3 train", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -39,6 +39,7 @@ from sd3.models.mmdit import MMDiT
 from sd3.pipeline import MAX_SEED
 from sd3.text import T5_MIN_LENGTH, TextEncoders
 
+from . import sharded
 from .checkpoint import load_checkpoint, save_checkpoint
 from .conditioning import TextCache, embed, t5_length_for, tokenize, truncation_report
 from .controlnet import controlled, controlnet_from_base
@@ -76,6 +77,7 @@ class TrainConfig:
     text_dropout: float = 0.1  # per encoder and sample (the SD3 paper used 0.464)
     bf16: bool = False  # bf16 autocast; weights and optimizer state stay float32
     grad_checkpointing: bool = False
+    shard: bool = False  # FSDP2 over the MMDiT (`sharded`), with activation checkpointing
     compile: bool = False  # torch.compile the loss (forward and backward); same weights
     train_text_encoders: bool = False
     text_encoder_lr: float | None = None  # peak lr of the text encoders (None: lr), same schedule
@@ -143,6 +145,11 @@ class TrainConfig:
         if self.pair_contrast < 0 or (self.pair_contrast and not self.paired):
             raise ValueError(
                 f"pair_contrast must be >= 0 and needs paired, got {self.pair_contrast}"
+            )
+        if self.shard and (self.lora_rank or self.train_text_encoders or self.compile):
+            raise ValueError(
+                "shard trains the MMDiT in full, eager: not with lora_rank, train_text_encoders "
+                "or compile"
             )
         if self.lora_rank and self.train_text_encoders:
             raise ValueError("LoRA training (lora_rank > 0) keeps the text encoders frozen")
@@ -284,8 +291,12 @@ class Trainer:
         else:
             mmdit.requires_grad_(True)
             mmdit.pos_embed.requires_grad_(False)  # SD3's fixed sin-cos table
-        if c.grad_checkpointing:
+        if c.grad_checkpointing or c.shard:
             enable_gradient_checkpointing(mmdit)
+        if c.shard:
+            sharded.single_process_group()
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            sharded.shard_mmdit(mmdit, c.bf16)
         # frozen encoders: embed each distinct caption once, unless that would not fit in memory
         positions = text_encoders.clip_length + self.t5_length
         cache_bytes = 4 * len(set(captions)) * positions * text_encoders.context_width
@@ -323,7 +334,9 @@ class Trainer:
             groups, lr=c.lr, betas=c.adam_betas, weight_decay=c.weight_decay
         )
         self.ema = {n: p.detach().clone() for n, p in self.params.items()} if c.ema_decay else {}
-        self.model = DistributedDataParallel(self.objective) if self.world > 1 else self.objective
+        self.model = self.objective
+        if self.world > 1 and not c.shard:
+            self.model = DistributedDataParallel(self.objective)
         if c.compile:  # fuses the elementwise ops small models are bound by (docs/default-model.md)
             self.model = torch.compile(self.model)
         self.step = 0  # steps completed
@@ -403,7 +416,7 @@ class Trainer:
             loss = self.model(**batch)
         loss.backward()
         params = list(self.params.values())
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip or math.inf)
+        grad_norm = sharded.full(torch.nn.utils.clip_grad_norm_(params, c.grad_clip or math.inf))
         # the gradient norm is the same in every process (DDP averages the gradients first), so
         # all of them stop at the same step; a non-finite loss makes a non-finite gradient
         if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
@@ -510,7 +523,7 @@ class Trainer:
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.out_dir / CHECKPOINT
+        return self.out_dir / (sharded.SHARDED if self.config.shard else CHECKPOINT)
 
     def state_tensors(self) -> dict[str, Tensor]:
         tensors = {f"params.{n}": p.detach() for n, p in self.params.items()}
@@ -530,19 +543,25 @@ class Trainer:
     def save(self) -> None:
         """Write the checkpoint (process 0; the others wait, so no one runs ahead of a save);
         `Diverged`, with nothing written, if a weight is no longer finite."""
-        broken = [n for n, p in self.params.items() if not torch.isfinite(p).all()]
+        broken = [n for n, p in self.params.items() if not torch.isfinite(sharded.local(p)).all()]
+        if self.config.shard and dist.get_world_size() > 1:  # each rank sees its shards only
+            everyone = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, broken)
+            broken = sorted({n for names in everyone for n in names})
         if broken:
             raise Diverged(
                 f"step {self.step}: {len(broken)} weight tensors are no longer finite (e.g. "
                 f"{broken[0]}); not saved ({self.last_good()}; a lower learning rate often helps)"
             )
-        if self.rank == 0:
-            state = {
-                "step": self.step,
-                "config": asdict(self.config),
-                "world_size": self.world,
-                "metadata": self.metadata,
-            }
+        state = {
+            "step": self.step,
+            "config": asdict(self.config),
+            "world_size": self.world,
+            "metadata": self.metadata,
+        }
+        if self.config.shard:
+            sharded.save(self.out_dir, self.mmdit, self.optimizer, self.ema, state)
+        elif self.rank == 0:
             save_checkpoint(self.checkpoint_path, self.state_tensors(), state)
         if self.world > 1:
             dist.barrier()
@@ -551,6 +570,12 @@ class Trainer:
     def resume(self, path: str | Path | None = None) -> int:
         """Load a checkpoint written by `save` (default: this out_dir's); returns its step."""
         path = Path(path) if path is not None else self.checkpoint_path
+        if self.config.shard:
+            state = sharded.load(path, self.mmdit, self.optimizer, self.ema)
+            self.step = self.saved_step = int(state["step"])
+            if self.rank == 0:
+                self._truncate_log()
+            return self.step
         tensors, state = load_checkpoint(path)
         names = list(self.params)
         expected = {f"params.{n}" for n in names}
