@@ -474,8 +474,8 @@ def interrupt_at(monkeypatch, step: int, signum=signal.SIGINT, times: int = 1):
     def step_then_signal(self):
         result = real(self)
         if self.step == step:
-            for _ in range(times):
-                os.kill(os.getpid(), signum)
+            for _ in range(times):  # raised in this thread: handled before the call returns
+                signal.raise_signal(signum)
         return result
 
     monkeypatch.setattr(Trainer, "train_step", step_then_signal)
@@ -526,7 +526,7 @@ def test_a_second_ctrl_c_during_the_save_leaves_the_last_checkpoint_whole(
                 real(tensors, filename, metadata=metadata)
                 with open(filename, "r+b") as f:
                     f.truncate(f.seek(0, 2) // 2)
-                os.kill(os.getpid(), signal.SIGINT)
+                signal.raise_signal(signal.SIGINT)
         real(tensors, filename, metadata=metadata)
 
     monkeypatch.setattr(checkpoint_module, "save_file", second_ctrl_c_halfway)
