@@ -7,7 +7,7 @@ to benchmarks/RESULTS.md (or prints it with --no-write).
 
 Each side runs in its own worker process (its own peak RSS): the MMDiT forward alone, then the
 ControlNet's forward plus the MMDiT forward with its residuals (one denoiser call, batch 1), each
-timed `--repeats` times after a warm-up of the plain forward. The MMDiT weights are `run.py`'s
+timed `--repeats` times after a warm-up of each. The MMDiT weights are `run.py`'s
 cached "large" file; the ControlNet's are made once beside it, in Stability's single-file layout
 (ours reads that) and as a diffusers folder (diffusers reads that), from the same tensors.
 """
@@ -109,7 +109,7 @@ def worker(side: str, base_file: Path, single: Path, folder: Path, size: int, re
         from helpers import diffusers_mmdit_from
 
         base = diffusers_mmdit_from(config, read(comp), dtype)
-        net = SD3ControlNetModel.from_pretrained(folder, torch_dtype=dtype).eval()
+        net = SD3ControlNetModel.from_pretrained(folder).to(dtype).eval()
         net.pos_embed = net._get_pos_embed_from_transformer(base)
         kw = dict(hidden_states=x, pooled_projections=y, timestep=t, return_dict=False)
 
@@ -124,7 +124,7 @@ def worker(side: str, base_file: Path, single: Path, folder: Path, size: int, re
 
     times = {"plain": [], "controlled": []}
     with torch.no_grad():
-        plain()
+        plain(), controlled()  # warm-ups: first calls read memory-mapped weights and allocate
         for _ in range(repeats):
             for name, fn in (("plain", plain), ("controlled", controlled)):
                 started = time.perf_counter()
