@@ -110,7 +110,7 @@ def worker(side: str, base_file: Path, single: Path, folder: Path, size: int, re
 
         base = diffusers_mmdit_from(config, read(comp), dtype)
         net = SD3ControlNetModel.from_pretrained(folder).to(dtype).eval()
-        net.pos_embed = net._get_pos_embed_from_transformer(base)
+        net.pos_embed = net._get_pos_embed_from_transformer(base).to(dtype)
         kw = dict(hidden_states=x, pooled_projections=y, timestep=t, return_dict=False)
 
         def plain():
