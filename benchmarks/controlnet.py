@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the parity tests' helpers
+from helpers import controlnet_to_stability  # noqa: E402
 from run import (  # noqa: E402
     CONTEXT_TOKENS,
     ROOT,
@@ -65,19 +67,7 @@ def controlnet_files(folder: Path) -> tuple[Path, Path]:
     }
     net.load_state_dict(state, assign=True)
     net.save_pretrained(diffusers_dir)
-    out = {}
-    for i in range(LARGE_CONTROLNET["num_layers"]):  # diffusers' names -> Stability's, per block
-        p = f"transformer_blocks.{i}."
-        for param in ("weight", "bias"):
-            out[f"{p}attn.qkv.{param}"] = torch.cat(
-                [state.pop(f"{p}attn.to_{x}.{param}") for x in "qkv"]
-            )
-            for ours, theirs in (
-                ("attn.proj", "attn.to_out.0"), ("mlp.fc1", "ff.net.0.proj"),
-                ("mlp.fc2", "ff.net.2"), ("adaLN_modulation.1", "norm1.linear"),
-            ):  # fmt: skip
-                out[f"{p}{ours}.{param}"] = state.pop(f"{p}{theirs}.{param}")
-    out.update(state)
+    out = controlnet_to_stability(state, LARGE_CONTROLNET["num_layers"])
     out["control_type"] = torch.tensor([1], dtype=torch.int32)
     save_file(out, str(single))
     return single, diffusers_dir
@@ -104,8 +94,6 @@ def worker(side: str, base_file: Path, single: Path, folder: Path, size: int, re
             return base(x, t, ctx, y, controlnet_residuals=[net(base, x, t, ctx, y, control)])
     else:
         from diffusers import SD3ControlNetModel
-
-        sys.path.insert(0, str(ROOT / "tests"))
         from helpers import diffusers_mmdit_from
 
         base = diffusers_mmdit_from(config, read(comp), dtype)

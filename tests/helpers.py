@@ -1,6 +1,9 @@
 """Shared test utilities: official-layout key lists, error measures, tiny models and files."""
 
+import os
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -205,3 +208,48 @@ def png_header(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     idat = zlib.compress(b"\0" * 16)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def torchrun(nproc: int, module: str, argv: list[str], **popen) -> subprocess.Popen:
+    """`python -m module argv` in `nproc` processes under torchrun (one thread each), output
+    piped."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", module, *argv,
+    ]  # fmt: skip
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
+    )
+
+
+def noise_images(folder: Path) -> Path:
+    """Eight 32x32 noise images with three kinds of caption: a tiny training folder."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(["noise", "static", "a photo of static noise"][i % 3])
+    return folder
+
+
+def controlnet_to_stability(state: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """A diffusers SD3.5 ControlNet state dict in Stability's single-file naming (the inverse of
+    diffusers' convert_sd3_controlnet_to_diffusers.py): diffusers' names stay for the embedders,
+    the blocks take Stability's (fused qkv). `state` is consumed."""
+    out = {}
+    for i in range(layers):
+        p = f"transformer_blocks.{i}."
+        for param in ("weight", "bias"):
+            out[f"{p}attn.qkv.{param}"] = torch.cat(
+                [state.pop(f"{p}attn.to_{x}.{param}") for x in "qkv"]
+            )
+            for ours, theirs in (
+                ("attn.proj", "attn.to_out.0"), ("mlp.fc1", "ff.net.0.proj"),
+                ("mlp.fc2", "ff.net.2"), ("adaLN_modulation.1", "norm1.linear"),
+            ):  # fmt: skip
+                out[f"{p}{ours}.{param}"] = state.pop(f"{p}{theirs}.{param}")
+    out.update(state)
+    return out

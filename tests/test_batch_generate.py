@@ -2,13 +2,12 @@
 same files, byte for byte, from 2 torchrun processes (gloo, CPU) as from one."""
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 import torch
 from helpers import save_single_file, tiny_models
+from helpers import torchrun as run_under_torchrun
 
 from sd3.cli import main
 
@@ -48,15 +47,8 @@ def argv(model_file, prompts, out_dir, *extra) -> list[str]:
     ]  # fmt: skip
 
 
-def torchrun(nproc: int, args: list[str]) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        "-m", "sd3", *args,
-    ]  # fmt: skip
-    return subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+def torchrun(nproc: int, args: list[str], **popen) -> subprocess.Popen:
+    return run_under_torchrun(nproc, "sd3", args, **popen)
 
 
 def contents(folder) -> dict[str, bytes]:

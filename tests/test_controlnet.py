@@ -23,6 +23,7 @@ from diffusers import (
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from helpers import (
+    controlnet_to_stability,
     diffusers_mmdit,
     diffusers_vae,
     max_rel_err,
@@ -68,19 +69,7 @@ def stability_layout(net: SD3ControlNetModel, control_type: int) -> dict[str, to
     diffusers' convert_sd3_controlnet_to_diffusers.py: diffusers names for the embedders,
     Stability's for the blocks, an int32 control_type, and an unused pos_embed.proj."""
     sd = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    out = {}
-    for i in range(len(net.transformer_blocks)):
-        p = f"transformer_blocks.{i}."
-        for param in ("weight", "bias"):
-            out[f"{p}attn.qkv.{param}"] = torch.cat(
-                [sd.pop(f"{p}attn.to_{x}.{param}") for x in "qkv"]
-            )
-            for ours, theirs in (
-                ("attn.proj", "attn.to_out.0"), ("mlp.fc1", "ff.net.0.proj"),
-                ("mlp.fc2", "ff.net.2"), ("adaLN_modulation.1", "norm1.linear"),
-            ):  # fmt: skip
-                out[f"{p}{ours}.{param}"] = sd.pop(f"{p}{theirs}.{param}")
-    out.update(sd)
+    out = controlnet_to_stability(sd, len(net.transformer_blocks))
     out["control_type"] = torch.tensor([control_type], dtype=torch.int32)
     out["pos_embed.proj.weight"] = torch.zeros(128, 16, 2, 2)
     out["pos_embed.proj.bias"] = torch.zeros(128)

@@ -1,15 +1,13 @@
 """`sd3 train` under torchrun: 2 data-parallel processes (DDP over gloo, on CPU) train like one."""
 
 import json
-import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from helpers import save_single_file, tiny_models
-from PIL import Image
+from helpers import noise_images, save_single_file, tiny_models
+from helpers import torchrun as run_under_torchrun
 
 from sd3.training.checkpoint import load_checkpoint
 from sd3.training.command import main
@@ -30,12 +28,7 @@ def model_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(1)
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(["noise", "static", "a photo of static noise"][i % 3])
-    return folder
+    return noise_images(tmp_path_factory.mktemp("data"))
 
 
 def args_for(model_file, data_dir, out, *extra) -> list[str]:
@@ -46,14 +39,7 @@ def args_for(model_file, data_dir, out, *extra) -> list[str]:
 
 
 def torchrun(nproc: int, argv: list[str], **popen) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        "-m", "sd3.training.command", *argv,
-    ]  # fmt: skip
-    return subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
-    )
+    return run_under_torchrun(nproc, "sd3.training.command", argv, **popen)
 
 
 @pytest.mark.parametrize("variant", [[], ["--train-text-encoders", "--grad-clip", "0"]])

@@ -3,16 +3,14 @@ same global batch; its sharded checkpoints resume on 2 ranks and on 1; `sd3 trai
 the weights."""
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from helpers import save_single_file, tiny_models
-from PIL import Image
+from helpers import noise_images, save_single_file, tiny_models
+from helpers import torchrun as run_under_torchrun
 from safetensors.torch import load_file, save_file
 
 from sd3.training.command import export_run, main
@@ -36,12 +34,7 @@ def model_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(1)
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(["noise", "static", "a photo of static noise"][i % 3])
-    return folder
+    return noise_images(tmp_path_factory.mktemp("data"))
 
 
 def args_for(model_file, data_dir, out, *extra) -> list[str]:
@@ -52,15 +45,8 @@ def args_for(model_file, data_dir, out, *extra) -> list[str]:
     ]  # fmt: skip
 
 
-def torchrun(nproc: int, argv: list[str]) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        "-m", "sd3.training.command", *argv,
-    ]  # fmt: skip
-    return subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+def torchrun(nproc: int, argv: list[str], **popen) -> subprocess.Popen:
+    return run_under_torchrun(nproc, "sd3.training.command", argv, **popen)
 
 
 def finish(*procs: subprocess.Popen) -> None:
