@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-LAYOUTS = Path(__file__).resolve().parent / "data" / "checkpoint-layouts"  # see its README.md
+DATA = Path(__file__).resolve().parent / "data"
+LAYOUTS = DATA / "checkpoint-layouts"  # see its README.md
 
 
 def read_layout(name: str, strip_prefix: str = "") -> dict[str, tuple[int, ...]]:
@@ -69,6 +70,29 @@ def tiny_models(seed: int = 0) -> dict[str, torch.nn.Module]:
     }  # fmt: skip
     for i, model in enumerate(models.values()):
         randomize(model, seed * 10 + i)
+        model.eval()
+    return models
+
+
+def sdcpp_source() -> dict[str, torch.nn.Module]:
+    """The small SD3.5-shaped MMDiT, CLIP-L and T5 behind tests/data/stable-diffusion-cpp's GGUF
+    files (rows of 32 and 256 values, so every block type applies; vocabularies cut short)."""
+    from sd3.models.clip import CLIPConfig, CLIPTextModel
+    from sd3.models.mmdit import MMDiT, MMDiTConfig
+    from sd3.models.t5 import T5Config, T5Encoder
+
+    models = {
+        "mmdit": MMDiT(
+            MMDiTConfig(
+                depth=2, hidden_size=64, mlp_hidden=256, pos_embed_max_size=8, context_dim=64,
+                pooled_dim=64, qk_norm=True, attn2_layers=(0,),
+            )
+        ),
+        "clip_l": CLIPTextModel(CLIPConfig(vocab_size=256, width=64, layers=1, heads=1, mlp_width=128)),
+        "t5xxl": T5Encoder(T5Config(vocab_size=64, d_model=64, layers=1, heads=1, d_ff=256)),
+    }  # fmt: skip
+    for i, model in enumerate(models.values()):
+        randomize(model, 70 + i)
         model.eval()
     return models
 

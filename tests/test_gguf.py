@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from helpers import PREFIXES, save_single_file, tiny_models
+from helpers import DATA, PREFIXES, save_single_file, sdcpp_source, tiny_models
 from safetensors.torch import save_file
 
 from sd3.checkpoints import CheckpointError, find_components, load_component
 from sd3.cli import main
-from sd3.gguf import T5_NAMES, GGUFFile, transformers_name
+from sd3.gguf import T5_NAMES, GGUFFile, official, transformers_name
 from sd3.pipeline import Pipeline
 
 KQUANTS = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
@@ -162,6 +162,56 @@ def test_sdcpp_file_reads_as_gguf_does(sdcpp_file, models):
     original = models["t5xxl"].state_dict()["encoder.block.0.layer.1.DenseReluDense.wo.weight"]
     error = (q4k.read() - original).abs().max() / original.abs().max()
     assert q4k.quant == "Q4_K" and error < 0.1  # this test's Q4_K quantizer works (measured 0.05)
+
+
+# files written by stable-diffusion.cpp's own converter (tests/data/stable-diffusion-cpp)
+CONVERTED = DATA / "stable-diffusion-cpp"
+
+
+@pytest.mark.parametrize("name", ["sd35_q4_0.gguf", "sd35_mixed.gguf"])
+def test_files_from_stable_diffusion_cpps_converter(name):
+    """What the converter really writes: the official names and shapes back (CLIP's
+    `text_model.text_projection` and pos_embed's dropped leading 1 undone), every tensor equal
+    to gguf's dequantization bit for bit and to the float16 source where kept unquantized, the
+    quantized ones near it, the MMDiT's output near the source's; T5 left out with a warning,
+    since the converter drops its token embedding."""
+    path = CONVERTED / name
+    with pytest.warns(UserWarning, match="T5-XXL has no token embedding"):
+        found = find_components(path)
+    source = sdcpp_source()
+    assert set(found) == {"mmdit", "clip_l"}
+    ref = {}
+    for k, v in reference(path).items():
+        k, shape = official(k, tuple(v.shape))
+        ref[k] = v.reshape(shape)
+    types = set()
+    for comp, tensors in ((c, found[c].tensors) for c in found):
+        original = {k: v.half().float() for k, v in source[comp].state_dict().items()}
+        assert set(tensors) == set(original)  # every official name, nothing else
+        for k, t in tensors.items():
+            types.add(t.stored)
+            ours = t.read_in(torch.float32)
+            assert t.shape == original[k].shape, k
+            assert torch.equal(ours, ref[PREFIXES[comp] + k]), k
+            if t.quant is None:
+                assert torch.equal(ours, original[k]), k
+            else:  # within the block type's error: Q4 at most 1/15 of a 32-block's range
+                span = original[k].abs().max()
+                assert (ours - original[k]).abs().max() <= 0.15 * span, k
+    assert types >= ({"Q4_0"} if "q4_0" in name else {"Q8_0", "Q5_1", "Q4_1", "Q4_K"})
+    mmdit = load_component(found["mmdit"], torch.float32)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 16, 16, generator=g)
+    inputs = (
+        x,
+        torch.tensor([500.0]),
+        torch.randn(1, 7, 64, generator=g),
+        torch.randn(1, 64, generator=g),
+    )
+    with torch.no_grad():
+        got, want = mmdit(*inputs), source["mmdit"].half().float()(*inputs)
+    error = ((got - want).norm() / want.norm()).item()
+    assert error < (0.25 if "q4_0" in name else 0.1), error  # measured 0.095 and 0.014
 
 
 def test_pipeline_from_gguf_equals_the_same_values_from_safetensors(sdcpp_file, tmp_path):

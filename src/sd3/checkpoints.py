@@ -459,6 +459,16 @@ def find_components(
                 found.update(open_file(path, role=role))
             except CheckpointError as e:
                 raise CheckpointError(f"{role} (--{role.replace('_', '-')}) {e}") from None
+    t5 = found.get("t5xxl")
+    if t5 is not None and not {"encoder.embed_tokens.weight", "shared.weight"} & set(t5.tensors):
+        # stable-diffusion.cpp's converter leaves T5's token embedding out as unused
+        warnings.warn(
+            f"{t5.files[0]}: its T5-XXL has no token embedding (encoder.embed_tokens.weight), as "
+            "stable-diffusion.cpp's converter writes it: T5 is left out (zeros in its place, as "
+            "--no-t5); give a whole T5-XXL with --t5xxl FILE to use it",
+            stacklevel=2,
+        )
+        del found["t5xxl"]
     return found
 
 

@@ -274,7 +274,8 @@ class GGUFFile:
                     f"{path}: truncated GGUF file: tensor {name!r} ends at byte "
                     f"{self.data_start + tensor.begin + tensor.nbytes}, the file has {size}"
                 )
-            self.tensors[name] = tensor
+            name, shape = official(name, tensor.shape)
+            self.tensors[name] = GGUFTensor(tensor.type, shape, tensor.begin, tensor.nbytes)
 
     def _tensor_info(self, header: _Header) -> tuple[str, GGUFTensor]:
         name = header.string()
@@ -334,6 +335,24 @@ class GGUFFile:
         end = (self.data_start + t.begin + t.nbytes) // page * page
         if end > start:
             self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+# stable-diffusion.cpp's converter writes CLIP's text projection under its own name (same values,
+# same layout) and pos_embed [1, N, D] without its leading 1; undone as a file opens
+STABLE_DIFFUSION_CPP_NAMES = {
+    "transformer.text_model.text_projection": "transformer.text_projection.weight",
+}
+
+
+def official(name: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
+    """A tensor's official name and shape where stable-diffusion.cpp's converter departs from
+    them (others unchanged)."""
+    for theirs, ours in STABLE_DIFFUSION_CPP_NAMES.items():
+        if name.endswith(theirs):
+            name = name[: -len(theirs)] + ours
+    if name.endswith("pos_embed") and len(shape) == 2:
+        shape = (1, *shape)
+    return name, shape
 
 
 def is_gguf(path: str | Path) -> bool:
