@@ -228,9 +228,13 @@ def test_sharded_checkpoint_is_pickle_free_and_validated(model_file, data_dir, t
 
 # --- LoRA and ControlNet ------------------------------------------------------------------------
 
-ADAPTERS = {  # what each trains, the options that say so, and the file its end writes
-    "lora": (["--lora-rank", "4"], "mmdit.", "lora.safetensors"),
-    "controlnet": (["--controlnet"], "controlnet.", "controlnet.safetensors"),
+# the options, the trained network's name, the file the run's end writes and the bound on the
+# weights' difference, in lr: Adam's g / (|g| + eps) turns the rounding of gradient entries near
+# zero into a fraction of lr (the ControlNet's blocks get their first gradients at step 2, from
+# zero outputs: measured 0.072 lr; LoRA 0.002 lr), while training moves them by whole steps
+ADAPTERS = {
+    "lora": (["--lora-rank", "4"], "mmdit.", "lora.safetensors", 0.02),
+    "controlnet": (["--controlnet"], "controlnet.", "controlnet.safetensors", 0.15),
 }
 
 
@@ -278,7 +282,7 @@ def test_sharded_adapters_match_one_process_resume_and_export(adapter_runs, mode
     where the uninterrupted run ends, exactly, and on 1 rank within the same bound; `sd3 train
     export` writes the file the run's end writes, sharded or not."""
     kind, root, runs = adapter_runs
-    _, prefix, end_file = ADAPTERS[kind]
+    _, prefix, end_file, bound = ADAPTERS[kind]
     one, two, half, half1 = (runs[n] for n in ("one", "two", "half", "half1"))
     folder = two / "checkpoint.sharded"
     assert_no_pickles(folder, 2)
@@ -307,7 +311,7 @@ def test_sharded_adapters_match_one_process_resume_and_export(adapter_runs, mode
     print(
         f"{kind} weights: max abs diff {worst:.2e} = {worst / LR:.4f} lr; moved {moved / LR:.1f} lr"
     )
-    assert worst < 0.05 * LR and moved > 2 * LR
+    assert worst < bound * LR and moved > 2 * LR
 
     # `sd3 train export` (EMA) is the file the run wrote at its end, sharded or not
     for run in (one, two):
@@ -317,13 +321,13 @@ def test_sharded_adapters_match_one_process_resume_and_export(adapter_runs, mode
         assert ours.keys() == end.keys() and all(torch.equal(ours[k], end[k]) for k in ours)
         with safe_open(str(exported), "pt") as f, safe_open(str(run / end_file), "pt") as g:
             assert f.metadata() == g.metadata()
-    assert weight_diff(load_file(one / end_file), load_file(two / end_file)) < 0.05 * LR
+    assert weight_diff(load_file(one / end_file), load_file(two / end_file)) < bound * LR
 
     reference = load_file(two / end_file)
     stem = end_file.removesuffix(".safetensors")
-    for run, bound in ((half, 0.0), (half1, 0.05 * LR)):
+    for run, limit in ((half, 0.0), (half1, bound * LR)):
         assert list(log(run)["step"]) == [1, 2, 3, 4]
         diff = weight_diff(load_file(run / f"{stem}_1.safetensors"), reference)
         print(f"{kind} resumed on {2 if run == half else 1} rank(s): max abs diff {diff:.2e}")
-        assert diff <= bound
+        assert diff <= limit
     assert_no_pickles(half1 / "checkpoint.sharded", 1)
