@@ -34,7 +34,6 @@ from .mmdit import (
     MMDiTConfig,
     PatchEmbed,
     crop_pos_embed,
-    self_attention_block,
     timestep_embedding,
 )
 
@@ -171,7 +170,7 @@ class ControlNet(nn.Module):
         outputs = []
         if self.config.kind == SD35:
             for block in self.transformer_blocks:
-                tokens = self_attention_block(block, tokens, c)
+                tokens = block(tokens, c)
                 outputs.append(tokens)
         else:
             context = self.context_embedder(context)

@@ -246,6 +246,10 @@ class DismantledBlock(nn.Module):
             Modulation(*chunks[6:9]) if self.has_attn2 else None,
         )
 
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        """This stream alone (`self_attention_block`): a module call, so hooks on the block run."""
+        return self_attention_block(self, x, c)
+
     def mlp_residual(self, x: Tensor, mod: BlockModulation) -> Tensor:
         return gated(x, mod.mlp, self.mlp(modulate(self.norm2(x), mod.mlp)))
 

@@ -59,12 +59,18 @@ from sd3.text import TextEncoders
 
 from . import sharded
 from .checkpoint import load_checkpoint, read_state, remove_stale_temporaries
-from .controlnet import check_blocks, control_encoder, save_controlnet, shapes_edges
+from .controlnet import (
+    check_blocks,
+    control_encoder,
+    controlnet_from_base,
+    save_controlnet,
+    shapes_edges,
+)
 from .data import ImageCaptionFolder, cached_latents, check_pairs, load_latents
 from .export import export_single_file, save_lora
 from .flow import SAMPLINGS
 from .fresh import INIT_CONFIGS, fresh_models
-from .lora import DEFAULT_TARGETS, lora_targets
+from .lora import DEFAULT_TARGETS, add_lora, lora_targets, lora_weights
 from .trainer import CHECKPOINT, LOG, Diverged, TrainConfig, Trainer
 
 # options that may differ on --resume (everything else comes from the checkpoint)
@@ -215,8 +221,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     opt.add_argument(
         "--shard", action="store_true",
-        help="FSDP2 under torchrun: each of N processes holds 1/N of the MMDiT's weights, "
-        "gradients and AdamW state, with activation checkpointing; checkpoints are sharded "
+        help="FSDP2 under torchrun: each of N processes holds 1/N of the MMDiT's weights (and of "
+        "a trained ControlNet's), the trained ones' gradients and AdamW state, with activation "
+        "checkpointing; checkpoints are sharded "
         "(checkpoint.sharded, resumable on any number of processes; `sd3 train export`)",
     )  # fmt: skip
     opt.add_argument(
@@ -597,8 +604,6 @@ def _check_sources(args: argparse.Namespace, given: set[str]) -> None:
                 raise ValueError(
                     f"--controlnet keeps the MMDiT and the text encoders frozen: no {_dash(name)}"
                 )
-        if getattr(args, "shard", False):
-            raise ValueError("--shard shards the MMDiT it trains; --controlnet trains beside it")
 
 
 def _check_out(out: Path) -> None:
@@ -850,14 +855,13 @@ def _execute(plan: Plan) -> int:
 PATH_ARGS = ("model", "vae", "clip_l", "clip_g", "t5xxl", "data", "out")
 
 
-def shared_record(trainer: Trainer) -> str:
+def shared_record(step: int, args: dict) -> str:
     """The training record an exported file carries: the step and the settings, with files and
     folders by name only (an exported model travels; the paths of the machine it came from stay)."""
     args = {
-        k: Path(v).name if k in PATH_ARGS and isinstance(v, str) else v
-        for k, v in trainer.metadata["args"].items()
+        k: Path(v).name if k in PATH_ARGS and isinstance(v, str) else v for k, v in args.items()
     }
-    return json.dumps({"step": trainer.step, "args": args})
+    return json.dumps({"step": step, "args": args})
 
 
 def _export(
@@ -867,53 +871,55 @@ def _export(
     .safetensors), never over an existing file: a taken name moves on to the next free one.
     Sharded: every rank calls this."""
     with trainer.ema_weights():
-        mmdit = trainer.mmdit
-        if trainer.config.shard:  # gathered into rank 0 as plain tensors
-            weights = sharded.full_model_state(mmdit)
-            if trainer.rank != 0:
-                return
-            with torch.device("meta"):
-                mmdit = MMDiT(trainer.mmdit.config)
-            mmdit.load_state_dict(weights, assign=True)
-        if trainer.controlnet is not None:
-            # the base model's preset goes with it: how the model it serves is sampled
-            meta = {
-                PRESET_METADATA: json.dumps(asdict(preset)),
-                "sd3_training": shared_record(trainer),
-            }
-            path = save_controlnet(
-                args.out / f"controlnet{suffix}.safetensors", trainer.controlnet, "canny",
-                DTYPE_NAMES[args.export_dtype], meta, new="--out",
-            )  # fmt: skip
-        elif trainer.config.lora_rank:
-            path = save_lora(args.out / f"lora{suffix}.safetensors", trainer.mmdit, new="--out")
-        else:
-            components = dict(models)
-            components["mmdit"] = mmdit
-            meta = {"sd3_training": shared_record(trainer)}
-            path = export_single_file(
-                args.out / f"model{suffix}.safetensors", components, args.export_dtype, meta,
-                new="--out",
-            )  # fmt: skip
+        trained = trainer.plain_trained()  # sharded: gathered into rank 0
+        if trained is None:
+            return
+        path = _write_export(
+            args.out / f"{export_name(trainer.config)}{suffix}.safetensors", "--out",
+            trainer.config, trained, models, preset, args.export_dtype,
+            shared_record(trainer.step, trainer.metadata["args"]),
+        )  # fmt: skip
     print(f"saved {path}{' (EMA weights)' if trainer.ema else ''}", file=sys.stderr)
+
+
+def export_name(config: TrainConfig) -> str:
+    """What a run exports: "model", "lora" or "controlnet" (.safetensors)."""
+    return "controlnet" if config.controlnet_blocks else "lora" if config.lora_rank else "model"
+
+
+def _write_export(
+    path: Path, new: str, config: TrainConfig, trained: torch.nn.Module, models: dict,
+    preset: Preset, dtype: str, record: str,
+) -> Path:  # fmt: skip
+    """A run's trained network as the file its end writes, never over a file (errors name the
+    option `new`): the model with `models`' VAE and text encoders, the LoRA (fp32, diffusers'
+    format) or the ControlNet (with the base model's preset)."""
+    if config.controlnet_blocks:
+        # the base model's preset goes with it: how the model it serves is sampled
+        meta = {PRESET_METADATA: json.dumps(asdict(preset)), "sd3_training": record}
+        return save_controlnet(path, trained, "canny", DTYPE_NAMES[dtype], meta, new=new)
+    if config.lora_rank:
+        return save_lora(path, trained, new=new)
+    components = dict(models) | {"mmdit": trained}
+    return export_single_file(path, components, dtype, {"sd3_training": record}, new=new)
 
 
 # --- sd3 train export RUN OUT ----------------------------------------------------------------
 
 
 def export_run(run: Path, out: Path, dtype: str | None = None, ema: bool = True) -> Path:
-    """The model a run's checkpoint (sharded or not) holds, as one file in the official layout:
-    its MMDiT (the EMA where the run keeps one and `ema`), with the run's VAE and text encoders."""
+    """What a run's checkpoint (sharded or not) holds, as the file the run's end writes (the EMA
+    where the run keeps one and `ema`): its model in the official layout (the MMDiT with the
+    run's VAE and text encoders), its LoRA or its ControlNet."""
     path, state = run_state(run)
     if path is None:
         raise ValueError(f"RUN {run}: no {CHECKPOINT} or {sharded.SHARDED} in it")
     saved = (
         state.get("metadata", {}).get("args") if isinstance(state.get("metadata"), dict) else None
     )
-    if not isinstance(saved, dict):
+    if not isinstance(saved, dict) or not isinstance(state.get("config"), dict):
         raise ValueError(f"RUN {run}: {path} was not written by `sd3 train`")
-    if saved.get("lora_rank"):
-        raise ValueError(f"RUN {run} trains a LoRA: its end writes lora.safetensors")
+    config = TrainConfig.from_dict(state["config"])
     if out.suffix != ".safetensors":
         raise ValueError(f"OUT {out}: sd3 writes models as .safetensors files")
     check_new_file(out, "OUT")
@@ -929,27 +935,36 @@ def export_run(run: Path, out: Path, dtype: str | None = None, ema: bool = True)
         found.update(find_components(None, given("clip_l"), given("clip_g"), given("t5xxl"), given("vae")))  # fmt: skip
     models = {name: load_component(comp) for name, comp in found.items()}
     mmdit = models["mmdit"]
+    preset = preset_for(mmdit.config, str(saved.get("model") or ""), found["mmdit"].metadata)
+    if config.controlnet_blocks:
+        trained, prefix = controlnet_from_base(mmdit, config.controlnet_blocks), "controlnet."
+        weights = trained.state_dict()
+    elif config.lora_rank:
+        add_lora(mmdit, config.lora_rank, config.lora_alpha, config.lora_targets)
+        trained, prefix, weights = mmdit, "mmdit.", lora_weights(mmdit)
+    else:
+        trained, prefix, weights = mmdit, "mmdit.", mmdit.state_dict()
     if path.is_dir():
-        sharded.load_for_export(path, mmdit, ema)
+        sharded.load_for_export(path, weights, prefix, ema)
     else:
         tensors, _ = load_checkpoint(path)
-        weights = mmdit.state_dict()
         with torch.no_grad():
             for name, t in weights.items():
-                kept = tensors.get(f"ema.mmdit.{name}") if ema else None
-                kept = kept if kept is not None else tensors.get(f"params.mmdit.{name}")
+                kept = tensors.get(f"ema.{prefix}{name}") if ema else None
+                kept = kept if kept is not None else tensors.get(f"params.{prefix}{name}")
                 if kept is not None:
                     t.copy_(kept)
-    meta = {"sd3_training": json.dumps({"step": state["step"], "args": saved})}
-    return export_single_file(out, models, dtype, meta, new="OUT")
+    record = shared_record(state["step"], saved)
+    return _write_export(out, "OUT", config, trained, models, preset, dtype, record)
 
 
 def export_main(argv: list[str]) -> int:
     """`sd3 train export RUN OUT.safetensors`."""
     parser = argparse.ArgumentParser(
         prog="sd3 train export",
-        description="Write the model of a training run's checkpoint (sharded or not) as one "
-        "file in Stability's single-file layout. Never overwrites OUT.",
+        description="Write what a training run's checkpoint (sharded or not) holds as the file "
+        "the run's end writes: the model in Stability's single-file layout, the LoRA or the "
+        "ControlNet. Never overwrites OUT.",
     )
     parser.add_argument("run", metavar="RUN", type=Path, help="the run's --out folder")
     parser.add_argument("out", metavar="OUT", type=Path, help="the new .safetensors file")

@@ -28,16 +28,18 @@ DEFAULT_TARGETS = ("attn.qkv", "attn.proj")  # diffusers' SD3 LoRA script defaul
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable low-rank update."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+    def __init__(
+        self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator | None = None
+    ):
         super().__init__()
         self.base = base.requires_grad_(False)
         self.rank, self.alpha = rank, alpha
         self.lora_A = nn.Linear(base.in_features, rank, bias=False)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5), generator=generator)
+        nn.init.zeros_(self.lora_B.weight)
         self.lora_A.to(base.weight)
         self.lora_B.to(base.weight)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
 
     @property
     def scale(self) -> float:
@@ -77,9 +79,14 @@ def lora_targets(mmdit: MMDiT, targets: Sequence[str]) -> list[str]:
 
 
 def add_lora(
-    mmdit: MMDiT, rank: int, alpha: float | None = None, targets: Sequence[str] = DEFAULT_TARGETS
+    mmdit: MMDiT,
+    rank: int,
+    alpha: float | None = None,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    generator: torch.Generator | None = None,
 ) -> dict[str, LoRALinear]:
-    """Freeze the MMDiT and put LoRA on the linear layers named by `targets`. Returns them by name."""
+    """Freeze the MMDiT and put LoRA on the linear layers named by `targets` (their A drawn from
+    `generator`, a CPU one). Returns them by name."""
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     alpha = float(rank if alpha is None else alpha)
@@ -89,13 +96,22 @@ def add_lora(
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = mmdit.get_submodule(parent_name)
-        layers[name] = LoRALinear(getattr(parent, child), rank, alpha)
+        layers[name] = LoRALinear(getattr(parent, child), rank, alpha, generator)
         setattr(parent, child, layers[name])
     return layers
 
 
 def lora_layers(mmdit: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in mmdit.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_weights(mmdit: nn.Module) -> dict[str, Tensor]:
+    """The adapters' weights by their names in the MMDiT: all that LoRA training changes."""
+    return {
+        f"{name}.{factor}.weight": getattr(layer, factor).weight
+        for name, layer in lora_layers(mmdit).items()
+        for factor in ("lora_A", "lora_B")
+    }
 
 
 @torch.no_grad()

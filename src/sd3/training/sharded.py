@@ -1,17 +1,21 @@
-"""Sharded training (`sd3 train --shard`): the MMDiT under FSDP2, and its checkpoints, sharded too.
+"""Sharded training (`sd3 train --shard`): the networks under FSDP2, and checkpoints, sharded too.
 
 `shard_mmdit` makes each joint block one FSDP unit and the rest of the MMDiT (embedders, final
 layer) the root unit: every rank holds 1/N of each parameter, its gradient and its AdamW state,
 and a block's full weights exist only while that block runs (all-gathered before its forward and
 again before its backward; gradients reduce-scattered after it). With bf16 the gathered weights
 are bf16 and gradients reduce in fp32; the sharded master weights and AdamW state stay fp32.
+With LoRA the units are the same: the frozen base weights are sharded and gathered alike, and
+only the adapters get gradients and AdamW state. `shard_controlnet_training` shards a ControlNet
+and its frozen MMDiT (one unit per block of each) under one root unit.
 
 A checkpoint is the folder `checkpoint.sharded`, in sd3's own format (nothing in it is pickled,
 so resuming a tampered folder cannot run code):
 
 - `rank00000.safetensors`, `rank00001.safetensors`, ...: what each rank holds, under the tensors'
-  full names: `model.NAME` (the MMDiT's state dict), `ema.mmdit.NAME`, `optimizer.NAME.KEY`
-  (AdamW's `exp_avg`, `exp_avg_sq`, `step`). FSDP2 shards dim 0 as `torch.chunk` does, so each
+  full names: `model.NAME` (the trained weights: the MMDiT's state dict, a LoRA's adapters alone
+  or the ControlNet's state dict; `Trainer.trained_weights`), `ema.mmdit.NAME` (or
+  `ema.controlnet.NAME`), `optimizer.NAME.KEY` (AdamW's `exp_avg`, `exp_avg_sq`, `step`). FSDP2 shards dim 0 as `torch.chunk` does, so each
   file holds one range of rows of each sharded tensor; a tensor that is not sharded (a buffer,
   AdamW's 0-dim `step`) is in rank 0's file, whole.
 - `layout.json`: the world size, each file's size in bytes, and for each tensor its full shape,
@@ -39,12 +43,12 @@ import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from sd3.checkpoints import DTYPES, CheckpointError
+from sd3.models.controlnet import ControlNet
 from sd3.models.mmdit import MMDiT
 
 from .checkpoint import write_safetensors
@@ -69,17 +73,35 @@ def single_process_group() -> None:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
-def shard_mmdit(mmdit: MMDiT, bf16: bool) -> None:
-    """FSDP2 over the MMDiT: one unit per joint block, the rest in the root unit. `bf16`: bf16
-    weights in forward and backward, fp32 gradient reduction."""
-    policy = (
-        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if bf16
-        else MixedPrecisionPolicy()
+def precision(bf16: bool, cast_inputs: bool = True) -> MixedPrecisionPolicy:
+    """`bf16`: bf16 weights in forward and backward, fp32 gradient reduction."""
+    if not bf16:
+        return MixedPrecisionPolicy(cast_forward_inputs=cast_inputs)
+    return MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=cast_inputs
     )
+
+
+def shard_mmdit(mmdit: MMDiT, bf16: bool) -> None:
+    """FSDP2 over the MMDiT: one unit per joint block, the rest in the root unit."""
     for block in mmdit.joint_blocks:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(mmdit, mp_policy=policy)
+        fully_shard(block, mp_policy=precision(bf16))
+    fully_shard(mmdit, mp_policy=precision(bf16))
+
+
+def shard_controlnet_training(
+    objective: nn.Module, mmdit: MMDiT, controlnet: ControlNet, bf16: bool
+) -> None:
+    """FSDP2 over a ControlNet and its frozen MMDiT: one unit per block of each, the rest of both
+    (embedders, final layer) in the root unit, `objective`, the module that runs them. One root
+    around both because the ControlNet reads the MMDiT's patch embedder and positional table
+    before the MMDiT runs. The root leaves its inputs in fp32 (the loss's target stays exact) and
+    frozen text encoders it holds unsharded (they run once per step, outside any block)."""
+    for block in (*mmdit.joint_blocks, *controlnet.transformer_blocks):
+        fully_shard(block, mp_policy=precision(bf16))
+    encoders = getattr(objective, "text_encoders", None)
+    ignored = set(encoders.parameters()) if encoders is not None else None
+    fully_shard(objective, mp_policy=precision(bf16, cast_inputs=False), ignored_params=ignored)
 
 
 def full(t: Tensor) -> Tensor:
@@ -132,12 +154,12 @@ def rows_held(t: Tensor) -> tuple[int, int, bool]:
 
 
 def named_tensors(
-    model: nn.Module, optimizer: torch.optim.Optimizer, ema: dict[str, Tensor]
+    weights: dict[str, Tensor], optimizer: torch.optim.Optimizer, ema: dict[str, Tensor]
 ) -> dict[str, Tensor]:
     """Everything a checkpoint holds, by its name in the files (DTensors where sharded)."""
-    tensors = {f"model.{k}": v for k, v in model.state_dict(keep_vars=True).items()}
+    tensors = {f"model.{k}": v for k, v in weights.items()}
     tensors |= {f"ema.{k}": v for k, v in ema.items()}
-    names = param_names(model, optimizer)
+    names = param_names(weights, optimizer)
     for group in optimizer.param_groups:
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
@@ -147,13 +169,13 @@ def named_tensors(
     return tensors
 
 
-def param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, str]:
-    """id(parameter) -> its name in `model`, for each parameter the optimizer trains."""
-    names = {id(p): n for n, p in model.named_parameters()}
+def param_names(weights: dict[str, Tensor], optimizer: torch.optim.Optimizer) -> dict[int, str]:
+    """id(parameter) -> its name in `weights`, for each parameter the optimizer trains."""
+    names = {id(p): n for n, p in weights.items()}
     for group in optimizer.param_groups:
         for p in group["params"]:
             if id(p) not in names:
-                raise ValueError("the optimizer trains a parameter outside the sharded model")
+                raise ValueError("the optimizer trains a parameter the checkpoint does not hold")
     return names
 
 
@@ -161,10 +183,11 @@ def param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[int,
 
 
 def save(
-    out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: dict, state: dict
+    out: Path, weights: dict[str, Tensor], optimizer: torch.optim.Optimizer, ema: dict, state: dict
 ) -> Path:
-    """Write the sharded checkpoint of `model` (FSDP), its optimizer and EMA; every rank calls
-    this. Returns the folder."""
+    """Write the sharded checkpoint of the trained `weights` (by name; DTensors where FSDP shards
+    them, with every parameter the optimizer trains), the optimizer's state and the EMA; every
+    rank calls this. Returns the folder."""
     rank, world = dist.get_rank(), dist.get_world_size()
     tmp = out / f"{TEMPORARY}{state['step']}"  # the same name in every rank
     if rank == 0:
@@ -172,7 +195,7 @@ def save(
         tmp.mkdir()
     dist.barrier()
     held, rows, described = {}, {}, {}
-    for name, t in named_tensors(model, optimizer, ema).items():
+    for name, t in named_tensors(weights, optimizer, ema).items():
         start, stop, spread = rows_held(t)
         if t.dtype not in DTYPE_OF:
             raise ValueError(f"cannot save {name}: dtype {t.dtype}")
@@ -395,15 +418,17 @@ def _count(n: object) -> bool:
 # --- load ------------------------------------------------------------------------------------
 
 
-def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: dict) -> dict:
-    """Load a checkpoint written by `save` (on any number of ranks) into `model` (FSDP), its
-    optimizer (whose state it creates) and the EMA tensors, in place; returns its state. Every
-    check runs before anything changes."""
+def load(
+    path: Path, weights: dict[str, Tensor], optimizer: torch.optim.Optimizer, ema: dict
+) -> dict:
+    """Load a checkpoint written by `save` (on any number of ranks) into the trained `weights`
+    (as `save` takes them), the optimizer (whose state it creates) and the EMA tensors, in place;
+    returns its state. Every check runs before anything changes."""
     state = read_state(path)
     with Checkpoint(path) as ckpt:
-        targets = {f"model.{k}": v for k, v in model.state_dict(keep_vars=True).items()}
+        targets = {f"model.{k}": v for k, v in weights.items()}
         targets |= {f"ema.{k}": v for k, v in ema.items()}
-        names = param_names(model, optimizer)
+        names = param_names(weights, optimizer)
         trained = [p for group in optimizer.param_groups for p in group["params"]]
         prefixes = {f"optimizer.{names[id(p)]}.": p for p in trained}
         keys: dict[int, list[str]] = {id(p): [] for p in trained}
@@ -449,22 +474,25 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: di
     return state
 
 
-def full_model_state(model: nn.Module) -> dict[str, Tensor]:
-    """The whole state dict of an FSDP model, on the CPU, in rank 0 (empty in the others); every
-    rank calls this."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options)
+def gather(weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The whole tensors of `weights` on the CPU, in rank 0 (empty in the others), gathered one
+    at a time; every rank calls this."""
+    whole = {}
+    for name, t in weights.items():
+        t = full(t.detach()).cpu()
+        if dist.get_rank() == 0:
+            whole[name] = t
+    return whole
 
 
-def load_for_export(path: Path, mmdit: MMDiT, ema: bool) -> None:
-    """The checkpoint's MMDiT weights (its EMA where it has one and `ema`) into a plain `mmdit`,
-    in one process, without a process group; whole tensors assembled from the shards, one at a
-    time, memory-mapped."""
+def load_for_export(path: Path, weights: dict[str, Tensor], ema_prefix: str, ema: bool) -> None:
+    """The checkpoint's trained weights into the plain tensors `weights` (by their `model.*`
+    names; the EMA, `ema.{ema_prefix}NAME`, where it has one and `ema`), in one process, without
+    a process group; whole tensors assembled from the shards, one at a time, memory-mapped."""
     with Checkpoint(path) as ckpt:
-        weights = mmdit.state_dict()
         chosen = {}
         for name, t in weights.items():
-            key = f"ema.mmdit.{name}"
+            key = f"ema.{ema_prefix}{name}"
             key = key if ema and key in ckpt.tensors else f"model.{name}"
             ckpt.check(key, t)
             chosen[name] = key

@@ -45,7 +45,7 @@ from .conditioning import TextCache, embed, t5_length_for, tokenize, truncation_
 from .controlnet import controlled, controlnet_from_base
 from .data import check_pairs
 from .flow import TimestepSampling, flow_loss
-from .lora import DEFAULT_TARGETS, add_lora
+from .lora import DEFAULT_TARGETS, add_lora, lora_weights
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "log.jsonl"
@@ -77,7 +77,7 @@ class TrainConfig:
     text_dropout: float = 0.1  # per encoder and sample (the SD3 paper used 0.464)
     bf16: bool = False  # bf16 autocast; weights and optimizer state stay float32
     grad_checkpointing: bool = False
-    shard: bool = False  # FSDP2 over the MMDiT (`sharded`), with activation checkpointing
+    shard: bool = False  # FSDP2 over the trained networks (`sharded`), activation checkpointing
     compile: bool = False  # torch.compile the loss (forward and backward); same weights
     train_text_encoders: bool = False
     text_encoder_lr: float | None = None  # peak lr of the text encoders (None: lr), same schedule
@@ -146,9 +146,9 @@ class TrainConfig:
             raise ValueError(
                 f"pair_contrast must be >= 0 and needs paired, got {self.pair_contrast}"
             )
-        if self.shard and (self.lora_rank or self.train_text_encoders or self.compile):
+        if self.shard and (self.train_text_encoders or self.compile):
             raise ValueError(
-                "shard trains the MMDiT in full, eager: not with lora_rank, train_text_encoders "
+                "shard trains eager, with the text encoders frozen: not with train_text_encoders "
                 "or compile"
             )
         if self.lora_rank and self.train_text_encoders:
@@ -283,7 +283,9 @@ class Trainer:
                 )  # unused (CLIP-L's pooled is unprojected)
         self.controlnet = None
         if c.lora_rank:
-            add_lora(mmdit, c.lora_rank, c.lora_alpha, c.lora_targets)
+            # seeded: every process (FSDP shards each one's own copy) starts from the same adapters
+            generator = torch.Generator().manual_seed(c.seed)
+            add_lora(mmdit, c.lora_rank, c.lora_alpha, c.lora_targets, generator)
             mmdit.to(self.device)
         elif c.controlnet_blocks:
             mmdit.requires_grad_(False)
@@ -293,10 +295,6 @@ class Trainer:
             mmdit.pos_embed.requires_grad_(False)  # SD3's fixed sin-cos table
         if c.grad_checkpointing or c.shard:
             enable_gradient_checkpointing(mmdit)
-        if c.shard:
-            sharded.single_process_group()
-            self.rank, self.world = dist.get_rank(), dist.get_world_size()
-            sharded.shard_mmdit(mmdit, c.bf16)
         # frozen encoders: embed each distinct caption once, unless that would not fit in memory
         positions = text_encoders.clip_length + self.t5_length
         cache_bytes = 4 * len(set(captions)) * positions * text_encoders.context_width
@@ -317,6 +315,13 @@ class Trainer:
             mmdit, text_encoders if self.text_cache is None else None, loss, self.controlnet
         )
         self.objective.train()
+        if c.shard:
+            sharded.single_process_group()
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            if self.controlnet is not None:
+                sharded.shard_controlnet_training(self.objective, mmdit, self.controlnet, c.bf16)
+            else:
+                sharded.shard_mmdit(mmdit, c.bf16)
         trained = [(n, p) for n, p in self.objective.named_parameters() if p.requires_grad]
         # text encoders last: with text_encoder_lr they are a second optimizer group, and the
         # optimizer's state is numbered in group order (checkpoints name it by these names)
@@ -525,6 +530,37 @@ class Trainer:
     def checkpoint_path(self) -> Path:
         return self.out_dir / (sharded.SHARDED if self.config.shard else CHECKPOINT)
 
+    def trained_weights(self) -> dict[str, Tensor]:
+        """The trained network's weights by name, as sharded checkpoints hold them: the MMDiT's
+        state dict, a LoRA's adapters alone (the rest is the base model, unchanged) or the
+        ControlNet's state dict."""
+        if self.controlnet is not None:
+            return self.controlnet.state_dict(keep_vars=True)
+        if self.config.lora_rank:
+            return lora_weights(self.mmdit)
+        return self.mmdit.state_dict(keep_vars=True)
+
+    def plain_trained(self) -> nn.Module | None:
+        """The trained network (the MMDiT, with its LoRA, or the ControlNet) with whole weights,
+        for exports: in process 0, None in the others; sharded, every process calls this and a
+        LoRA's copy holds its adapters alone (its base weights stay on the meta device)."""
+        module = self.controlnet if self.controlnet is not None else self.mmdit
+        if not self.config.shard:
+            return module if self.rank == 0 else None
+        weights = sharded.gather(self.trained_weights())
+        if self.rank != 0:
+            return None
+        with torch.device("meta"):
+            if self.controlnet is not None:
+                plain = ControlNet(module.config)
+            else:
+                plain = MMDiT(module.config)
+                if self.config.lora_rank:
+                    c = self.config
+                    add_lora(plain, c.lora_rank, c.lora_alpha, c.lora_targets)
+        plain.load_state_dict(weights, strict=not self.config.lora_rank, assign=True)
+        return plain
+
     def state_tensors(self) -> dict[str, Tensor]:
         tensors = {f"params.{n}": p.detach() for n, p in self.params.items()}
         tensors |= {f"ema.{n}": t for n, t in self.ema.items()}
@@ -560,7 +596,7 @@ class Trainer:
             "metadata": self.metadata,
         }
         if self.config.shard:
-            sharded.save(self.out_dir, self.mmdit, self.optimizer, self.ema, state)
+            sharded.save(self.out_dir, self.trained_weights(), self.optimizer, self.ema, state)
         elif self.rank == 0:
             save_checkpoint(self.checkpoint_path, self.state_tensors(), state)
         if self.world > 1:
@@ -571,7 +607,7 @@ class Trainer:
         """Load a checkpoint written by `save` (default: this out_dir's); returns its step."""
         path = Path(path) if path is not None else self.checkpoint_path
         if self.config.shard:
-            state = sharded.load(path, self.mmdit, self.optimizer, self.ema)
+            state = sharded.load(path, self.trained_weights(), self.optimizer, self.ema)
             self.step = self.saved_step = int(state["step"])
             if self.rank == 0:
                 self._truncate_log()
