@@ -1,9 +1,9 @@
-"""int8 mode against the plain compute dtype (bf16 where the CPU has it, else fp32) on the same
-full-size random weights: time, peak memory and output error; appends its table to
-benchmarks/RESULTS.md (or prints it with --no-write). In fp32 the MMDiT's int8 layers multiply in
-int8 (`kernels.quantization`); otherwise int8 is weight-only.
+"""int8 (or with --mode int4, int4) mode against the plain compute dtype (bf16 where the CPU has
+it, else fp32) on the same full-size random weights: time, peak memory and output error; appends
+its table to benchmarks/RESULTS.md (or prints it with --no-write). In fp32 the MMDiT's int8 layers
+multiply in int8 (`kernels.quantization`); otherwise int8 is weight-only, as int4 always is.
 
-    python benchmarks/int8.py [--rows t5,mmdit-512,mmdit-1024] [--repeats 3]
+    python benchmarks/int8.py [--mode int8|int4] [--rows t5,mmdit-512,mmdit-1024] [--repeats 3]
 
 Each side of each row runs in its own worker process (its own peak RSS) on the cached weights of
 `run.py`; the error is max |int8 - plain| / max |plain| of the two outputs, and the mean relative
@@ -40,17 +40,18 @@ ROWS = {
 }
 
 
-def worker(row: str, int8: bool, file: Path, repeats: int, out: Path) -> dict:
+def worker(row: str, mode: str | None, file: Path, repeats: int, out: Path) -> dict:
+    low_bit = {"int8": mode == "int8", "int4": mode == "int4"}
     torch.manual_seed(0)
     components = find_components(file)
     started = time.perf_counter()
     if row == "t5":
-        model = load_component(components["t5xxl"], DTYPE, int8=int8)
+        model = load_component(components["t5xxl"], DTYPE, **low_bit)
         inputs = (torch.randint(0, 32000, (1, 77)),)
     else:
         size = int(row.rsplit("-", 1)[1])
         config = infer_config(components["mmdit"])
-        model = load_component(components["mmdit"], DTYPE, int8=int8)
+        model = load_component(components["mmdit"], DTYPE, **low_bit)
         inputs = (
             torch.randn(1, 16, size // 8, size // 8, dtype=DTYPE),
             torch.tensor([500.0]),
@@ -74,17 +75,18 @@ def worker(row: str, int8: bool, file: Path, repeats: int, out: Path) -> dict:
             "int8_gemm_layers": int8_gemm}  # fmt: skip
 
 
-def run_side(row: str, int8: bool, file: Path, args, out: Path) -> dict:
-    cmd = [sys.executable, __file__, "--worker", row, "int8" if int8 else PLAIN, str(file),
+def run_side(row: str, mode: str | None, file: Path, args, out: Path) -> dict:
+    cmd = [sys.executable, __file__, "--worker", row, mode or PLAIN, str(file),
            str(out), "--repeats", str(args.repeats), "--threads", str(args.threads)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
-        raise SystemExit(f"{row} ({'int8' if int8 else PLAIN}): {done.stderr.strip()[-2000:]}")
+        raise SystemExit(f"{row} ({mode or PLAIN}): {done.stderr.strip()[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mode", choices=["int8", "int4"], default="int8", help="the low-bit side")
     p.add_argument("--rows", default="t5,mmdit-512,mmdit-1024", help=f"of {list(ROWS)}")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -98,36 +100,38 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.worker:
         row, side, file, out = args.worker
-        print(json.dumps(worker(row, side == "int8", Path(file), args.repeats, Path(out))))
+        mode = side if side in ("int8", "int4") else None
+        print(json.dumps(worker(row, mode, Path(file), args.repeats, Path(out))))
         return
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     if unknown := [r for r in rows if r not in ROWS]:
         p.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
+    low = args.mode
     table = [
-        f"## int8 vs {PLAIN} ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"## {low} vs {PLAIN} ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"{args.threads} threads, median of {args.repeats} after a warm-up; `benchmarks/int8.py`)",
         "",
-        f"| row | {PLAIN} s | int8 s | int8 / {PLAIN} time | int8 GEMM layers | {PLAIN} weights GB | int8 weights GB | "
-        f"{PLAIN} peak RSS GB | int8 peak RSS GB | max rel err | mean rel err |",
+        f"| row | {PLAIN} s | {low} s | {low} / {PLAIN} time | int8 GEMM layers | {PLAIN} weights GB | {low} weights GB | "
+        f"{PLAIN} peak RSS GB | {low} peak RSS GB | max rel err | mean rel err |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    ]  # fmt: skip
     print("\n".join(table), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for row in rows:
             what, which = ROWS[row]
             weights_file(args.weights, "medium")
             file = weights_file(args.weights, which)
-            outs = {side: Path(tmp) / f"{row}-{side}.safetensors" for side in ("plain", "int8")}
-            plain = run_side(row, False, file, args, outs["plain"])
-            int8 = run_side(row, True, file, args, outs["int8"])
-            a, b = (load_file(str(outs[s]))["output"].double() for s in ("plain", "int8"))
+            outs = {side: Path(tmp) / f"{row}-{side}.safetensors" for side in ("plain", low)}
+            plain = run_side(row, None, file, args, outs["plain"])
+            quant = run_side(row, low, file, args, outs[low])
+            a, b = (load_file(str(outs[s]))["output"].double() for s in ("plain", low))
             max_err = ((b - a).abs().max() / a.abs().max()).item()
             mean_err = ((b - a).norm() / a.norm()).item()
             table.append(
-                f"| {what} | {plain['median_s']:.3f} | {int8['median_s']:.3f} | "
-                f"{int8['median_s'] / plain['median_s']:.2f} | {int8['int8_gemm_layers']} | "
-                f"{plain['weights_gb']:.2f} | "
-                f"{int8['weights_gb']:.2f} | {plain['peak_rss_gb']:.1f} | {int8['peak_rss_gb']:.1f} | "
+                f"| {what} | {plain['median_s']:.3f} | {quant['median_s']:.3f} | "
+                f"{quant['median_s'] / plain['median_s']:.2f} | {quant['int8_gemm_layers']} | "
+                f"{plain['weights_gb']:.2f} | {quant['weights_gb']:.2f} | "
+                f"{plain['peak_rss_gb']:.1f} | {quant['peak_rss_gb']:.1f} | "
                 f"{max_err:.2e} | {mean_err:.2e} |"
             )
             print(table[-1], flush=True)

@@ -67,6 +67,7 @@ class Row:
     warmup: bool = True  # False: the one timed run is the first (rows that measure memory)
     peer: bool = True  # False where the peer cannot run here (said in `what`)
     int8: bool = False  # ours loads with int8=True (the peer in the plain dtype)
+    int4: bool = False  # ours loads with int4=True
 
 
 ROWS = {
@@ -101,6 +102,16 @@ ROWS = {
             1,
             warmup=False,
             peer=False,
+        ),
+        Row(
+            "generate-large-1024-int4",
+            "SD3.5 Large 1024², 2 euler steps, CFG 4.5, all three encoders, low-memory mode, "
+            "sd3 with --int4 (T5-XXL's and the MMDiT's block linears in 4 bits)",
+            "large",
+            1,
+            warmup=False,
+            peer=False,
+            int4=True,
         ),
     ]
 }
@@ -278,13 +289,13 @@ def build(row: str, side: str, file: Path, dtype: torch.dtype) -> tuple[Callable
         return lambda: ref(input_ids=ids).last_hidden_state, flops
     if row == "generate-512":
         return build_generation(side, file, components, dtype)
-    if row == "generate-large-1024":
-        return build_generation(side, file, components, dtype, large=True)
+    if row.startswith("generate-large-1024"):
+        return build_generation(side, file, components, dtype, large=True, int4=ROWS[row].int4)
     raise SystemExit(f"unknown row {row!r}; choose from {list(ROWS)}")
 
 
 def build_generation(
-    side: str, file: Path, components, dtype, large: bool = False
+    side: str, file: Path, components, dtype, large: bool = False, int4: bool = False
 ) -> tuple[Callable, float]:
     """Tokenize, encode (CLIP-L, CLIP-G, T5), euler steps with CFG (batch 2), decode: SD3.5 Medium
     at 512² with 4 steps, or (`large`) the SD3.5 Large MMDiT of `file` with the medium file's
@@ -304,7 +315,8 @@ def build_generation(
 
         if large:
             pipe = Pipeline.from_single_file(file, clip_l=medium, clip_g=medium, t5xxl=medium,
-                                             vae=medium, dtype=dtype, low_memory=True)  # fmt: skip
+                                             vae=medium, dtype=dtype, low_memory=True,
+                                             int4=int4)  # fmt: skip
         else:
             pipe = Pipeline.from_single_file(file, dtype=dtype, low_memory=False)
         return lambda: (pipe(

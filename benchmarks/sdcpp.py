@@ -48,8 +48,7 @@ PLAIN = {torch.bfloat16: "bf16", torch.float32: "fp32"}[default_dtype()]
 SOURCE = "sd35_medium_random_f16_no_t5.safetensors"
 PROMPT = "a photo of a cat on a red sofa"
 RUNS = {"512": (512, 4, 5.0), "1024": (1024, 2, 1.0)}  # size, steps, CFG
-if "SD3_BENCH_SMALL" in __import__("os").environ:
-    RUNS = {"512": (64, 2, 5.0), "1024": (64, 1, 1.0)}
+SMOKE = {"512": (64, 2, 5.0), "1024": (64, 1, 1.0)}  # --smoke: does each side run at all
 
 # side -> (program, weights: "source" or a GGUF type the peer's converter writes, our mode)
 SIDES = {
@@ -91,7 +90,9 @@ def gguf_file(weights: Path, kind: str, threads: int) -> Path:
         print(f"converting to {path} (once) ...", file=sys.stderr, flush=True)
         tmp = path.with_suffix(".tmp")
         kind_id = int(GGML_TYPE_MAP[kind.lower()])
-        if not sd_cpp.convert(str(source_file(weights)).encode(), b"", str(tmp).encode(), kind_id, b"", True):
+        if not sd_cpp.convert(
+            str(source_file(weights)).encode(), b"", str(tmp).encode(), kind_id, b"", True
+        ):
             raise SystemExit(f"stable-diffusion.cpp could not convert to {kind}")
         tmp.rename(path)
     return path
@@ -160,6 +161,7 @@ def worker(side: str, file: Path, threads: int) -> dict:
 
 def run_side(side: str, file: Path, threads: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", side, str(file), "--threads", str(threads)]
+    cmd += ["--smoke"] if RUNS == SMOKE else []
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         return {"error": (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]}
@@ -186,8 +188,12 @@ def main() -> None:
     )
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     p.add_argument("--no-write", action="store_true", help="print the table only")
+    p.add_argument("--smoke", action="store_true", help="64² only, to see each side run; prints")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.smoke:
+        RUNS.update(SMOKE)
+        args.no_write = True
     if args.worker:
         side, file = args.worker
         print(json.dumps(worker(side, Path(file), args.threads)))
@@ -202,7 +208,9 @@ def main() -> None:
     }  # fmt: skip
     torch.set_num_threads(args.threads)
     peak = matmul_peak(default_dtype())
-    flops = {run: step_flops(source, size, 2 if cfg != 1 else 1) for run, (size, _, cfg) in RUNS.items()}
+    flops = {
+        run: step_flops(source, size, 2 if cfg != 1 else 1) for run, (size, _, cfg) in RUNS.items()
+    }
     table = [
         f"## sd3 and stable-diffusion.cpp, SD3.5 Medium without T5 "
         f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {args.threads} threads; "
@@ -216,7 +224,9 @@ def main() -> None:
     for side in sides:
         program, weights, mode = SIDES[side]
         r = run_side(side, files[side], args.threads)
-        what = f"{program} " + ({"int8": "--int8", "int4": "--int4"}.get(mode, PLAIN) if program == "sd3" else "")
+        what = f"{program} " + (
+            {"int8": "--int8", "int4": "--int4"}.get(mode, PLAIN) if program == "sd3" else ""
+        )
         stored = "float16 safetensors" if weights == "source" else f"its {weights} GGUF"
         if "error" in r:
             table.append(f"| {what} | {stored} | failed: {r['error'][:150]} | | | | | | |")

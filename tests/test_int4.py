@@ -17,6 +17,8 @@ from test_t5 import SMALL, build, random_state
 
 from sd3.checkpoints import find_components, load_component
 from sd3.cli import main
+from sd3.kernels import quantization
+from sd3.kernels.build import kernel_library
 from sd3.kernels.quantization import Int4Linear, linear_layers, quantize_int4
 from sd3.pipeline import Pipeline
 
@@ -47,6 +49,24 @@ def test_int4_is_ggml_q4_0():
     with torch.no_grad():
         assert np.array_equal(layer.dequantized(torch.float32).numpy(), expected)
     assert torch.equal(layer.dequantized(torch.float32), torch.from_numpy(expected))  # autograd
+
+
+@pytest.mark.skipif(kernel_library() is None, reason="no AVX-512 BF16 kernel on this CPU")
+def test_int4_kernel_gives_the_plain_paths_bf16_weights(monkeypatch):
+    """csrc/int4_cpu.cpp writes the same bf16 bits as the plain path (scale rounded to bf16,
+    then (q - 8) * d rounded once); odd block counts, a zero scale, subnormal and huge scales."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(37, 96, generator=g) * torch.logspace(-6, 4, 37)[:, None]
+    w[0, :32] = 0
+    layer = Int4Linear(96, 37, bias=False, dtype=torch.bfloat16)
+    packed, scale = quantize_int4(w)
+    layer.weight.copy_(packed)
+    layer.weight_scale.copy_(scale)
+    with torch.no_grad():
+        fast = layer.dequantized(torch.bfloat16).clone()
+        monkeypatch.setattr(quantization, "kernel_library", lambda: None)
+        plain = layer.dequantized(torch.bfloat16)
+    assert torch.equal(fast.view(torch.int16), plain.view(torch.int16))
 
 
 def test_int4_mmdit_error_per_layer_and_whole(models, model_file):

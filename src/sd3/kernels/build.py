@@ -23,7 +23,8 @@ from .hardware import cpu_flags, cpu_has_amx
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = tuple(
-    CSRC / f for f in ("flash_attention_cpu.cpp", "qk_norm_cpu.cpp", "group_norm_cpu.cpp")
+    CSRC / f
+    for f in ("flash_attention_cpu.cpp", "qk_norm_cpu.cpp", "group_norm_cpu.cpp", "int4_cpu.cpp")
 )
 HEADERS = (CSRC / "bf16_rows.h",)
 CXX_FLAGS = (
@@ -71,7 +72,8 @@ def bf16_cpu_eager(*tensors: Tensor) -> bool:
 
 @functools.cache
 def kernel_library() -> ctypes.CDLL | None:
-    """Loads the kernels (attention, and the qk-norm and GroupNorm of `fused.py`), compiling it into the cache first if needed; None where it cannot run."""
+    """Loads the kernels (attention, the qk-norm and GroupNorm of `fused.py`, the int4 weights of
+    `quantization.py`), compiling it into the cache first if needed; None where it cannot run."""
     if not _cpu_has_avx512_bf16():
         return None
     try:
@@ -92,6 +94,8 @@ def kernel_library() -> ctypes.CDLL | None:
     group_norm = lib.sd3_group_norm_silu  # csrc/group_norm_cpu.cpp, used by fused.py
     group_norm.argtypes = [ptr, ptr, *shapes, ptr, ptr, ctypes.c_float, ctypes.c_int, ctypes.c_int]
     group_norm.restype = None
+    int4 = lib.sd3_q4_0_to_bf16  # csrc/int4_cpu.cpp, used by quantization.py
+    int4.argtypes, int4.restype = [ptr, ptr, ptr, i64, ctypes.c_int], None
     lib.sd3_amx_init.argtypes, lib.sd3_amx_init.restype = [], ctypes.c_int
     return lib
 

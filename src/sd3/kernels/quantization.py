@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .build import bf16_cpu_eager, kernel_library
 from .hardware import cpu_int8_beats_bf16, cpu_int8_full_range
 
 # component -> the prefixes of its quantized layers
@@ -278,6 +279,11 @@ class Int4Linear(nn.Module):
             w = (torch.stack([low, high], dim=2).to(dtype) - 8) * scale
             return w.view(n, self.in_features)
         out = _scratch(n * self.in_features, dtype, packed.device).view(n, groups, 2, 16)
+        if bf16_cpu_eager(out) and (lib := kernel_library()) is not None:  # the same, one pass
+            scales = self.weight_scale.contiguous()
+            lib.sd3_q4_0_to_bf16(packed.contiguous().data_ptr(), scales.data_ptr(),
+                                 out.data_ptr(), n * groups, torch.get_num_threads())  # fmt: skip
+            return out.view(n, self.in_features)
         nibbles = _scratch(packed.numel(), torch.uint8, packed.device, "nibbles")
         nibbles = nibbles.view(packed.shape)
         out[:, :, 0].copy_(torch.bitwise_and(packed, 0x0F, out=nibbles))
