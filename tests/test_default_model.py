@@ -55,7 +55,7 @@ def test_a_copy_of_the_bundled_file_is_not_called_bundled(tmp_path, capsys):
 
 
 def test_recipe_without_any_mmdit_stage_or_init_is_one_argument_error(tmp_path):
-    script = Path(__file__).parents[1] / "scripts" / "train_default_model.py"
+    script = Path(__file__).parents[1] / "scripts" / "train_one_stage.py"
     run = subprocess.run(
         [sys.executable, str(script), "--out", str(tmp_path / "run"), "--steps", "0"],
         capture_output=True, text=True, timeout=120,
@@ -98,7 +98,7 @@ def test_reinit_mmdit_keeps_the_init_files_encoders_and_vae(tmp_path):
     and its MMDiT is a fresh one of --hidden/--depth; without --init it is one argument error."""
     from safetensors.torch import load_file
 
-    script = Path(__file__).parents[1] / "scripts" / "train_default_model.py"
+    script = Path(__file__).parents[1] / "scripts" / "train_one_stage.py"
     run = subprocess.run(
         [sys.executable, str(script), "--out", str(tmp_path / "no"), "--reinit-mmdit"],
         capture_output=True, text=True, timeout=120,

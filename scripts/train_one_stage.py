@@ -1,7 +1,10 @@
-"""Train the bundled default model: a small model in the full SD3.5 architecture, on the procedural
-shapes dataset, on a CPU, with sd3's own trainer.
+"""Train one stage of the bundled default model (the recipe's first form, and the continuations
+of its history with `--init`): a small model in the full SD3.5 architecture, on the procedural
+shapes dataset, on a CPU, with sd3's own trainer. The whole recipe, every stage in one command, is
+`scripts/train_default_model.py` (docs/default-model-recipe.md); the commands in
+docs/default-model.md's history ran this script under that name.
 
-    python scripts/train_default_model.py --out runs/default
+    python scripts/train_one_stage.py --out runs/one
 
 Stages (each resumable by re-running the same command):
 1. the 16-channel VAE, trained on shape scenes (reconstruction + small KL), its latents then scaled
@@ -51,28 +54,21 @@ from sd3.checkpoints import load_component, open_file
 from sd3.kernels.hardware import cpu_has_bf16
 from sd3.models.mmdit import MMDiT
 from sd3.models.vae import AutoEncoder
-from sd3.presets import PRESET_METADATA, preset_for
+from sd3.presets import preset_for
 from sd3.shapes.autoencoder import fit_latent_format, train_autoencoder
+from sd3.shapes.bundled import CLIP_POSITIONS, HIRES, SIZE, T5_LENGTH, export, model_family
 from sd3.shapes.scenes import ShapesDataset, heldout_prompts
 from sd3.shapes.text_pretraining import pretrain_text_encoders, swap_cosine
 from sd3.text import TextEncoders
 from sd3.training.checkpoint import save_atomic
 from sd3.training.command import mix_argument
 from sd3.training.data import cached_latents, check_pairs
-from sd3.training.export import export_single_file
 from sd3.training.flow import SAMPLINGS
-from sd3.training.fresh import FamilyConfig, family_config, fresh_text_encoders, init_mmdit
+from sd3.training.fresh import FamilyConfig, fresh_text_encoders, init_mmdit
 from sd3.training.trainer import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_EXPORT = ROOT / "src" / "sd3" / "assets" / "default" / "sd3_shapes.safetensors"
-
-SIZE = 64  # pre-training image size: latents 8x8, 16 image tokens
-HIRES = 128  # fine-tuning and sampling size: latents 16x16, 64 image tokens
-T5_LENGTH = 24  # captions are short: the preset fixes the T5 length ...
-CLIP_POSITIONS = 24  # ... and the CLIP positions the model reads
-PRESET = {"name": "sd3 shapes", "steps": 20, "cfg": 2.0, "shift": 1.0, "sampler": "euler",
-          "size": HIRES, "t5_length": T5_LENGTH, "clip_length": CLIP_POSITIONS}  # fmt: skip
 
 
 class Stage(NamedTuple):
@@ -105,7 +101,7 @@ def main() -> int:
     args = parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     record = Record(args.out / "record.json", sys.argv)
-    family = model_family(args)
+    family = model_family(args.hidden, args.depth)
     data = ShapesDataset(size=SIZE, length=args.scenes, seed=args.data_seed, mix=args.mix)
     init = open_file(args.init) if args.init else None
 
@@ -220,15 +216,6 @@ def parse_args() -> argparse.Namespace:
     if args.data_seed is None:
         args.data_seed = args.seed
     return args
-
-
-def model_family(args: argparse.Namespace) -> FamilyConfig:
-    """64-wide CLIP-L, CLIP-G and T5; an MMDiT-X of --hidden and --depth (attn2 in its first half)
-    with a 16x16 positional table (128x128 images); a VAE of 32 channels, downsampling 8x."""
-    return family_config(
-        args.depth, args.hidden, pos=16, clip_l=64, clip_g=64, t5=64, vae_ch=32,
-        vae_mult=(1, 2, 2, 2), attn2_layers=tuple(range(args.depth // 2)),
-    )  # fmt: skip
 
 
 def autoencoder(
@@ -370,15 +357,6 @@ def loss_curve(log_file: Path, points: int = 40) -> list[list[float]]:
     every = max(1, len(log) // points)
     windows = [log[i : i + every] for i in range(0, len(log), every)][:points]
     return [[w[0]["step"], round(sum(e["loss"] for e in w) / len(w), 4)] for w in windows]
-
-
-def export(path: Path, components: dict[str, torch.nn.Module], size: int) -> None:
-    """The model in the official single-file layout, fp16, its preset (at `size`) in the metadata."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    export_single_file(
-        path, components, "fp16", {PRESET_METADATA: json.dumps({**PRESET, "size": size})}
-    )
-    print(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
 
 
 if __name__ == "__main__":
