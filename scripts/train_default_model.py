@@ -109,7 +109,7 @@ def mixed(n: int, steps: int, warmup: int, batch: int = 64, scenes: int = 32_000
 #   position-3..6                                              1,500   11.4 each
 #   mixed-3      32,000 scenes                                 1,500   25.8 (8 + 1 + 16.8)
 #   mixed-4..6   32,000 scenes each                            1,000   20.2 each
-#   total                                                             ~5.4 hours (326 min)
+#   total                                                             327 min (5.5 hours)
 # Every stage draws new scenes (its own seed); the 128x128 stages do because the chain found fresh
 # scenes, not a re-weighted mix, lifted the last 128x128 stage (0.863 against 0.814).
 STAGES = (
@@ -360,7 +360,7 @@ class Progress:
         self.budgets = [budget_minutes(s) for s in stages]
         self.offsets = np.cumsum([0.0] + [sum(b) for b in self.budgets]).tolist()
         self.bar = tqdm(
-            total=round(self.offsets[-1], 2), unit="min", dynamic_ncols=True,
+            total=self.offsets[-1], unit="min", dynamic_ncols=True,
             bar_format="{desc} {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} budgeted min "
             "[{elapsed}<{remaining}{postfix}]",
         )  # fmt: skip
