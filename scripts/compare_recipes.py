@@ -1,6 +1,6 @@
 """Two choices of the default-model recipe compared at the same training budget, scored alike.
 
-    python scripts/compare_recipes.py timestep-sampling [--steps 800]   (after train_default_model.py)
+    python scripts/compare_recipes.py timestep-sampling [--steps 800]   (after train_one_stage.py --out runs/one)
     python scripts/compare_recipes.py text-encoders [--steps 1500]
 
 - `timestep-sampling`: uniform vs logit-normal(0, 1) (SD3 paper, section 5.1, where logit-normal
@@ -11,7 +11,7 @@
 - `batch-size`: the bundled recipe (batch 64) vs batch 32 for twice the steps (the same images).
 - `learning-rate`: the bundled recipe (peak lr 5e-4) vs 1e-3.
 
-Each side runs `train_default_model.py` in `runs/compare_<side>_<steps>/` from the same VAE,
+Each side runs `train_one_stage.py` in `runs/compare_<side>_<steps>/` from the same VAE,
 latents (hard links to the default run's), seed and step count, with a full cosine schedule.
 Both are scored on the 224 held-out prompts: the flow loss of their perfectly rendered scenes at
 8 fixed noise levels (fixed noise; the mean estimates the loss under uniform t), and `sd3 eval`
@@ -69,7 +69,7 @@ def train(
             ["--base-steps", str(steps), "--steps", "0"] if size == 64 else ["--steps", str(steps)]
         )
         subprocess.run(
-            [sys.executable, str(ROOT / "scripts" / "train_default_model.py"), "--out", str(out),
+            [sys.executable, str(ROOT / "scripts" / "train_one_stage.py"), "--out", str(out),
              "--export", str(model), *budget, *recipe],
             check=True,
         )  # fmt: skip
@@ -97,8 +97,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("choice", choices=sorted(CHOICES))
     p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--base", type=Path, default=ROOT / "runs" / "default",
-                   help="the default-model run whose VAE and latents are reused")  # fmt: skip
+    p.add_argument("--base", type=Path, default=ROOT / "runs" / "one",
+                   help="the train_one_stage.py run whose VAE and latents are reused")  # fmt: skip
     args = p.parse_args()
     size, latents, sides = CHOICES[args.choice]
     results = {}

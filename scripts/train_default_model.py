@@ -1,384 +1,524 @@
-"""Train the bundled default model: a small model in the full SD3.5 architecture, on the procedural
-shapes dataset, on a CPU, with sd3's own trainer.
+"""Train the bundled default model from nothing, every stage of its recipe in one command: a small
+model in the full SD3.5 architecture, on the procedural shapes dataset, on a CPU, with sd3's own
+trainer.
 
     python scripts/train_default_model.py --out runs/default
 
-Stages (each resumable by re-running the same command):
-1. the 16-channel VAE, trained on shape scenes (reconstruction + small KL), its latents then scaled
-   to the MMDiT's latent format;
-2. CLIP-L, CLIP-G and T5 with the real tokenizers, small and frozen at their random initialisation
-   (every caption still gets a distinct, deterministic embedding; `--train-text-encoders` trains
-   them with the MMDiT instead, which `scripts/compare_recipes.py text-encoders` found to fit
-   better but bind colours worse on held-out prompts, docs/default-model.md). The model reads 24
-   CLIP positions and 24 T5 tokens (the longest caption is 17 CLIP / 22 T5 tokens): a 48-token
-   context instead of 77 + 32 makes a training step much faster, since at this size the context
-   stream costs more than the 64 image tokens.
-   `--pretrain-text-encoders STEPS` first trains them on the captions alone to state each
-   caption's structure (`sd3.shapes.text_pretraining`), then freezes them;
-3. an MMDiT-X (RMS qk-norm, attn2 in the first blocks) trained with the rectified-flow objective,
-   logit-normal timestep sampling and a compiled training step at 128x128 (16x16 latents, 64 image
-   tokens). At 64x64 the 8x latents leave a shape about one latent pixel wide: a VAE round trip of
-   perfectly drawn scenes scores only 0.86 on `sd3 eval` there, and 1.00 at 128x128. An optional
-   64x64 stage first (`--base-steps`, progressive resolution as in the SD3 paper) is off by
-   default: the whole budget goes to the sampling size. `--mirror-pairs` trains on each scene
-   next to its mirror image, whose caption names the relation's objects the other way round
-   (`sd3.shapes.scenes.mirror`), the two in one batch with the same noise and timestep
-   (`TrainConfig.paired`); `--pair-contrast W` weights what tells a pair apart more
-   (`sd3.shapes.objective`). `--init FILE --reinit-mmdit` keeps FILE's VAE and text
-   encoders and starts a fresh MMDiT on them. The EMA weights are exported in the official
-   single-file layout (fp16).
-
-Steps run under bf16 autocast where the CPU computes bf16 (AVX-512 BF16 or AMX), which keeps the
-recipe within its two-hour budget on 2 cores, and in fp32 elsewhere, which takes longer
-(docs/default-model.md has the times).
-
-The result goes to `--export` (by default the package's `assets/default/sd3_shapes.safetensors`),
-with a preset in its metadata, and the stage times and loss curve to `--out/record.json`.
+The stages (`STAGES`, below; docs/default-model-recipe.md says what each is for) are what the
+chain of runs in docs/default-model.md taught, in order: the text encoders pre-trained on the
+captions' structure and layout (`sd3.shapes.text_pretraining`), the VAE, then MMDiT stages, 64x64
+on position scenes alone alternating with 128x128 on the curriculum's caption mix, every one on
+new scenes. Each stage's seeds derive from `--seed` and its index, so a run is a function of its
+settings. Each stage writes its weights and then, atomically, a `done.json` marker in
+`--out/<stage>/`; re-running the same command (or with `--resume`) skips the stages done and
+continues an MMDiT stage at its trainer's last checkpoint (every 250 steps). Changed settings are
+refused. `--out/record.json` holds, per stage, its wall time, final loss, images/s and machine.
+The EMA weights go to `--export` (official single-file layout, fp16, the preset in its metadata).
 """
 
 import argparse
 import json
+import os
+import platform
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
+from tqdm import tqdm
 
 from sd3.checkpoints import load_component, open_file
-from sd3.kernels.hardware import cpu_has_bf16
+from sd3.kernels.hardware import cpu_flags, cpu_has_amx, cpu_has_bf16
 from sd3.models.mmdit import MMDiT
 from sd3.models.vae import AutoEncoder
-from sd3.presets import PRESET_METADATA, preset_for
 from sd3.shapes.autoencoder import fit_latent_format, train_autoencoder
-from sd3.shapes.scenes import ShapesDataset, heldout_prompts
-from sd3.shapes.text_pretraining import pretrain_text_encoders, swap_cosine
+from sd3.shapes.bundled import (
+    CLIP_POSITIONS,
+    CURRICULUM_MIX,
+    HIRES,
+    POSITION_MIX,
+    SIZE,
+    T5_LENGTH,
+    export,
+    model_family,
+)
+from sd3.shapes.scenes import ShapesDataset, heldout_prompts, parse_mix
+from sd3.shapes.text_pretraining import pretrain_text_encoders
 from sd3.text import TextEncoders
 from sd3.training.checkpoint import save_atomic
-from sd3.training.command import mix_argument
-from sd3.training.data import cached_latents, check_pairs
-from sd3.training.export import export_single_file
-from sd3.training.flow import SAMPLINGS
-from sd3.training.fresh import FamilyConfig, family_config, fresh_text_encoders, init_mmdit
+from sd3.training.data import cached_latents
+from sd3.training.fresh import fresh_text_encoders, init_mmdit
 from sd3.training.trainer import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_EXPORT = ROOT / "src" / "sd3" / "assets" / "default" / "sd3_shapes.safetensors"
-
-SIZE = 64  # pre-training image size: latents 8x8, 16 image tokens
-HIRES = 128  # fine-tuning and sampling size: latents 16x16, 64 image tokens
-T5_LENGTH = 24  # captions are short: the preset fixes the T5 length ...
-CLIP_POSITIONS = 24  # ... and the CLIP positions the model reads
-PRESET = {"name": "sd3 shapes", "steps": 20, "cfg": 2.0, "shift": 1.0, "sampler": "euler",
-          "size": HIRES, "t5_length": T5_LENGTH, "clip_length": CLIP_POSITIONS}  # fmt: skip
+DONE = "done.json"  # a stage's marker, written atomically once its weights are saved
 
 
-class Stage(NamedTuple):
-    """One MMDiT training stage: its image size, working folder, steps, peak lr and warm-up."""
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the recipe: `kind` "text" (pre-train the text encoders on `scenes` captions),
+    "vae" (train the autoencoder on `scenes` scenes at `size`) or "mmdit" (encode `scenes` new
+    scenes at `size` with the `mix` of caption kinds, then train the MMDiT on them)."""
 
     name: str
-    size: int
-    out: Path
+    kind: str
     steps: int
+    batch: int
+    scenes: int
     lr: float
-    warmup: int
+    size: int = 0
+    mix: str = ""
+    warmup: int = 0  # MMDiT: linear lr warm-up steps, then cosine to 0
+    logit_mean: float = 0.5  # MMDiT: logit-normal timestep sampling, more steps at high noise
+    heldout: int = 0  # text: about how many held-out prompts its report reads (0: all 224)
 
 
-class Record(dict):
-    """`--out/record.json`: the command (a re-run with other arguments keeps the earlier ones too),
-    stage times and loss curves."""
+def text(steps: int, batch: int = 256, captions: int = 20_000, heldout: int = 0) -> Stage:
+    """Text encoders pre-trained on the curriculum's captions (read-out of groups and layout)."""
+    return Stage("text", "text", steps, batch, captions, 1e-3, mix=CURRICULUM_MIX, heldout=heldout)
 
-    def __init__(self, path: Path, command: list[str]):
-        super().__init__(json.loads(path.read_text()) if path.is_file() else {})
-        self.path = path
-        if self.get("command", command) != command:
-            self.setdefault("earlier_commands", []).append(self["command"])
-        self["command"] = command
 
-    def save(self) -> None:
-        self.path.write_text(json.dumps(self, indent=1))
+def vae(steps: int, batch: int = 32, scenes: int = 20_000) -> Stage:
+    """The 16-channel VAE at 64x64 (the standard caption mix), then its latent format fitted."""
+    return Stage("vae", "vae", steps, batch, scenes, lr=1e-3, size=SIZE)
+
+
+def position(n: int, steps: int, warmup: int, batch: int = 64, scenes: int = 16_000) -> Stage:
+    """MMDiT at 64x64 on position scenes alone: it must relearn its grid, and learns order."""
+    return Stage(f"position-{n}", "mmdit", steps, batch, scenes, 5e-4, SIZE, POSITION_MIX, warmup)
+
+
+def mixed(n: int, steps: int, warmup: int, batch: int = 64, scenes: int = 32_000) -> Stage:
+    """MMDiT at 128x128 (the sampling size) on the curriculum's caption mix."""
+    return Stage(f"mixed-{n}", "mmdit", steps, batch, scenes, 5e-4, HIRES, CURRICULUM_MIX, warmup)
+
+
+# The recipe. Budget on 2 CPU cores with bf16 (`budget_minutes`, from the rates below; the
+# chain's own stages ran at these rates, docs/default-model.md):
+#   stage        what                                         steps   budget
+#   text         text encoders on 20,000 captions             2,000   15.0 min
+#   vae          VAE on 20,000 scenes, 64x64                     600   16.0
+#   position-1   16,000 position scenes, 64x64                 2,000   14.5 (1 latents + 1 + 12.5)
+#   mixed-1      40,000 scenes, 128x128                        7,500   95.2 (10 + 1 + 84.2)
+#   position-2   16,000 position scenes                        1,500   11.4 (1 + 1 + 9.4)
+#   mixed-2      32,000 scenes                                 3,000   42.7 (8 + 1 + 33.7)
+#   position-3..6                                              1,500   11.4 each
+#   mixed-3      32,000 scenes                                 1,500   25.8 (8 + 1 + 16.8)
+#   mixed-4..6   32,000 scenes each                            1,000   20.2 each
+#   total                                                             327 min (5.5 hours)
+# Every stage draws new scenes (its own seed); the 128x128 stages do because the chain found fresh
+# scenes, not a re-weighted mix, lifted the last 128x128 stage (0.863 against 0.814).
+STAGES = (
+    text(steps=2000),
+    vae(steps=600),
+    position(1, steps=2000, warmup=200),
+    mixed(1, steps=7500, warmup=200, scenes=40_000),
+    position(2, steps=1500, warmup=100),
+    mixed(2, steps=3000, warmup=200),
+    position(3, steps=1500, warmup=100),
+    mixed(3, steps=1500, warmup=100),
+    position(4, steps=1500, warmup=100),
+    mixed(4, steps=1000, warmup=100),
+    position(5, steps=1500, warmup=100),
+    mixed(5, steps=1000, warmup=100),
+    position(6, steps=1500, warmup=100),
+    mixed(6, steps=1000, warmup=100),
+)
+# `--quick`: the same kinds of stage in the same order, a few steps each on a few scenes (tests)
+QUICK = (
+    text(steps=2, batch=8, captions=32, heldout=8),
+    vae(steps=1, batch=2, scenes=4),
+    position(1, steps=2, warmup=1, batch=4, scenes=8),
+    mixed(1, steps=3, warmup=1, batch=4, scenes=8),
+    position(2, steps=2, warmup=1, batch=4, scenes=8),
+    mixed(2, steps=2, warmup=1, batch=4, scenes=8),
+)
+
+# Rates for the budget, 2 cores with bf16 (docs/default-model.md's stage table)
+IMAGES_PER_S = {SIZE: 170, HIRES: 95}  # MMDiT training, compiled, batch 64
+SCENES_PER_MIN = {SIZE: 16_000, HIRES: 4_000}  # scenes rendered and encoded to latents
+TEXT_STEP_S = 0.45  # text pre-training, batch 256
+VAE_STEP_S = 1.6  # VAE, batch 32 at 64x64
+MMDIT_START_MIN = 1.0  # per MMDiT stage: compiling the step, encoding the captions
+
+
+def budget_minutes(stage: Stage) -> tuple[float, float]:
+    """(minutes preparing, minutes training) that `stage` is budgeted at the rates above."""
+    if stage.kind == "text":
+        return 0.0, stage.steps * TEXT_STEP_S * stage.batch / 256 / 60
+    if stage.kind == "vae":
+        return 0.0, stage.steps * VAE_STEP_S * stage.batch / 32 / 60
+    prepare = stage.scenes / SCENES_PER_MIN[stage.size] + MMDIT_START_MIN
+    return prepare, stage.steps * stage.batch / IMAGES_PER_S[stage.size] / 60
+
+
+def what(stage: Stage) -> str:
+    """A stage in words, for the budget table."""
+    if stage.kind == "text":
+        return f"text encoders on {stage.scenes:,} captions' structure and layout"
+    if stage.kind == "vae":
+        return f"VAE on {stage.scenes:,} scenes at {stage.size}x{stage.size}"
+    kinds = "position scenes" if stage.mix == POSITION_MIX else "scenes, curriculum mix"
+    return f"MMDiT, {stage.scenes:,} new {kinds} at {stage.size}x{stage.size}"
+
+
+def stage_seed(seed: int, index: int) -> int:
+    """The seed of stage `index`'s scenes and training: a function of the recipe's seed and the
+    index only, decorrelated across both."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
 def main() -> int:
     args = parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    record = Record(args.out / "record.json", sys.argv)
-    family = model_family(args)
-    data = ShapesDataset(size=SIZE, length=args.scenes, seed=args.data_seed, mix=args.mix)
-    init = open_file(args.init) if args.init else None
-
-    # 1. the autoencoder
-    vae = autoencoder(args, family, data, init, record)
-    # 2. the text encoders (and the MMDiT), fresh or --init's; frozen at random init, or
-    # pre-trained on the captions' structure
-    encoders, model = fresh_networks(args, family)
-    text = TextEncoders(
-        encoders["clip_l"], encoders["clip_g"], encoders["t5xxl"],
-        context_width=model.config.context_dim, t5_length=T5_LENGTH, clip_length=CLIP_POSITIONS,
-    )  # fmt: skip
-    if init is not None:
-        kept = encoders if args.reinit_mmdit else {"mmdit": model, **encoders}
-        for name, m in kept.items():
-            m.load_state_dict(load_component(init[name]).state_dict())
-    if args.pretrain_text_encoders:
-        pretrained_text(args.out / "text_encoders.safetensors", text, encoders, args, record)
-        record.save()
-    # 3. the MMDiT, at 64x64 first if --base-steps, then at 128x128
-    stages = mmdit_stages(args)
-    for stage in stages:
-        if not train_stage(stage, args, model, encoders, text, vae, record):
-            return 130
-    record["mmdit_params"] = sum(p.numel() for p in model.parameters())
-    record.save()
-    # 4. export: EMA weights, fp16, official layout, with the preset (its size is that of the last
-    # stage, or the --init file's where no stage ran, e.g. to pre-train only the text encoders)
-    size = (
-        stages[-1].size
-        if stages
-        else preset_for(model.config, metadata=init["mmdit"].metadata).size
-    )
-    export(args.export, {"mmdit": model, "vae": vae, **encoders}, size)
+    stages = QUICK if args.quick else STAGES
+    if args.init:  # the file brings the text encoders and the VAE
+        stages = tuple(s for s in stages if s.kind == "mmdit")
+    if args.stop_after is not None and args.stop_after not in {s.name for s in stages}:
+        names = ", ".join(s.name for s in stages)
+        print(f"error: --stop-after {args.stop_after}: no such stage ({names})", file=sys.stderr)
+        return 2
+    settings = {
+        "seed": args.seed, "quick": args.quick, "hidden": args.hidden, "depth": args.depth,
+        "fp32": args.fp32 or args.quick, "init": str(args.init) if args.init else None,
+        "reinit_mmdit": args.reinit_mmdit, "stages": [asdict(s) for s in stages],
+    }  # fmt: skip
+    problem = check_recipe(args.out, settings, args.resume)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    print_budget(stages)
+    run = Run(args, settings)
+    progress = Progress(stages)
+    try:
+        for index, stage in enumerate(stages):
+            folder = args.out / stage.name
+            progress.begin(index, stage)
+            if (folder / DONE).is_file():
+                run.load(stage, folder)
+            else:
+                folder.mkdir(parents=True, exist_ok=True)
+                started = time.perf_counter()
+                result = TRAIN[stage.kind](
+                    stage, stage_seed(args.seed, index), folder, run, progress
+                )
+                if result is None:  # Ctrl-C: the trainer saved its checkpoint
+                    print(f"stopped in stage {stage.name}; re-run the same command to continue",
+                          file=sys.stderr)  # fmt: skip
+                    return 130
+                seconds = time.perf_counter() - started + result.pop("earlier_seconds", 0.0)
+                record = {"stage": stage.name, "index": index, "kind": stage.kind,
+                          "what": what(stage), "steps": stage.steps,
+                          "budget_minutes": round(sum(budget_minutes(stage)), 1),
+                          "seconds": round(seconds, 1), **result,
+                          "precision": "bf16" if run.bf16 else "fp32", "machine": machine()}  # fmt: skip
+                write_json(folder / DONE, record)
+                write_record(args.out, stages)
+            progress.end(index)
+            if stage.name == args.stop_after:
+                print(f"stopped after stage {stage.name} (--stop-after)", file=sys.stderr)
+                return 0
+    finally:
+        progress.close()
+    size = next(s.size for s in reversed(stages) if s.kind == "mmdit")
+    export(args.export, {"mmdit": run.mmdit, "vae": run.vae, **run.encoders}, size)
     return 0
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="working folder (checkpoints, logs)")
-    p.add_argument("--export", type=Path, default=DEFAULT_EXPORT)
-    p.add_argument("--scenes", type=int, default=40_000, help="training scenes")
-    p.add_argument("--vae-steps", type=int, default=1500)
-    p.add_argument("--base-steps", type=int, default=0, help="MMDiT steps at 64x64 first")
-    p.add_argument("--steps", type=int, default=7000, help="MMDiT optimizer steps at 128x128")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--hidden", type=int, default=192)
-    p.add_argument("--depth", type=int, default=6)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--warmup", type=int, default=200, help="lr warm-up steps")
-    p.add_argument("--timestep-sampling", default="logit_normal", choices=SAMPLINGS)
-    p.add_argument(
-        "--logit-mean", type=float, default=0.0,
-        help="logit-normal mean: above 0 spends more steps at high noise, where layout forms",
-    )  # fmt: skip
-    p.add_argument(
-        "--train-text-encoders", action="store_true",
-        help="train CLIP-L, CLIP-G and T5 with the MMDiT instead of freezing them at random init",
-    )  # fmt: skip
-    p.add_argument(
-        "--text-encoder-lr", type=float,
-        help="their peak learning rate with --train-text-encoders (default: --lr)",
-    )  # fmt: skip
-    p.add_argument(
-        "--pretrain-text-encoders", type=int, default=0, metavar="STEPS",
-        help="first train the frozen text encoders this many steps on the captions' structure "
-        "(sd3.shapes.text_pretraining), then freeze them for the MMDiT",
-    )  # fmt: skip
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--init", type=Path,
-        help="continue from an exported model (e.g. the bundled one): its VAE, frozen text encoders "
-        "and MMDiT weights replace the fresh ones, and stage 1 is skipped",
-    )  # fmt: skip
-    p.add_argument(
-        "--reinit-mmdit", action="store_true",
-        help="with --init: take its VAE and text encoders but start a fresh MMDiT (of --hidden and "
-        "--depth), e.g. to test what the encoders let an MMDiT learn from scratch",
-    )  # fmt: skip
-    p.add_argument("--data-seed", type=int, help="seed of the training scenes (default: --seed)")
-    p.add_argument(
-        "--mix", type=mix_argument, metavar="KIND=W,...",
-        help="shares of the caption kinds (single, counting, pair, position, group); default "
-        "20/20/20/25/15 percent",
-    )  # fmt: skip
-    p.add_argument(
-        "--mirror-pairs", action="store_true",
-        help="train on scenes next to their mirror images (a relation's objects swapped in image "
-        "and caption), each pair in one batch with the same noise and timestep",
-    )  # fmt: skip
-    p.add_argument(
-        "--pair-contrast", type=float, default=0.0, metavar="W",
-        help="with --mirror-pairs: extra weight on the difference of a pair's errors (flow_loss)",
-    )  # fmt: skip
+    p.add_argument("--out", type=Path, required=True, help="working folder (stages, record.json)")
+    p.add_argument("--export", type=Path, default=DEFAULT_EXPORT, help="the exported model")
+    p.add_argument("--seed", type=int, default=0, help="the recipe's seed (every stage's derives)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out (re-running the same command does too), or "
+                   "fail if there is none")  # fmt: skip
+    p.add_argument("--stop-after", metavar="STAGE", help="stop after this stage (no export)")
+    p.add_argument("--quick", action="store_true",
+                   help="a few steps per stage on a few scenes, fp32, eager (tests)")  # fmt: skip
+    p.add_argument("--fp32", action="store_true",
+                   help="train in fp32 even where the CPU computes bf16 (slower)")  # fmt: skip
+    p.add_argument("--hidden", type=int, help="MMDiT width (default 192, --quick 64)")
+    p.add_argument("--depth", type=int, help="MMDiT depth (default 6, --quick 2)")
+    p.add_argument("--init", type=Path,
+                   help="an exported model whose text encoders, VAE and MMDiT replace the fresh "
+                   "ones: only the MMDiT stages run")  # fmt: skip
+    p.add_argument("--reinit-mmdit", action="store_true",
+                   help="with --init: keep its text encoders and VAE, start a fresh MMDiT")  # fmt: skip
     args = p.parse_args()
-    if args.pair_contrast and not args.mirror_pairs:
-        p.error("--pair-contrast needs --mirror-pairs")
-    if args.mirror_pairs:
-        try:
-            check_pairs(
-                "--mirror-pairs needs", {"--scenes": args.scenes, "--batch-size": args.batch_size}
-            )
-        except ValueError as e:
-            p.error(str(e))
     if args.reinit_mmdit and not args.init:
         p.error("--reinit-mmdit needs --init (the file whose VAE and text encoders to keep)")
-    if args.pretrain_text_encoders < 0:
-        p.error(f"--pretrain-text-encoders must be >= 0 steps, got {args.pretrain_text_encoders}")
-    if not (args.steps or args.base_steps or (args.init and not args.reinit_mmdit)):
-        p.error("--steps and --base-steps are both 0 and there is no --init (or --reinit-mmdit "
-                "discards its MMDiT): nothing would train or load the MMDiT")  # fmt: skip
-    if args.data_seed is None:
-        args.data_seed = args.seed
+    if args.seed < 0:
+        p.error(f"--seed must be >= 0, got {args.seed}")
+    args.hidden = args.hidden or (64 if args.quick else 192)
+    args.depth = args.depth or (2 if args.quick else 6)
     return args
 
 
-def model_family(args: argparse.Namespace) -> FamilyConfig:
-    """64-wide CLIP-L, CLIP-G and T5; an MMDiT-X of --hidden and --depth (attn2 in its first half)
-    with a 16x16 positional table (128x128 images); a VAE of 32 channels, downsampling 8x."""
-    return family_config(
-        args.depth, args.hidden, pos=16, clip_l=64, clip_g=64, t5=64, vae_ch=32,
-        vae_mult=(1, 2, 2, 2), attn2_layers=tuple(range(args.depth // 2)),
-    )  # fmt: skip
+def check_recipe(out: Path, settings: dict, resume: bool) -> str | None:
+    """Write the settings to `out/recipe.json` on a first run; on a later one, the first setting
+    that differs from the file's (in words), or None if all match."""
+    path = out / "recipe.json"
+    if not path.is_file():
+        if resume:
+            return f"--resume: {out} holds no run to continue (no recipe.json)"
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(path, settings)
+        return None
+    before = json.loads(path.read_text())
+    for key in settings:
+        if key == "stages":
+            continue
+        if before.get(key) != settings[key]:
+            return (f"{out} holds a run with {key}={before.get(key)!r}, this command has "
+                    f"{key}={settings[key]!r}: use the same settings to continue it, or another --out")  # fmt: skip
+    old, new = before["stages"], settings["stages"]
+    for i in range(max(len(old), len(new))):
+        a, b = (old[i] if i < len(old) else None), (new[i] if i < len(new) else None)
+        if a != b:
+            changed = (next(k for k in a if a[k] != b.get(k)) if a and b and a["name"] == b["name"]
+                       else "name")  # fmt: skip
+            return (f"{out} holds a run whose stage {i + 1} has {changed}="
+                    f"{(a or {}).get(changed)!r}, the recipe now has {(b or {}).get(changed)!r}: "
+                    "continue it with the script it started with, or use another --out")  # fmt: skip
+    return None
 
 
-def autoencoder(
-    args: argparse.Namespace, family: FamilyConfig, data: ShapesDataset, init, record: Record
-) -> AutoEncoder:
-    """The VAE: the --init file's, or trained on the scenes (cached in --out/vae.safetensors),
-    frozen."""
-    vae_file = args.out / "vae.safetensors"
-    vae = AutoEncoder(family.vae)
-    if init is not None:
-        vae.load_state_dict(load_component(init["vae"]).state_dict())
-    elif vae_file.is_file():
-        vae.load_state_dict(load_file(str(vae_file)))
-    else:
-        started = time.perf_counter()
-        losses = train_autoencoder(
-            vae, data, steps=args.vae_steps, batch_size=32, lr=1e-3, seed=args.seed
-        )
-        images = torch.stack([data[i][0] for i in range(512)])
-        fit_latent_format(vae, images)
-        save_atomic(vae_file, {k: v.contiguous() for k, v in vae.state_dict().items()})
-        record["vae"] = {"seconds": round(time.perf_counter() - started), "steps": args.vae_steps,
-                         "loss_first": losses[0], "loss_last_100": sum(losses[-100:]) / 100}  # fmt: skip
-        record.save()
-    return vae.eval().requires_grad_(False)
-
-
-def fresh_networks(
-    args: argparse.Namespace, family: FamilyConfig
-) -> tuple[dict[str, torch.nn.Module], MMDiT]:
-    """The text encoders (seeded --seed + 1) and the MMDiT (--seed + 2), freshly initialised."""
-    torch.manual_seed(args.seed + 1)
-    encoders = fresh_text_encoders(family)
-    torch.manual_seed(args.seed + 2)
-    return encoders, init_mmdit(MMDiT(family.mmdit))
-
-
-def pretrained_text(
-    path: Path, text: TextEncoders, encoders: dict, args: argparse.Namespace, record: Record
-) -> None:
-    """The text encoders after `--pretrain-text-encoders` steps, cached in `path`."""
-    if path.is_file():
-        weights = load_file(str(path))
-        for name, m in encoders.items():
-            m.load_state_dict({k.removeprefix(f"{name}."): v for k, v in weights.items()
-                               if k.startswith(f"{name}.")})  # fmt: skip
-        return
-    started = time.perf_counter()
-    heldout = [p.text for p in heldout_prompts()]
-    before = swap_cosine(text, heldout)
-    report = pretrain_text_encoders(
-        text, args.pretrain_text_encoders, heldout, mix=args.mix, seed=args.seed
+def print_budget(stages: tuple[Stage, ...]) -> None:
+    """The per-stage time budget, up front."""
+    rows = [(f"{i + 1}. {s.name}", what(s), f"{s.steps:,}", sum(budget_minutes(s)))
+            for i, s in enumerate(stages)]  # fmt: skip
+    total = sum(r[3] for r in rows)
+    width = max(len(r[1]) for r in rows)
+    lines = [f"{'stage':14} {'what':{width}} {'steps':>6} {'budget':>9}"]
+    lines += [f"{a:14} {b:{width}} {c:>6} {d:7.1f} m" for a, b, c, d in rows]
+    lines.append(
+        f"{'total':14} {'':{width}} {'':>6} {total:7.1f} m ({total / 60:.1f} h, 2 cores bf16)"
     )
-    weights = {
-        f"{n}.{k}": v.contiguous() for n, m in encoders.items() for k, v in m.state_dict().items()
+    print("\n".join(lines), file=sys.stderr)
+
+
+class Run:
+    """The networks the stages train, fresh from the recipe's seed (or --init's), and where the
+    recipe trains them (bf16 or fp32, compiled or eager)."""
+
+    def __init__(self, args: argparse.Namespace, settings: dict):
+        family = model_family(args.hidden, args.depth)
+        self.bf16 = cpu_has_bf16() and not settings["fp32"]
+        self.compile = not args.quick
+        torch.manual_seed(args.seed)
+        self.vae = AutoEncoder(family.vae)
+        torch.manual_seed(args.seed + 1)
+        self.encoders = fresh_text_encoders(family)
+        torch.manual_seed(args.seed + 2)
+        self.mmdit = init_mmdit(MMDiT(family.mmdit))
+        if args.init:
+            init = open_file(args.init)
+            kept = {"vae": self.vae, **self.encoders}
+            if not args.reinit_mmdit:
+                kept["mmdit"] = self.mmdit
+            for name, m in kept.items():
+                m.load_state_dict(load_component(init[name]).state_dict())
+        self.text = TextEncoders(
+            self.encoders["clip_l"], self.encoders["clip_g"], self.encoders["t5xxl"],
+            context_width=self.mmdit.config.context_dim, t5_length=T5_LENGTH,
+            clip_length=CLIP_POSITIONS,
+        )  # fmt: skip
+        self.freeze()
+
+    def freeze(self) -> None:
+        for m in [self.vae, *self.encoders.values()]:
+            m.eval().requires_grad_(False)
+
+    def load(self, stage: Stage, folder: Path) -> None:
+        """The weights a finished stage left, in place of the fresh (or earlier) ones."""
+        weights = load_file(str(folder / OUTPUT[stage.kind]))
+        if stage.kind == "text":
+            for name, m in self.encoders.items():
+                m.load_state_dict({k.removeprefix(f"{name}."): v for k, v in weights.items()
+                                   if k.startswith(f"{name}.")})  # fmt: skip
+        else:
+            (self.vae if stage.kind == "vae" else self.mmdit).load_state_dict(weights)
+        self.freeze()
+
+
+OUTPUT = {
+    "text": "text_encoders.safetensors",
+    "vae": "vae.safetensors",
+    "mmdit": "mmdit.safetensors",
+}
+
+
+class Progress:
+    """One bar for the whole run, in budgeted minutes: each stage moves it across its share."""
+
+    def __init__(self, stages: tuple[Stage, ...]):
+        self.stages = stages
+        self.budgets = [budget_minutes(s) for s in stages]
+        self.offsets = np.cumsum([0.0] + [sum(b) for b in self.budgets]).tolist()
+        self.bar = tqdm(
+            total=self.offsets[-1], unit="min", dynamic_ncols=True,
+            bar_format="{desc} {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} budgeted min "
+            "[{elapsed}<{remaining}{postfix}]",
+        )  # fmt: skip
+        self.index = 0
+
+    def begin(self, index: int, stage: Stage) -> None:
+        self.index = index
+        self.bar.set_description(f"stage {index + 1}/{len(self.stages)} {stage.name}")
+
+    def at(self, part: str, fraction: float) -> None:
+        """Move to `fraction` of this stage's "prepare" or "train" part."""
+        prepare, train = self.budgets[self.index]
+        done = prepare * fraction if part == "prepare" else prepare + train * fraction
+        self._to(self.offsets[self.index] + done)
+
+    def training(self, steps: int):
+        """An `on_step(step, loss)` callback that moves the bar through the training part."""
+
+        def on_step(step: int, loss: float) -> None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            self.at("train", step / steps)
+
+        return on_step
+
+    def end(self, index: int) -> None:
+        self._to(self.offsets[index + 1])
+
+    def _to(self, n: float) -> None:
+        self.bar.update(min(n, self.offsets[-1]) - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def train_text(stage: Stage, seed: int, folder: Path, run: Run, progress: Progress) -> dict:
+    """Pre-train the text encoders on the captions' structure, then freeze them."""
+    heldout = [p.text for p in heldout_prompts()]
+    if stage.heldout:  # evenly spaced, so every category is read
+        heldout = heldout[:: max(1, len(heldout) // stage.heldout)]
+    started = time.perf_counter()
+    report = pretrain_text_encoders(
+        run.text, stage.steps, heldout, batch_size=stage.batch, lr=stage.lr,
+        mix=parse_mix(stage.mix), pool=stage.scenes, seed=seed, progress=False,
+        on_step=progress.training(stage.steps),
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+    weights = {f"{n}.{k}": v.contiguous() for n, m in run.encoders.items()
+               for k, v in m.state_dict().items()}  # fmt: skip
+    save_atomic(folder / OUTPUT["text"], weights)
+    run.freeze()
+    return {"loss": round(report.loss_last, 5), "images_per_s": None,  # captions, no images
+            "captions_per_s": round(stage.steps * stage.batch / seconds, 1),
+            "text_pretraining": asdict(report)}  # fmt: skip
+
+
+def train_vae(stage: Stage, seed: int, folder: Path, run: Run, progress: Progress) -> dict:
+    """Train the VAE on scenes, then fit its latents to the MMDiT's latent format."""
+    data = ShapesDataset(stage.size, stage.scenes, seed)
+    started = time.perf_counter()
+    losses = train_autoencoder(
+        run.vae, data, stage.steps, batch_size=stage.batch, lr=stage.lr, seed=seed, bf16=run.bf16,
+        progress=False, on_step=progress.training(stage.steps),
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+    fit_latent_format(run.vae, torch.stack([data[i][0] for i in range(min(512, len(data)))]))
+    save_atomic(
+        folder / OUTPUT["vae"], {k: v.contiguous() for k, v in run.vae.state_dict().items()}
+    )
+    run.freeze()
+    return {
+        "loss": last_tenth(losses),
+        "images_per_s": round(stage.steps * stage.batch / seconds, 1),
     }
-    save_atomic(path, weights)
-    record["text_pretraining"] = {
-        **asdict(report), "swap_cosine_before": before,
-        "seconds": round(time.perf_counter() - started),
-    }  # fmt: skip
 
 
-def mmdit_stages(args: argparse.Namespace) -> list[Stage]:
-    """--base-steps at 64x64 in --out, then --steps at 128x128 in --out/hires (at half the peak lr
-    and warm-up after a 64x64 stage); stages of 0 steps are left out."""
-    stages = [
-        Stage("base", SIZE, args.out, args.base_steps, args.lr, args.warmup),
-        Stage("hires", HIRES, args.out / "hires", args.steps, args.lr / 2, args.warmup // 2)
-        if args.base_steps
-        else Stage("hires", HIRES, args.out / "hires", args.steps, args.lr, args.warmup),
-    ]
-    return [stage for stage in stages if stage.steps > 0]  # --steps 0: 64x64 only
+def train_mmdit(stage: Stage, seed: int, folder: Path, run: Run, progress: Progress) -> dict | None:
+    """Encode the stage's new scenes, then train (or continue) the MMDiT on them; the networks
+    then hold its EMA weights, where the next stage starts. None if stopped early (Ctrl-C)."""
+    data = ShapesDataset(stage.size, stage.scenes, seed, parse_mix(stage.mix))
+    encoded = [0]
 
+    def on_encoded(n: int) -> None:
+        encoded[0] += n
+        progress.at("prepare", encoded[0] / stage.scenes)
 
-def train_stage(
-    stage: Stage,
-    args: argparse.Namespace,
-    model: MMDiT,
-    encoders: dict[str, torch.nn.Module],
-    text: TextEncoders,
-    vae: AutoEncoder,
-    record: Record,
-) -> bool:
-    """Train (or resume) one stage on the latents of its scenes; on success the networks hold its
-    EMA weights (where the next stage starts). False if it stopped early (Ctrl-C)."""
-    name, size, out, steps, lr, warmup = stage
-    out.mkdir(parents=True, exist_ok=True)
-    data = ShapesDataset(size, args.scenes, args.data_seed, args.mix, args.mirror_pairs)
-    latents, captions = scene_latents(
-        out / "latents.safetensors", data, vae, record, f"{name}_latents_seconds"
+    key = {
+        "seed": str(seed),
+        "size": str(stage.size),
+        "scenes": str(stage.scenes),
+        "mix": stage.mix,
+    }
+    latents, captions = cached_latents(
+        folder / "latents.safetensors", data, run.vae, key, batch_size=32, on_encoded=on_encoded
     )
     config = TrainConfig(
-        steps=steps, batch_size=args.batch_size, lr=lr, lr_schedule="cosine", warmup_steps=warmup,
-        timestep_sampling=args.timestep_sampling, logit_mean=args.logit_mean, ema_decay=0.999,
-        grad_clip=1.0, text_dropout=0.1,
-        bf16=cpu_has_bf16(), compile=True, checkpoint_every=250, seed=args.seed,
-        train_text_encoders=args.train_text_encoders, text_encoder_lr=args.text_encoder_lr,
-        paired=args.mirror_pairs, pair_contrast=args.pair_contrast,
+        steps=stage.steps, batch_size=stage.batch, lr=stage.lr, lr_schedule="cosine",
+        warmup_steps=stage.warmup, timestep_sampling="logit_normal", logit_mean=stage.logit_mean,
+        ema_decay=0.999, grad_clip=1.0, text_dropout=0.1, bf16=run.bf16, compile=run.compile,
+        checkpoint_every=250, seed=seed,
     )  # fmt: skip
-    trainer = Trainer(config, model, text, latents, captions, out, metadata={"recipe": sys.argv})
+    trainer = Trainer(config, run.mmdit, run.text, latents, captions, folder,
+                      metadata={"stage": stage.name}, progress=False)  # fmt: skip
     if trainer.checkpoint_path.is_file():
         trainer.resume()
+    partial = folder / "partial.json"  # the seconds of earlier, interrupted tries
+    earlier = json.loads(partial.read_text())["seconds"] if partial.is_file() else 0.0
     started = time.perf_counter()
-    step = trainer.train()
-    record[f"{name}_mmdit_seconds"] = record.get(f"{name}_mmdit_seconds", 0) + round(
-        time.perf_counter() - started
-    )
-    if step < config.steps:
-        print(f"stopped at step {step}; re-run the same command to continue", file=sys.stderr)
-        record.save()
-        return False
-    record[f"{name}_loss_curve"] = loss_curve(out / "log.jsonl")
-    record.save()
-    trained = [model, *encoders.values()]
-    with trainer.ema_weights():  # the next stage starts from this one's EMA weights
-        ema = [{k: v.clone() for k, v in m.state_dict().items()} for m in trained]
-    for m, weights in zip(trained, ema, strict=True):
-        m.load_state_dict(weights)
-    return True
+    step = trainer.train(on_step=progress.training(stage.steps))
+    if step < stage.steps:
+        write_json(partial, {"seconds": earlier + time.perf_counter() - started})
+        return None
+    with trainer.ema_weights():
+        weights = {k: v.detach().clone().contiguous() for k, v in run.mmdit.state_dict().items()}
+    run.mmdit.load_state_dict(weights)
+    save_atomic(folder / OUTPUT["mmdit"], weights)
+    log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    return {"loss": last_tenth([e["loss"] for e in log]),
+            "images_per_s": round(float(np.median([e["images_per_s"] for e in log])), 1),
+            "earlier_seconds": earlier}  # fmt: skip
 
 
-def scene_latents(
-    path: Path, data: ShapesDataset, vae: AutoEncoder, record: Record, key: str
-) -> tuple[torch.Tensor, list[str]]:
-    """The VAE latents and captions of every scene, cached in `path` (the seconds it took to encode
-    them in record[key])."""
-    started, cached = time.perf_counter(), path.is_file()
-    progress = {"desc": f"encoding {data.size}px scenes", "unit": "scene"}
-    latents, captions = cached_latents(path, data, vae, batch_size=32, progress=progress)
-    if not cached:
-        record[key] = round(time.perf_counter() - started)
-    return latents, captions
+TRAIN = {"text": train_text, "vae": train_vae, "mmdit": train_mmdit}
 
 
-def loss_curve(log_file: Path, points: int = 40) -> list[list[float]]:
-    """[step, mean loss] at `points` evenly spaced windows of the trainer's loss log."""
-    log = [json.loads(line) for line in log_file.read_text().splitlines()]
-    every = max(1, len(log) // points)
-    windows = [log[i : i + every] for i in range(0, len(log), every)][:points]
-    return [[w[0]["step"], round(sum(e["loss"] for e in w) / len(w), 4)] for w in windows]
+def last_tenth(losses: list[float]) -> float:
+    """The final loss: the mean of the last 10% of steps."""
+    tail = losses[-max(1, len(losses) // 10) :]
+    return round(sum(tail) / len(tail), 5)
 
 
-def export(path: Path, components: dict[str, torch.nn.Module], size: int) -> None:
-    """The model in the official single-file layout, fp16, its preset (at `size`) in the metadata."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    export_single_file(
-        path, components, "fp16", {PRESET_METADATA: json.dumps({**PRESET, "size": size})}
-    )
-    print(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
+def machine() -> dict:
+    """What ran a stage: the CPU's model name, what it computes natively, torch and its threads."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+        name = next(
+            line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return {"cpu": name, "bf16": cpu_has_bf16(), "amx": cpu_has_amx(), "avx2": "avx2" in cpu_flags(),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}  # fmt: skip
+
+
+def write_record(out: Path, stages: tuple[Stage, ...]) -> None:
+    """`out/record.json`: the command and one record per finished stage, in recipe order."""
+    done = [out / s.name / DONE for s in stages]
+    record = {
+        "command": sys.argv,
+        "stages": [json.loads(p.read_text()) for p in done if p.is_file()],
+    }
+    write_json(out / "record.json", record)
+
+
+def write_json(path: Path, value: dict) -> None:
+    """Replace `path` in one step: a kill leaves the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(value, indent=1, allow_nan=False))
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

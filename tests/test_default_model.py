@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from sd3.checkpoints import find_components, infer_config
@@ -55,7 +56,7 @@ def test_a_copy_of_the_bundled_file_is_not_called_bundled(tmp_path, capsys):
 
 
 def test_recipe_without_any_mmdit_stage_or_init_is_one_argument_error(tmp_path):
-    script = Path(__file__).parents[1] / "scripts" / "train_default_model.py"
+    script = Path(__file__).parents[1] / "scripts" / "train_one_stage.py"
     run = subprocess.run(
         [sys.executable, str(script), "--out", str(tmp_path / "run"), "--steps", "0"],
         capture_output=True, text=True, timeout=120,
@@ -98,7 +99,7 @@ def test_reinit_mmdit_keeps_the_init_files_encoders_and_vae(tmp_path):
     and its MMDiT is a fresh one of --hidden/--depth; without --init it is one argument error."""
     from safetensors.torch import load_file
 
-    script = Path(__file__).parents[1] / "scripts" / "train_default_model.py"
+    script = Path(__file__).parents[1] / "scripts" / "train_one_stage.py"
     run = subprocess.run(
         [sys.executable, str(script), "--out", str(tmp_path / "no"), "--reinit-mmdit"],
         capture_output=True, text=True, timeout=120,
@@ -127,3 +128,56 @@ def test_relation_order_probe_size_must_fit_the_latent_grid():
     )
     assert run.returncode == 2 and "--size must be a multiple of 16" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def _recipe(*args: str) -> subprocess.CompletedProcess:
+    script = Path(__file__).parents[1] / "scripts" / "train_default_model.py"
+    return subprocess.run(
+        [sys.executable, str(script), "--quick", *args], capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.mark.slow
+def test_recipe_stopped_and_resumed_exports_what_one_run_does(tmp_path):
+    """The whole recipe (--quick: a few steps per stage) run once, and run again stopped after a
+    middle stage and resumed, exports the same weights bit for bit (CPU, fp32); changed settings
+    are one clear error; record.json holds one record per stage."""
+    from safetensors.torch import load_file
+
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    whole = _recipe("--out", str(tmp_path / "whole"), "--export", str(one))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    assert "position-1" in whole.stderr and "total" in whole.stderr  # the budget table, up front
+    assert "stage 6/6 mixed-2" in whole.stderr  # the one progress bar
+
+    run = tmp_path / "run"
+    missing = _recipe("--out", str(run), "--export", str(two), "--resume")
+    assert missing.returncode == 2 and "holds no run to continue" in missing.stderr
+    part = _recipe("--out", str(run), "--export", str(two), "--stop-after", "position-1")
+    assert part.returncode == 0, part.stderr[-2000:]
+    assert (run / "position-1" / "done.json").is_file() and not (run / "mixed-1").exists()
+    assert not two.exists()  # a partial run exports nothing
+    done = json.loads((run / "record.json").read_text())["stages"]
+    assert [r["stage"] for r in done] == ["text", "vae", "position-1"]
+
+    changed = _recipe("--out", str(run), "--export", str(two), "--seed", "1")
+    assert changed.returncode == 2 and "Traceback" not in changed.stderr
+    assert "seed=0" in changed.stderr and "seed=1" in changed.stderr, changed.stderr
+    assert not (run / "mixed-1").exists()
+
+    rest = _recipe("--out", str(run), "--export", str(two), "--resume")
+    assert rest.returncode == 0, rest.stderr[-2000:]
+    a, b = load_file(str(one)), load_file(str(two))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+    record = json.loads((run / "record.json").read_text())
+    stages = record["stages"]
+    assert [r["stage"] for r in stages] == [
+        "text", "vae", "position-1", "mixed-1", "position-2", "mixed-2"
+    ]  # fmt: skip
+    assert stages[:3] == done  # the stages done before the stop were not run again
+    for r in stages:
+        assert r["seconds"] > 0 and r["loss"] > 0 and r["budget_minutes"] >= 0
+        assert r["images_per_s"] is None if r["kind"] == "text" else r["images_per_s"] > 0
+        assert r["precision"] == "fp32"
+        assert {"cpu", "bf16", "amx", "avx2", "torch", "threads"} <= r["machine"].keys()

@@ -6,7 +6,7 @@ its perceptual and adversarial terms: L1 + MSE on pixels plus a small KL to N(0,
 """
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +43,12 @@ def train_autoencoder(
     kl_weight: float = 1e-4,
     seed: int = 0,
     bf16: bool | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train `vae` in place on (image, caption) items; returns the loss per step. `bf16`: autocast
-    to bf16; by default where the CPU computes it natively (elsewhere it is emulated, slower)."""
+    to bf16; by default where the CPU computes it natively (elsewhere it is emulated, slower).
+    `progress`: show a bar; `on_step(step, loss)`: called after every step (a caller's display)."""
     if bf16 is None:
         bf16 = cpu_has_bf16()
     if steps < 1:
@@ -62,8 +65,8 @@ def train_autoencoder(
     vae.train().requires_grad_(True)
     losses = []
     batches = _forever(loader)
-    with tqdm(range(steps), desc="autoencoder", unit="step") as bar:
-        for _ in bar:
+    with tqdm(range(steps), desc="autoencoder", unit="step", disable=not progress) as bar:
+        for step in bar:
             images, _captions = next(batches)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = reconstruction_loss(vae, images, generator, kl_weight)
@@ -74,6 +77,8 @@ def train_autoencoder(
             schedule.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if on_step is not None:
+                on_step(step + 1, losses[-1])
     vae.eval().requires_grad_(False)
     return losses
 

@@ -25,6 +25,7 @@ CFG's negative see) is part of every batch, with "no objects" as its structure.
 """
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,11 +138,13 @@ def pretrain_text_encoders(
     pool: int = 20_000,
     seed: int = 0,
     progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> PretrainReport:
     """Train `encoders` (CLIP-L, CLIP-G and T5) in place on `steps` batches of training captions
     as the module docstring says; `heldout` captions (never trained on) measure what the outputs
     say. Captions are drawn from a pool of `pool` training scenes' (with `mix`), tokenized once.
-    Returns the losses, the drift from the starting outputs and the held-out readings."""
+    Returns the losses, the drift from the starting outputs and the held-out readings.
+    `on_step(step, loss)` is called after every step (a caller's own progress display)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not keep_weight >= 0:
@@ -169,7 +172,7 @@ def pretrain_text_encoders(
     )
     losses, drifts = [], []
     empty = len(pool)
-    for _ in tqdm(range(steps), desc="text encoders", disable=not progress):
+    for step in tqdm(range(steps), desc="text encoders", disable=not progress):
         rows = torch.from_numpy(rng.integers(len(pool), size=batch_size))
         rows[: max(1, batch_size // 16)] = empty  # the empty prompt in every batch
         ids = {k: v[rows] for k, v in pool_ids.items()}
@@ -191,6 +194,8 @@ def pretrain_text_encoders(
         schedule.step()
         losses.append(read.item())
         drifts.append(drift.item())
+        if on_step is not None:
+            on_step(step + 1, losses[-1])
     for m in trained:
         m.eval().requires_grad_(False)
     tail = max(1, steps // 10)

@@ -195,11 +195,13 @@ def cached_latents(
     batch_size: int = 8,
     progress: dict | None = None,
     encode: Callable[[Tensor], Tensor] | None = None,
+    on_encoded: Callable[[int], None] | None = None,
 ) -> tuple[Tensor, list[str]]:
     """The dataset's latents and captions (`encode_latents`), kept in the safetensors file `path`:
     read from it if it carries every metadata entry of `key` (what the data and the VAE were; no
     key: any readable file will do), else encoded and written atomically. `progress`: tqdm options
-    of the bar shown while encoding (None: no bar)."""
+    of the bar shown while encoding (None: no bar); `on_encoded(n)` is called as each batch of n
+    is encoded (a caller's own progress display)."""
     key = dict(key or {})
     try:
         cached = SafetensorsFile(path).metadata
@@ -209,9 +211,13 @@ def cached_latents(
         return load_latents(path)
     options = {"total": len(dataset), "disable": progress is None} | (progress or {})
     with tqdm(**options) as bar:
-        latents, captions = encode_latents(
-            dataset, vae, batch_size, progress=bar.update, encode=encode
-        )
+
+        def update(n: int) -> None:
+            bar.update(n)
+            if on_encoded is not None:
+                on_encoded(n)
+
+        latents, captions = encode_latents(dataset, vae, batch_size, progress=update, encode=encode)
     save_atomic(path, {"latents": latents}, {**key, "captions": json.dumps(captions)})
     return latents, captions
 

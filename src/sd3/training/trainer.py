@@ -442,9 +442,10 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------
 
-    def train(self) -> int:
+    def train(self, on_step: Callable[[int, float], None] | None = None) -> int:
         """Train up to `config.steps`; returns the step reached (less on Ctrl-C or SIGTERM, which
-        finish the step, save and stop: `interrupted` is then the signal's number)."""
+        finish the step, save and stop: `interrupted` is then the signal's number). `on_step(step,
+        loss)` is called in process 0 after every step (e.g. a caller's own progress display)."""
         c = self.config
         stop = {"requested": False, "signal": None}
         self.interrupted = None
@@ -476,6 +477,8 @@ class Trainer:
                     log.write(json.dumps(stats, allow_nan=False) + "\n")  # strict JSON
                     bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{rate:.1f}", refresh=False)
                 bar.update()
+                if on_step is not None and log is not None:
+                    on_step(self.step, stats["loss"])
                 if self.step % c.checkpoint_every == 0 or self.step == c.steps or summary[1] > 0:
                     if log is not None:
                         log.flush()
