@@ -466,6 +466,16 @@ def test_weights_that_stop_being_finite_are_never_saved(
     assert not list(out.glob("model*"))
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_raises():
+    """Ctrl-C raises KeyboardInterrupt, as in a terminal, also where pytest was started with
+    SIGINT ignored (a background job of a non-interactive shell), where a second Ctrl-C would
+    otherwise fall through to the ignored disposition and abort nothing."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def interrupt_at(monkeypatch, step: int, signum=signal.SIGINT, times: int = 1):
     """Deliver `signum` to this process `times` times as training step `step` runs (as Ctrl-C
     would: twice under torchrun, from the terminal and from torchrun)."""
