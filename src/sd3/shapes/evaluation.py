@@ -13,8 +13,10 @@ detector is a few lines of geometry:
    jumping, in numpy); components under 0.4% of the image are noise. A component's colour is the
    alpha-weighted vote of its pixels, so noisy pixels are outvoted by the interior; a component whose
    runner-up colour holds >= 35% of the vote is two touching objects and is split by colour.
-3. Shape: the component is compared with a square, a circle and an apex-up triangle (as trained)
-   of its own area and centroid; the best overlap (IoU) names it, if it reaches 0.6.
+3. Shape: the component is compared with an apex-up triangle (as trained) and with squares whose
+   corners are rounded from none to a circle, all of its own area and centroid; the best overlap
+   (IoU) names it, if it reaches 0.6; it is a circle only if a circle fits about as well as the
+   best rounded square, a square only if that square's corner radius is <= 35% of its side.
 
 Rules, as GenEval's: every named object must be present at least `count` times with its colour;
 position holds if some pair of matching objects satisfies GenEval's relation rule (`relations`);
@@ -53,7 +55,6 @@ from sd3.shapes.scenes import (
     BACKGROUND,
     CATEGORIES,
     COLOURS,
-    SHAPES,
     EvalPrompt,
     heldout_prompts,
     layout,
@@ -78,6 +79,13 @@ _MIN_AREA_FRACTION = 0.004
 _SPLIT_FRACTION = 0.35
 _SUBSAMPLES = 4
 _MIN_SHAPE_IOU = 0.6
+# Corner radius / side of the rounded squares an object is matched with (0 square, 0.5 circle),
+# and where a fit counts as a circle or a square (`classify_shape`).
+_ROUNDNESS = np.linspace(0, 0.5, 11)
+# IoU a circle may trail the best fit by, times sqrt(area) (a quarter pixel of outline): what the
+# pixel steps of a 13-pixel circle cost it; squares rounded by 25% trail by more at 128x128
+_CIRCLE_MARGIN = 0.25
+_MAX_SQUARE_ROUNDNESS = 0.35
 
 
 @dataclass(frozen=True)
@@ -148,39 +156,66 @@ def connected_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return np.where(mask, inverse, -1), int(n)
 
 
-def _template(shape: str, cx: float, cy: float, area: float, h: int, w: int) -> np.ndarray:
-    """Coverage of an [h, w] pixel grid by a shape of this area and centroid (4x4 samples/pixel)."""
+def _coverage(inside, h: int, w: int) -> np.ndarray:
+    """Coverage of an [h, w] pixel grid by the region `inside(xs, ys)` (4x4 samples per pixel)."""
     sub = (np.arange(_SUBSAMPLES) + 0.5) / _SUBSAMPLES
     ys = (np.arange(h)[:, None] + sub).reshape(-1, 1)
     xs = (np.arange(w)[:, None] + sub).reshape(1, -1)
-    if shape == "square":
-        half = math.sqrt(area) / 2
-        inside = (np.abs(xs - cx) <= half) & (np.abs(ys - cy) <= half)
-    elif shape == "circle":
-        inside = (xs - cx) ** 2 + (ys - cy) ** 2 <= area / math.pi
-    else:  # apex up, base = height = side; the centroid sits 2/3 of the way down
-        side = math.sqrt(2 * area)
-        top = cy - 2 * side / 3
-        inside = (ys >= top) & (ys <= top + side) & (np.abs(xs - cx) <= (ys - top) / 2)
-    return inside.reshape(h, _SUBSAMPLES, w, _SUBSAMPLES).mean((1, 3))
+    return inside(xs, ys).reshape(h, _SUBSAMPLES, w, _SUBSAMPLES).mean((1, 3))
+
+
+def _rounded_square(cx: float, cy: float, area: float, roundness: float, h: int, w: int):
+    """Coverage by a square of this area and centroid with corners of radius `roundness` * side:
+    0 is a square, 0.5 a circle."""
+    side = math.sqrt(area / (1 - (4 - math.pi) * roundness**2))
+    straight, radius = side / 2 - roundness * side, roundness * side
+
+    def inside(xs, ys):
+        dx, dy = np.abs(xs - cx) - straight, np.abs(ys - cy) - straight
+        corner = np.maximum(dx, 0) ** 2 + np.maximum(dy, 0) ** 2 <= radius**2
+        return (dx <= radius) & (dy <= radius) & corner
+
+    return _coverage(inside, h, w)
+
+
+def _triangle(cx: float, cy: float, area: float, h: int, w: int) -> np.ndarray:
+    """Coverage by an apex-up triangle of this area and centroid, base = height = side (the
+    centroid sits 2/3 of the way down)."""
+    side = math.sqrt(2 * area)
+    top = cy - 2 * side / 3
+    return _coverage(
+        lambda xs, ys: (ys >= top) & (ys <= top + side) & (np.abs(xs - cx) <= (ys - top) / 2), h, w
+    )
 
 
 def classify_shape(mask: np.ndarray) -> str | None:
-    """circle / square / triangle (apex up) for an object's pixels, cropped to its box: the shape
-    of the same area and centroid that overlaps it best (IoU), if that IoU is >= 0.6.
+    """circle / square / triangle (apex up) for an object's pixels, cropped to its box, or None.
 
-    Matching the whole outline is steadier than the box's fill ratio, which a one-pixel error in
-    the box of a 12-pixel object throws off by 15%."""
+    The object is matched (IoU) with an apex-up triangle and with squares whose corners are
+    rounded from 0 (a square) to half the side (a circle), all of its own area and centroid; the
+    best of them names it if its IoU is >= 0.6. It is a circle only if the circle fits about as
+    well as the best rounded square (within `_CIRCLE_MARGIN` / sqrt(area)), a square if the best rounding is
+    <= `_MAX_SQUARE_ROUNDNESS` of the side, and neither otherwise: an IoU race between a square
+    and a circle alone calls a square whose corners are rounded by a fifth of its side a circle. Matching the whole outline is steadier
+    than the box's fill ratio, which a one-pixel error in the box of a 12-pixel object throws off
+    by 15%."""
     h, w = mask.shape
     ys, xs = np.nonzero(mask)
     cy, cx, area = ys.mean() + 0.5, xs.mean() + 0.5, float(len(ys))
-    best, best_iou = None, _MIN_SHAPE_IOU
-    for shape in SHAPES:
-        t = _template(shape, cx, cy, area, h, w)
-        iou = np.minimum(mask, t).sum() / np.maximum(mask, t).sum()
-        if iou >= best_iou:
-            best, best_iou = shape, iou
-    return best
+
+    def iou(t: np.ndarray) -> float:
+        return float(np.minimum(mask, t).sum() / np.maximum(mask, t).sum())
+
+    fits = [iou(_rounded_square(cx, cy, area, r, h, w)) for r in _ROUNDNESS]
+    best = int(np.argmax(fits))  # the least rounding among equal fits
+    triangle = iou(_triangle(cx, cy, area, h, w))
+    if max(fits[best], triangle) < _MIN_SHAPE_IOU:
+        return None
+    if triangle > fits[best]:
+        return "triangle"
+    if fits[-1] >= fits[best] - _CIRCLE_MARGIN / math.sqrt(area):
+        return "circle"
+    return "square" if _ROUNDNESS[best] <= _MAX_SQUARE_ROUNDNESS else None
 
 
 def _object(mask: np.ndarray, colour: int) -> DetectedObject:
