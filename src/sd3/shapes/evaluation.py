@@ -82,9 +82,11 @@ _MIN_SHAPE_IOU = 0.6
 # Corner radius / side of the rounded squares an object is matched with (0 square, 0.5 circle),
 # and where a fit counts as a circle or a square (`classify_shape`).
 _ROUNDNESS = np.linspace(0, 0.5, 11)
-# IoU a circle may trail the best fit by, times sqrt(area) (a quarter pixel of outline): what the
-# pixel steps of a 13-pixel circle cost it; squares rounded by 25% trail by more at 128x128
-_CIRCLE_MARGIN = 0.25
+# IoU a circle may trail the best fit by: pixel steps cost a drawn circle of n pixels up to about
+# 2.5/n (0.022 at 13 pixels across), blur and noise up to 0.003; squares rounded by a quarter of
+# the side trail by 0.03 or more at 128x128
+_CIRCLE_MARGIN_PIXELS = 3.0
+_MIN_CIRCLE_MARGIN = 0.004
 _MAX_SQUARE_ROUNDNESS = 0.35
 
 
@@ -194,7 +196,7 @@ def classify_shape(mask: np.ndarray) -> str | None:
     The object is matched (IoU) with an apex-up triangle and with squares whose corners are
     rounded from 0 (a square) to half the side (a circle), all of its own area and centroid; the
     best of them names it if its IoU is >= 0.6. It is a circle only if the circle fits about as
-    well as the best rounded square (within `_CIRCLE_MARGIN` / sqrt(area)), a square if the best rounding is
+    well as the best rounded square (`_CIRCLE_MARGIN_PIXELS`), a square if the best rounding is
     <= `_MAX_SQUARE_ROUNDNESS` of the side, and neither otherwise: an IoU race between a square
     and a circle alone calls a square whose corners are rounded by a fifth of its side a circle. Matching the whole outline is steadier
     than the box's fill ratio, which a one-pixel error in the box of a 12-pixel object throws off
@@ -213,7 +215,7 @@ def classify_shape(mask: np.ndarray) -> str | None:
         return None
     if triangle > fits[best]:
         return "triangle"
-    if fits[-1] >= fits[best] - _CIRCLE_MARGIN / math.sqrt(area):
+    if fits[-1] >= fits[best] - max(_MIN_CIRCLE_MARGIN, _CIRCLE_MARGIN_PIXELS / area):
         return "circle"
     return "square" if _ROUNDNESS[best] <= _MAX_SQUARE_ROUNDNESS else None
 
