@@ -9,7 +9,7 @@ from collections import Counter, deque
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter
 
 from sd3.shapes.evaluation import (
     SPLITS,
@@ -386,3 +386,38 @@ def test_val_and_test_splits_use_disjoint_seeds(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--split", "train"])
     assert "argument --split: invalid choice: 'train'" in capsys.readouterr().err
+
+
+def _one_object(shape: str, size: int, side: float, corner: float, blur: float) -> Image.Image:
+    """One cyan circle or square (corners rounded by `corner` * side) at the centre, drawn at 4x
+    and box-downsampled as `render` draws, then blurred as a generated image is soft."""
+    big = size * 4
+    image = Image.new("RGB", (big, big), BACKGROUND)
+    s = side * big
+    x0 = (big - s) / 2 + 1.5  # off the pixel grid, as a generated object is
+    box = (x0, x0, x0 + s - 1, x0 + s - 1)
+    draw = ImageDraw.Draw(image)
+    if shape == "circle":
+        draw.ellipse(box, fill=COLOURS["cyan"])
+    else:
+        draw.rounded_rectangle(box, radius=corner * s, fill=COLOURS["cyan"])
+    image = image.reduce(4)
+    return image.filter(ImageFilter.GaussianBlur(blur)) if blur else image
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_circles_and_squares_are_told_from_squares_with_rounded_corners(size):
+    blurs = {64: (0, 0.8), 128: (0, 1.0, 2.0)}[size]
+    sides = (0.17, 0.22, 0.28, 0.34)
+    shapes = Counter()
+    for side in sides:
+        for blur in blurs:
+            for shape, corner in (("circle", 0), ("square", 0), ("square", 0.1)):
+                found = detect_objects(_one_object(shape, size, side, corner, blur))
+                assert [o.shape for o in found] == [shape], (shape, corner, side, blur, found)
+            if size == 128:  # at 64x64 an 11-pixel square rounded by a quarter is a blob
+                for corner in (0.25, 0.3, 0.35):
+                    found = detect_objects(_one_object("square", size, side, corner, blur))
+                    shapes[found[0].shape] += 1
+                    assert found[0].shape != "circle", (corner, side, blur)
+    assert size == 64 or shapes["square"] > 0 and shapes[None] > 0
