@@ -195,12 +195,12 @@ def classify_shape(mask: np.ndarray) -> str | None:
 
     The object is matched (IoU) with an apex-up triangle and with squares whose corners are
     rounded from 0 (a square) to half the side (a circle), all of its own area and centroid; the
-    best of them names it if its IoU is >= 0.6. It is a circle only if the circle fits about as
-    well as the best rounded square (`_CIRCLE_MARGIN_PIXELS`), a square if the best rounding is
-    <= `_MAX_SQUARE_ROUNDNESS` of the side, and neither otherwise: an IoU race between a square
-    and a circle alone calls a square whose corners are rounded by a fifth of its side a circle. Matching the whole outline is steadier
-    than the box's fill ratio, which a one-pixel error in the box of a 12-pixel object throws off
-    by 15%."""
+    best of them names it if its IoU is >= 0.6. It is a circle only if the circle's IoU is within
+    max(0.004, 3 / area) of the best rounded square's, a square if the best rounding is <= 35% of
+    the side, and neither otherwise: an IoU race between a square and a circle alone calls a
+    square whose corners are rounded by a fifth of its side a circle. Matching the whole outline
+    is steadier than the box's fill ratio, which a one-pixel error in the box of a 12-pixel
+    object throws off by 15%."""
     h, w = mask.shape
     ys, xs = np.nonzero(mask)
     cy, cx, area = ys.mean() + 0.5, xs.mean() + 0.5, float(len(ys))
