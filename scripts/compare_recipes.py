@@ -15,7 +15,8 @@ Each side runs `train_one_stage.py` in `runs/compare_<side>_<steps>/` from the s
 latents (hard links to the default run's), seed and step count, with a full cosine schedule.
 Both are scored on the 224 held-out prompts: the flow loss of their perfectly rendered scenes at
 8 fixed noise levels (fixed noise; the mean estimates the loss under uniform t), and `sd3 eval`
-(2 seeds per prompt). Writes `runs/compare_<choice>_<steps>.json` and prints a markdown table.
+(the validation split's first 2 seed rounds, as this is a choice). Writes
+`runs/compare_<choice>_<steps>.json` and prints a markdown table.
 """
 
 import argparse
@@ -80,14 +81,14 @@ def train(
 def held_out_loss(model: Path, size: int) -> list[float]:
     pipe = Pipeline.from_single_file(model, dtype=torch.float32)
     prompts = [p.text for p in heldout_prompts()]
-    images = perfect_generator(size)(prompts, 0)
+    images = perfect_generator(size)(prompts, [0] * len(prompts))
     x0 = torch.cat([pipe.vae.encode(to_image_tensor(im, size, size)) for im in images])
     context, pooled = pipe.text_encoders(True, pipe.preset.t5_length).encode(prompts)
     return validation_loss(pipe.mmdit, x0, context, pooled)
 
 
 def eval_score(model: Path) -> tuple[float, str]:
-    cmd = ["sd3", "eval", "--model", str(model), "--seeds", "2"]
+    cmd = ["sd3", "eval", "--model", str(model), "--split", "val", "--seeds", "2"]
     report = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     overall = float(re.search(r"overall \(mean of categories\)\s+([0-9.]+)", report).group(1))
     return overall, report

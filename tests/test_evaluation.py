@@ -3,22 +3,26 @@ corrupted one, with and without noise and blur; evaluate/report/contact sheet/CL
 
 import argparse
 import dataclasses
+import json
 import zlib
 from collections import Counter, deque
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter
 
 from sd3.shapes.evaluation import (
+    SPLITS,
     CheckResult,
     add_arguments,
     check,
+    check_arguments,
     classify_pixels,
     connected_components,
     detect_objects,
     evaluate,
     format_report,
+    image_seed,
     perfect_generator,
     run,
     select_prompts,
@@ -67,7 +71,7 @@ def _variants(image: Image.Image, size: int, seed: int) -> list[tuple[str, Image
 @pytest.mark.parametrize("size", [64, 128])
 def test_perfect_renders_of_every_heldout_prompt_pass(size):
     prompts = PROMPTS if size == 64 else PROMPTS[::3]
-    images = perfect_generator(size)([p.text for p in prompts], 0)
+    images = perfect_generator(size)([p.text for p in prompts], [0] * len(prompts))
     failures = []
     for i, (prompt, image) in enumerate(zip(prompts, images, strict=True)):
         for name, im in _variants(image, size, seed=i):
@@ -240,12 +244,12 @@ def test_evaluate_reports_known_accuracy(tmp_path, capsys):
     perfect = perfect_generator(64)
     blank = Image.new("RGB", (64, 64), BACKGROUND)
 
-    def half_right(texts: list[str], seed: int) -> list[Image.Image]:
-        # right for the prompts at even positions in the list, with seed 0 only
-        good = perfect(texts, seed)
+    def half_right(texts: list[str], seeds: list[int]) -> list[Image.Image]:
+        # right for the prompts at even positions in the list, in the first seed round only
+        good = perfect(texts, seeds)
         return [
-            g if seed == 0 and texts.index(t) % 2 == 0 else blank
-            for t, g in zip(texts, good, strict=True)
+            g if s == image_seed(0, t) and texts.index(t) % 2 == 0 else blank
+            for t, s, g in zip(texts, seeds, good, strict=True)
         ]
 
     sheet = tmp_path / "sheet.png"
@@ -270,10 +274,10 @@ def test_evaluate_reports_known_accuracy(tmp_path, capsys):
     grid = np.asarray(Image.open(sheet).convert("RGB"))
     cell_w = 2 * 64 + 8  # 64 px images shown at 2x, framed by 4 px
     assert grid.shape[1] == 16 * cell_w  # 40 cells, 16 columns, 3 rows
-    assert tuple(grid[1, 1]) == (0, 170, 0)  # prompt 0, seed 0: passed -> green frame
+    assert tuple(grid[1, 1]) == (0, 170, 0)  # prompt 0, round 0: passed -> green frame
     assert tuple(grid[1, cell_w + 1]) == (210, 0, 0)  # prompt 1: blank -> red frame
     with pytest.raises(ValueError, match="returned 1 images"):
-        evaluate(lambda texts, seed: [blank], prompts[:2])
+        evaluate(lambda texts, seeds: [blank], prompts[:2])
     with pytest.raises(ValueError, match="seeds_per_prompt"):
         evaluate(perfect, prompts, seeds_per_prompt=0)
 
@@ -313,12 +317,107 @@ def test_run_with_oracle_and_with_a_generator(tmp_path, capsys):
     args = parser.parse_args(["--limit", "5", "--seeds", "2"])
     calls = []
 
-    def generate(texts: list[str], seed: int) -> list[Image.Image]:
-        calls.append((len(texts), seed))
+    def generate(texts: list[str], seeds: list[int]) -> list[Image.Image]:
+        calls.append((len(texts), seeds))
         return [blank] * len(texts)
 
     assert run(args, generate) == 0
-    assert calls == [(5, 0), (5, 1)]
+    texts = [p.text for p in select_prompts(PROMPTS, limit=5)]
+    assert calls == [(5, [image_seed(r, t) for t in texts]) for r in (0, 1)]
     lines = capsys.readouterr().out.splitlines()
     assert "0.000" in lines[-2] and lines[-1] == "failed images: missing 10"
     assert run(parser.parse_args([])) == 2
+
+
+def test_each_image_has_its_own_seed_whatever_the_batching():
+    # a deterministic generator that draws some seeds right and leaves the others blank
+    prompts = select_prompts(PROMPTS, limit=23)
+    perfect, blank = perfect_generator(64), Image.new("RGB", (64, 64), BACKGROUND)
+    given = []
+
+    def some_right(texts: list[str], seeds: list[int]) -> list[Image.Image]:
+        given.append(list(zip(texts, seeds, strict=True)))
+        good = perfect(texts, seeds)
+        return [g if s % 3 else blank for s, g in zip(seeds, good, strict=True)]
+
+    reports = [evaluate(some_right, prompts, 2, batch_size=b) for b in (16, 5)]
+    assert reports[0].results == reports[1].results
+    assert 0 < sum(r.passed for *_, r in reports[0].results) < 46
+    by_batch = [[pair for batch in given[:4] for pair in batch], [p for b in given[4:] for p in b]]
+    assert by_batch[0] == by_batch[1] and len(by_batch[0]) == 46
+    seeds = [s for _, s in by_batch[0]]
+    assert len(set(seeds)) == 46  # no two images of the eval share their noise
+    # a subset of the prompts keeps each prompt's seeds
+    assert image_seed(1, prompts[7].text) in seeds
+    sub = evaluate(some_right, [prompts[7]], 2)
+    assert [(r.passed, r.reason) for *_, r in sub.results] == [
+        (r.passed, r.reason) for i, _, r in reports[0].results if i == 7
+    ]
+
+
+def test_val_and_test_splits_use_disjoint_seeds(tmp_path, capsys):
+    assert SPLITS == {"val": (0, 1, 2), "test": (100, 101, 102, 103, 104, 105)}
+    seeds = {
+        split: {image_seed(r, p.text) for r in rounds for p in PROMPTS}
+        for split, rounds in SPLITS.items()
+    }
+    assert len(seeds["val"]) == 3 * 224 and len(seeds["test"]) == 6 * 224
+    assert not seeds["val"] & seeds["test"]
+    assert all(0 <= s < 2**63 for s in seeds["val"] | seeds["test"])
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = tmp_path / "report.json"
+    argv = ["--oracle", "64", "--limit", "3", "--split", "test", "--seeds", "4", "--json", str(out)]
+    assert run(parser.parse_args(argv)) == 0
+    report = capsys.readouterr().out
+    assert (
+        report.splitlines()[0] == "split test, seed rounds 100, 101, 102, 103 (4 images per prompt)"
+    )
+    data = json.loads(out.read_text())
+    assert data["split"] == "test" and data["rounds"] == [100, 101, 102, 103]
+    assert data["all_images"] == "12/12" and data["overall"] == 1.0
+    for bad, message in (
+        (["--split", "val", "--seeds", "4"], "--seeds must be 1 to 3 for --split val"),
+        (["--split", "test", "--seeds", "0"], "--seeds must be 1 to 6 for --split test"),
+        (["--json", str(tmp_path / "r.txt")], "--json"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            check_arguments(parser.parse_args(bad))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--split", "train"])
+    assert "argument --split: invalid choice: 'train'" in capsys.readouterr().err
+
+
+def _one_object(shape: str, size: int, side: float, corner: float, blur: float) -> Image.Image:
+    """One cyan circle or square (corners rounded by `corner` * side) at the centre, drawn at 4x
+    and box-downsampled as `render` draws, then blurred as a generated image is soft."""
+    big = size * 4
+    image = Image.new("RGB", (big, big), BACKGROUND)
+    s = side * big
+    x0 = (big - s) / 2 + 1.5  # off the pixel grid, as a generated object is
+    box = (x0, x0, x0 + s - 1, x0 + s - 1)
+    draw = ImageDraw.Draw(image)
+    if shape == "circle":
+        draw.ellipse(box, fill=COLOURS["cyan"])
+    else:
+        draw.rounded_rectangle(box, radius=corner * s, fill=COLOURS["cyan"])
+    image = image.reduce(4)
+    return image.filter(ImageFilter.GaussianBlur(blur)) if blur else image
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_circles_and_squares_are_told_from_squares_with_rounded_corners(size):
+    blurs = {64: (0, 0.8), 128: (0, 1.0, 2.0)}[size]
+    sides = (0.17, 0.22, 0.28, 0.34)
+    shapes = Counter()
+    for side in sides:
+        for blur in blurs:
+            for shape, corner in (("circle", 0), ("square", 0), ("square", 0.1)):
+                found = detect_objects(_one_object(shape, size, side, corner, blur))
+                assert [o.shape for o in found] == [shape], (shape, corner, side, blur, found)
+            if size == 128:  # at 64x64 an 11-pixel square rounded by a quarter is a blob
+                for corner in (0.25, 0.3, 0.35):
+                    found = detect_objects(_one_object("square", size, side, corner, blur))
+                    shapes[found[0].shape] += 1
+                    assert found[0].shape != "circle", (corner, side, blur)
+    assert size == 64 or shapes["square"] > 0 and shapes[None] > 0

@@ -1,5 +1,7 @@
 """The whole generation path against diffusers' SD3 pipelines on the same weights and inputs."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -126,6 +128,28 @@ def test_call_returns_images_and_uses_preset(pipe):
     # image i of a batch is the image made alone with seed + i
     alone = pipe("a red circle", num_inference_steps=3, width=32, height=32, seed=4)
     assert np.array_equal(np.asarray(alone[0]), np.asarray(images[1]))
+
+
+def test_a_batch_with_one_seed_per_image_draws_each_image_as_made_alone(pipe):
+    # one row per prompt, a seed per image: each row is the image its prompt and seed make alone
+    # (the same noise, bit for bit; latents within float rounding, as the CPU kernels' sums are
+    # grouped by batch size; the same 8-bit pixels)
+    prompts, seeds = ["a red circle", "a blue square", "a red circle"], [11, 2**62, 5]
+    assert torch.equal(get_noise(seeds, 3, 32, 32)[1:2], get_noise(2**62, 1, 32, 32))
+    s = Settings(prompt="", steps=3, width=32, height=32, sampler="euler_ancestral", cfg=3.0)
+    context, pooled = pipe.text_encoders(True, None).encode([*prompts, ""])
+    cond = (context[:-1], pooled[:-1], context[-1:], pooled[-1:])
+    batch = pipe.sample(dataclasses.replace(s, num_images=3), conditioning=cond, seeds=seeds)
+    images = pipe.decode(batch)
+    for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
+        alone = pipe.sample(dataclasses.replace(s, prompt=prompt, seed=seed))
+        assert max_rel_err(batch[i : i + 1], alone) < 1e-5, (prompt, seed)
+        assert np.array_equal(np.asarray(images[i]), np.asarray(pipe.decode(alone)[0]))
+    assert not torch.allclose(batch[0], batch[2], atol=0.1)  # same prompt, other seed
+    with pytest.raises(ValueError, match="2 seeds for 3 images"):
+        pipe.sample(dataclasses.replace(s, num_images=3), conditioning=cond, seeds=seeds[:2])
+    with pytest.raises(ValueError, match="out of range"):
+        pipe.sample(dataclasses.replace(s, num_images=3), conditioning=cond, seeds=[1, 2, -1])
 
 
 def test_low_memory_loads_encoders_first_releases_them_and_draws_the_same(models, tmp_path):

@@ -790,14 +790,14 @@ def run_eval(args: argparse.Namespace) -> int:
     rank, _, _ = distributed.join(device)  # under torchrun the ranks share the batches
     load_weights(pipe, files) if rank == 0 else pipe.load()
 
-    def generate(prompts: list[str], seed: int) -> list[Image.Image]:
-        # All prompts as one batch: image i gets seed + 1000 * seed_index + i, a fixed draw.
+    def generate(prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+        # all prompts as one batch, each image from its own seed: the image it would be alone
         text = pipe.text_encoders(base.use_t5, base.t5_length)
         with torch.no_grad():
             context, pooled = text.encode([*prompts, base.negative_prompt])
-        s = replace(base, seed=1000 * seed, num_images=len(prompts))
+        s = replace(base, num_images=len(prompts))
         conditioning = (context[:-1], pooled[:-1], context[-1:], pooled[-1:])
-        return pipe.decode(pipe.sample(s, conditioning=conditioning))
+        return pipe.decode(pipe.sample(s, conditioning=conditioning, seeds=seeds))
 
     status = evaluation.run(args, generate)
     distributed.leave()

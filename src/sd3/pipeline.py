@@ -183,6 +183,17 @@ def check_settings(
             )
 
 
+def check_seeds(seeds: Sequence[int], num_images: int) -> None:
+    """One ValueError for per-image seeds that do not fit the batch or the seed range."""
+    if len(seeds) != num_images:
+        raise ValueError(f"{len(seeds)} seeds for {num_images} images: give one seed per image")
+    bad = [
+        k for k in seeds if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_SEED
+    ]
+    if bad:
+        raise ValueError(f"seeds {bad[:3]} are out of range: seeds run from 0 to 2**63 - 1")
+
+
 def to_image_tensor(image: Image.Image, width: int, height: int) -> Tensor:
     """PIL image -> [1, 3, H, W] in [-1, 1], resized to width x height."""
     image = image.convert("RGB")
@@ -611,15 +622,24 @@ class Pipeline:
         callback: Callback | None = None,
         conditioning: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
         control_images: list[Image.Image] = (),
+        seeds: Sequence[int] | None = None,
     ) -> Tensor:
-        """The final latents [N, 16, H/8, W/8] in the MMDiT's latent format."""
+        """The final latents [N, 16, H/8, W/8] in the MMDiT's latent format. `seeds`, one per
+        image, replace seed + i: a batch of prompts whose images are each the image made alone."""
         check_settings(s, self.config, init_image is not None)
+        if seeds is not None:
+            check_seeds(seeds, s.num_images)
         if s.inpaint is not None:
             raise ValueError("masked generations run through `generate`, which also pastes back")
         self.check_loras(s.use_t5)
         controls = self.control_latents(s, list(control_images))
         return self._denoise(
-            s, init_image, callback, conditioning or self.encode_prompt(s), controls=controls
+            s,
+            init_image,
+            callback,
+            conditioning or self.encode_prompt(s),
+            controls=controls,
+            seeds=seeds,
         )
 
     def _denoise(
@@ -631,18 +651,20 @@ class Pipeline:
         mask: Tensor | None = None,
         controls: list[tuple[Control, Tensor]] = (),
         noise: Tensor | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> Tensor:
         """`sample` after the settings are checked and the prompt encoded; with a latent `mask`
         (1 = repaint), the masked blend of `inpainting`; with `controls`, the ControlNets';
         `noise` replaces the one drawn from `s.seed` (a batch of several requests, each with its
-        own seeds)."""
+        own seeds); `seeds` (one per image, else seed + i) draw the noise and the samplers' noise."""
+        seeds = list(seeds) if seeds is not None else [s.seed + i for i in range(s.num_images)]
         context, pooled, neg_context, neg_pooled = conditioning
         sigmas = get_sigmas(s.steps, s.shift, s.denoise).to(self.device)
         shape = (s.num_images, 16, s.height // 8, s.width // 8)
         if noise is not None and tuple(noise.shape) != shape:
             raise ValueError(f"noise of shape {tuple(noise.shape)} does not fit {shape}")
         if noise is None:
-            noise = get_noise(s.seed, s.num_images, s.height, s.width)
+            noise = get_noise(seeds, s.num_images, s.height, s.width)
         x = noise = noise.to(self.device)
         if init_image is not None:
             with torch.no_grad():
@@ -684,7 +706,7 @@ class Pipeline:
                 denoiser,
                 x,
                 sigmas,
-                generator=[torch.Generator().manual_seed(s.seed + i) for i in range(len(x))],
+                generator=[torch.Generator().manual_seed(k) for k in seeds],
                 callback=callback,
             )
         return x if mask is None else inpainting.hold(x, latent, mask, sigmas)

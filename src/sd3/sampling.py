@@ -55,21 +55,25 @@ def noise_latent(latent: Tensor, noise: Tensor, sigma: float | Tensor) -> Tensor
     return sigma * noise + (1 - sigma) * latent
 
 
-def get_noise(seed: int, num_images: int, height: int, width: int) -> Tensor:
-    """Initial latent noise [num_images, 16, height/8, width/8], image i drawn on CPU from seed + i,
-    so an image does not depend on the batch it was made in."""
+def get_noise(seed: int | Sequence[int], num_images: int, height: int, width: int) -> Tensor:
+    """Initial latent noise [num_images, 16, height/8, width/8], image i drawn on CPU from its own
+    seed, seed + i (or seed[i] for a list of one seed per image), so an image does not depend on
+    the batch it was made in."""
     if height % 8 or width % 8 or height <= 0 or width <= 0:
         raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
+    seeds = [seed + i for i in range(num_images)] if isinstance(seed, int) else list(seed)
+    if len(seeds) != num_images:
+        raise ValueError(f"{len(seeds)} seeds for {num_images} images")
     return torch.cat(
         [
             torch.randn(
                 (1, 16, height // 8, width // 8),
-                generator=torch.Generator("cpu").manual_seed(seed + i),
+                generator=torch.Generator("cpu").manual_seed(k),
                 dtype=torch.float32,
             )
-            for i in range(num_images)
+            for k in seeds
         ]
     )
 

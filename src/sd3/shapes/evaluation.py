@@ -13,8 +13,10 @@ detector is a few lines of geometry:
    jumping, in numpy); components under 0.4% of the image are noise. A component's colour is the
    alpha-weighted vote of its pixels, so noisy pixels are outvoted by the interior; a component whose
    runner-up colour holds >= 35% of the vote is two touching objects and is split by colour.
-3. Shape: the component is compared with a square, a circle and an apex-up triangle (as trained)
-   of its own area and centroid; the best overlap (IoU) names it, if it reaches 0.6.
+3. Shape: the component is compared with an apex-up triangle (as trained) and with squares whose
+   corners are rounded from none to a circle, all of its own area and centroid; the best overlap
+   (IoU) names it, if it reaches 0.6; it is a circle only if a circle fits about as well as the
+   best rounded square, a square only if that square's corner radius is <= 35% of its side.
 
 Rules, as GenEval's: every named object must be present at least `count` times with its colour;
 position holds if some pair of matching objects satisfies GenEval's relation rule (`relations`);
@@ -23,10 +25,18 @@ of the named colour and shape and nothing else (a counting scene in training sho
 The overall score is the mean of the per-category accuracies, as GenEval's. Each failed image is
 also given one kind (`FAILURES`): an object missing, extra objects in a counting image, the two
 objects of a position prompt swapped (the opposite relation holds), or otherwise misplaced.
+
+Seeds: each image has its own noise seed, a hash of (seed round, prompt), so it does not depend on
+the batch it is made in, on the torchrun rank that makes it, or on which other prompts are chosen.
+The rounds come in two splits (`SPLITS`): "val" for every choice made by looking at scores (recipes,
+checkpoints, settings), "test" only for reporting a chosen model, so the reported score is not
+inflated by the choosing.
 """
 
 import argparse
+import hashlib
 import io
+import json
 import math
 import sys
 import zlib
@@ -45,7 +55,6 @@ from sd3.shapes.scenes import (
     BACKGROUND,
     CATEGORIES,
     COLOURS,
-    SHAPES,
     EvalPrompt,
     heldout_prompts,
     layout,
@@ -54,7 +63,11 @@ from sd3.shapes.scenes import (
     render,
 )
 
-Generate = Callable[[list[str], int], list[Image.Image]]  # (prompts, seed) -> one image each
+# (prompts, one noise seed per prompt) -> one image each, image i made from seeds[i] alone
+Generate = Callable[[list[str], list[int]], list[Image.Image]]
+
+# Seed rounds: "val" for choosing (models, checkpoints, settings), "test" only for reporting.
+SPLITS: dict[str, tuple[int, ...]] = {"val": (0, 1, 2), "test": tuple(range(100, 106))}
 
 _NAMES = list(COLOURS)
 _PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
@@ -66,6 +79,15 @@ _MIN_AREA_FRACTION = 0.004
 _SPLIT_FRACTION = 0.35
 _SUBSAMPLES = 4
 _MIN_SHAPE_IOU = 0.6
+# Corner radius / side of the rounded squares an object is matched with (0 square, 0.5 circle),
+# and where a fit counts as a circle or a square (`classify_shape`).
+_ROUNDNESS = np.linspace(0, 0.5, 11)
+# IoU a circle may trail the best fit by: pixel steps cost a drawn circle of n pixels up to about
+# 2.5/n (0.022 at 13 pixels across), blur and noise up to 0.003; squares rounded by a quarter of
+# the side trail by 0.03 or more at 128x128
+_CIRCLE_MARGIN_PIXELS = 3.0
+_MIN_CIRCLE_MARGIN = 0.004
+_MAX_SQUARE_ROUNDNESS = 0.35
 
 
 @dataclass(frozen=True)
@@ -136,39 +158,66 @@ def connected_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return np.where(mask, inverse, -1), int(n)
 
 
-def _template(shape: str, cx: float, cy: float, area: float, h: int, w: int) -> np.ndarray:
-    """Coverage of an [h, w] pixel grid by a shape of this area and centroid (4x4 samples/pixel)."""
+def _coverage(inside, h: int, w: int) -> np.ndarray:
+    """Coverage of an [h, w] pixel grid by the region `inside(xs, ys)` (4x4 samples per pixel)."""
     sub = (np.arange(_SUBSAMPLES) + 0.5) / _SUBSAMPLES
     ys = (np.arange(h)[:, None] + sub).reshape(-1, 1)
     xs = (np.arange(w)[:, None] + sub).reshape(1, -1)
-    if shape == "square":
-        half = math.sqrt(area) / 2
-        inside = (np.abs(xs - cx) <= half) & (np.abs(ys - cy) <= half)
-    elif shape == "circle":
-        inside = (xs - cx) ** 2 + (ys - cy) ** 2 <= area / math.pi
-    else:  # apex up, base = height = side; the centroid sits 2/3 of the way down
-        side = math.sqrt(2 * area)
-        top = cy - 2 * side / 3
-        inside = (ys >= top) & (ys <= top + side) & (np.abs(xs - cx) <= (ys - top) / 2)
-    return inside.reshape(h, _SUBSAMPLES, w, _SUBSAMPLES).mean((1, 3))
+    return inside(xs, ys).reshape(h, _SUBSAMPLES, w, _SUBSAMPLES).mean((1, 3))
+
+
+def _rounded_square(cx: float, cy: float, area: float, roundness: float, h: int, w: int):
+    """Coverage by a square of this area and centroid with corners of radius `roundness` * side:
+    0 is a square, 0.5 a circle."""
+    side = math.sqrt(area / (1 - (4 - math.pi) * roundness**2))
+    straight, radius = side / 2 - roundness * side, roundness * side
+
+    def inside(xs, ys):
+        dx, dy = np.abs(xs - cx) - straight, np.abs(ys - cy) - straight
+        corner = np.maximum(dx, 0) ** 2 + np.maximum(dy, 0) ** 2 <= radius**2
+        return (dx <= radius) & (dy <= radius) & corner
+
+    return _coverage(inside, h, w)
+
+
+def _triangle(cx: float, cy: float, area: float, h: int, w: int) -> np.ndarray:
+    """Coverage by an apex-up triangle of this area and centroid, base = height = side (the
+    centroid sits 2/3 of the way down)."""
+    side = math.sqrt(2 * area)
+    top = cy - 2 * side / 3
+    return _coverage(
+        lambda xs, ys: (ys >= top) & (ys <= top + side) & (np.abs(xs - cx) <= (ys - top) / 2), h, w
+    )
 
 
 def classify_shape(mask: np.ndarray) -> str | None:
-    """circle / square / triangle (apex up) for an object's pixels, cropped to its box: the shape
-    of the same area and centroid that overlaps it best (IoU), if that IoU is >= 0.6.
+    """circle / square / triangle (apex up) for an object's pixels, cropped to its box, or None.
 
-    Matching the whole outline is steadier than the box's fill ratio, which a one-pixel error in
-    the box of a 12-pixel object throws off by 15%."""
+    The object is matched (IoU) with an apex-up triangle and with squares whose corners are
+    rounded from 0 (a square) to half the side (a circle), all of its own area and centroid; the
+    best of them names it if its IoU is >= 0.6. It is a circle only if the circle's IoU is within
+    max(0.004, 3 / area) of the best rounded square's, a square if the best rounding is <= 35% of
+    the side, and neither otherwise: an IoU race between a square and a circle alone calls a
+    square whose corners are rounded by a fifth of its side a circle. Matching the whole outline
+    is steadier than the box's fill ratio, which a one-pixel error in the box of a 12-pixel
+    object throws off by 15%."""
     h, w = mask.shape
     ys, xs = np.nonzero(mask)
     cy, cx, area = ys.mean() + 0.5, xs.mean() + 0.5, float(len(ys))
-    best, best_iou = None, _MIN_SHAPE_IOU
-    for shape in SHAPES:
-        t = _template(shape, cx, cy, area, h, w)
-        iou = np.minimum(mask, t).sum() / np.maximum(mask, t).sum()
-        if iou >= best_iou:
-            best, best_iou = shape, iou
-    return best
+
+    def iou(t: np.ndarray) -> float:
+        return float(np.minimum(mask, t).sum() / np.maximum(mask, t).sum())
+
+    fits = [iou(_rounded_square(cx, cy, area, r, h, w)) for r in _ROUNDNESS]
+    best = int(np.argmax(fits))  # the least rounding among equal fits
+    triangle = iou(_triangle(cx, cy, area, h, w))
+    if max(fits[best], triangle) < _MIN_SHAPE_IOU:
+        return None
+    if triangle > fits[best]:
+        return "triangle"
+    if fits[-1] >= fits[best] - max(_MIN_CIRCLE_MARGIN, _CIRCLE_MARGIN_PIXELS / area):
+        return "circle"
+    return "square" if _ROUNDNESS[best] <= _MAX_SQUARE_ROUNDNESS else None
 
 
 def _object(mask: np.ndarray, colour: int) -> DetectedObject:
@@ -237,21 +286,56 @@ def check(image: Image.Image, prompt: EvalPrompt) -> CheckResult:
 # --- the benchmark ------------------------------------------------------------------------
 
 
+def image_seed(round_: int, prompt: str) -> int:
+    """The noise seed of one evaluated image: a hash of (seed round, prompt text), below 2**63. The
+    text, not the prompt's place in a list, so `--limit` and `--categories` keep every seed."""
+    digest = hashlib.sha256(f"{round_}\n{prompt}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def split_rounds(split: str, count: int | None = None) -> tuple[int, ...]:
+    """The first `count` seed rounds of `split` (all of them for None)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+    rounds = SPLITS[split]
+    if count is not None and not 1 <= count <= len(rounds):
+        raise ValueError(
+            f"seeds_per_prompt must be 1 to {len(rounds)} (the {split} split's rounds), got {count}"
+        )
+    return rounds if count is None else rounds[:count]
+
+
 @dataclass
 class Report:
     overall: float  # mean of the per-category accuracies, GenEval's overall score
     per_category: dict[str, float]
     counts: dict[str, tuple[int, int]]  # category -> (passed, total)
-    results: list[tuple[int, int, CheckResult]] = field(repr=False)  # (prompt index, seed, result)
+    results: list[tuple[int, int, CheckResult]] = field(repr=False)  # (prompt index, round, result)
+    split: str = "val"
+    rounds: tuple[int, ...] = SPLITS["val"]
+
+    def to_dict(self) -> dict:
+        """The report as data (what `--json` writes): split, rounds, scores, failure kinds."""
+        passed = sum(p for p, _ in self.counts.values())
+        total = sum(n for _, n in self.counts.values())
+        failures = Counter(r.failure for *_, r in self.results if not r.passed)
+        return {
+            "split": self.split,
+            "rounds": list(self.rounds),
+            "overall": round(self.overall, 4),
+            "all_images": f"{passed}/{total}",
+            **{c: round(a, 4) for c, a in self.per_category.items()},
+            "failed": {kind: failures[kind] for kind in FAILURES},
+        }
 
 
 def perfect_generator(size: int) -> Generate:
     """A generator that draws every prompt correctly with the dataset's renderer (it parses the
     caption): the benchmark's ceiling, and a check of the checker."""
 
-    def generate(prompts: list[str], seed: int) -> list[Image.Image]:
+    def generate(prompts: list[str], seeds: list[int]) -> list[Image.Image]:
         images = []
-        for text in prompts:
+        for text, seed in zip(prompts, seeds, strict=True):
             rng = np.random.default_rng([seed, zlib.crc32(text.encode())])
             images.append(render(layout(parse_caption(text), rng), size))
         return images
@@ -262,55 +346,58 @@ def perfect_generator(size: int) -> Generate:
 def evaluate(
     generate: Generate,
     prompts: Sequence[EvalPrompt],
-    seeds_per_prompt: int = 1,
+    seeds_per_prompt: int | None = None,
     contact_sheet: Path | None = None,
     batch_size: int = 16,
     progress: bool = False,
+    split: str = "val",
 ) -> Report:
-    """Generate `seeds_per_prompt` images per prompt, check each, print the report, and optionally
-    save a contact sheet. `generate` gets up to `batch_size` prompts at a time with seed 0, 1, ...;
-    `progress` shows a bar over the images with the share passed so far."""
+    """Generate one image per prompt for each of the first `seeds_per_prompt` seed rounds of
+    `split` (all of them for None), check each, print the report, and optionally save a contact
+    sheet. `generate` gets up to `batch_size` prompts at a time with each image's own seed
+    (`image_seed`); `progress` shows a bar over the images with the share passed so far."""
     if not prompts:
         raise ValueError("no prompts to evaluate")
-    if seeds_per_prompt < 1 or batch_size < 1:
-        raise ValueError(
-            f"seeds_per_prompt and batch_size must be >= 1, got {seeds_per_prompt}, {batch_size}"
-        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    rounds = split_rounds(split, seeds_per_prompt)
     # under torchrun each rank makes every world-th batch; all ranks then hold every result
     rank, world = distributed.rank_and_world()
-    batches = [(seed, start) for seed in range(seeds_per_prompt)
+    batches = [(round_, start) for round_ in rounds
                for start in range(0, len(prompts), batch_size)]  # fmt: skip
     mine = distributed.share(batches, rank, world)
-    found = []  # (seed, prompt index, result, image or None)
-    total = seeds_per_prompt * len(prompts)
+    found = []  # (round, prompt index, result, image or None)
+    total = len(rounds) * len(prompts)
     with tqdm(total=total, desc="eval", unit="image", disable=not progress or rank != 0) as bar:
         for k in range(math.ceil(len(batches) / world)):
             made = []
             if k < len(mine):
-                seed, start = mine[k]
+                round_, start = mine[k]
                 batch = prompts[start : start + batch_size]
-                images = generate([p.text for p in batch], seed)
+                seeds = [image_seed(round_, p.text) for p in batch]
+                images = generate([p.text for p in batch], seeds)
                 if len(images) != len(batch):
                     raise ValueError(
                         f"generate returned {len(images)} images for {len(batch)} prompts"
                     )
                 for i, (prompt, image) in enumerate(zip(batch, images, strict=True)):
                     keep = image if contact_sheet is not None else None
-                    made.append((seed, start + i, check(image, prompt), keep))
+                    made.append((round_, start + i, check(image, prompt), keep))
             for part in distributed.gather(made):
                 found += part
                 bar.update(len(part))
             bar.set_postfix(passed=f"{sum(r.passed for *_, r, _ in found) / len(found):.3f}")
     found.sort(key=lambda entry: entry[:2])  # the order one process makes them in
-    results = [(i, seed, result) for seed, i, result, _ in found]
-    sheet = [(image, f"{i} s{seed}", r.passed) for seed, i, r, image in found if image is not None]
+    results = [(i, round_, result) for round_, i, result, _ in found]
+    sheet = [(im, f"p{i} r{round_}", r.passed) for round_, i, r, im in found if im is not None]
     counts = {}
     for category in CATEGORIES:
         passed = [r.passed for i, _, r in results if prompts[i].category == category]
         if passed:
             counts[category] = (sum(passed), len(passed))
     per_category = {c: p / n for c, (p, n) in counts.items()}
-    report = Report(sum(per_category.values()) / len(per_category), per_category, counts, results)
+    overall = sum(per_category.values()) / len(per_category)
+    report = Report(overall, per_category, counts, results, split, rounds)
     if rank == 0:
         print(format_report(report))
         if contact_sheet is not None:
@@ -319,7 +406,9 @@ def evaluate(
 
 
 def format_report(report: Report) -> str:
-    lines = [f"{'category':<16}{'passed':>8}{'total':>8}{'accuracy':>10}"]
+    rounds = ", ".join(map(str, report.rounds))
+    lines = [f"split {report.split}, seed rounds {rounds} ({len(report.rounds)} images per prompt)"]
+    lines.append(f"{'category':<16}{'passed':>8}{'total':>8}{'accuracy':>10}")
     for category, (passed, total) in report.counts.items():
         lines.append(f"{category:<16}{passed:>8}{total:>8}{report.per_category[category]:>10.3f}")
     passed = sum(p for p, _ in report.counts.values())
@@ -337,7 +426,7 @@ def save_contact_sheet(
     cells: Sequence[tuple[Image.Image, str, bool]], path: Path, columns: int = 16
 ) -> None:
     """A grid of (image, label, passed): each image framed green (pass) or red (fail), with its
-    label ("<prompt index> s<seed>") underneath."""
+    label ("p<prompt index> r<seed round>") underneath."""
     largest = max(max(im.size) for im, _, _ in cells)
     scale = math.ceil(96 / largest)  # whole-number upscale of small images keeps pixels sharp
     cell = largest * scale
@@ -392,8 +481,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="only N prompts, taken round-robin over the categories",
     )
-    parser.add_argument("--seeds", type=int, default=1, help="images per prompt (seeds 0..K-1)")
+    parser.add_argument(
+        "--split",
+        choices=list(SPLITS),
+        default="val",
+        help="seed rounds: val (0-2) for every choice among models, checkpoints and settings; "
+        "test (100-105) only to report a chosen model",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="images per prompt: the split's first K seed rounds (default: all, val 3, test 6)",
+    )
     parser.add_argument("--contact-sheet", type=Path, default=None, help="save a PNG grid here")
+    parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     parser.add_argument(
         "--categories",
         type=lambda s: [c.strip() for c in s.split(",") if c.strip()],
@@ -412,14 +514,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check_arguments(args: argparse.Namespace) -> None:
     """One ValueError naming the option, before any image is made."""
     select_prompts(heldout_prompts(), args.categories, args.limit)
-    if args.seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    rounds = SPLITS[args.split]
+    if args.seeds is not None and not 1 <= args.seeds <= len(rounds):
+        raise ValueError(
+            f"--seeds must be 1 to {len(rounds)} for --split {args.split} "
+            f"(rounds {', '.join(map(str, rounds))}), got {args.seeds}"
+        )
     if args.oracle is not None and args.oracle < 16:
         raise ValueError(f"--oracle must be at least 16 pixels, got {args.oracle}")
     if args.contact_sheet is not None:
         if args.contact_sheet.suffix.lower() != ".png":
             raise ValueError(f"--contact-sheet {args.contact_sheet}: must be a .png file")
         check_new_file(args.contact_sheet, "--contact-sheet")
+    if args.json is not None:
+        if args.json.suffix.lower() != ".json":
+            raise ValueError(f"--json {args.json}: must be a .json file")
+        check_new_file(args.json, "--json")
 
 
 def run(args: argparse.Namespace, generate: Generate | None = None) -> int:
@@ -431,5 +541,12 @@ def run(args: argparse.Namespace, generate: Generate | None = None) -> int:
         generate = perfect_generator(args.oracle)
     check_arguments(args)
     prompts = select_prompts(heldout_prompts(), args.categories, args.limit)
-    evaluate(generate, prompts, args.seeds, args.contact_sheet, progress=True)
+    report = evaluate(
+        generate, prompts, args.seeds, args.contact_sheet, progress=True, split=args.split
+    )
+    if args.json is not None and distributed.rank_and_world()[0] == 0:
+        data = json.dumps(report.to_dict(), indent=1) + "\n"
+        written = write_new(args.json, data.encode(), "--json")
+        if written != Path(args.json):
+            print(f"--json {args.json} was taken meanwhile: wrote {written}", file=sys.stderr)
     return 0
