@@ -224,8 +224,10 @@ def main() -> None:
     for side in sides:
         program, weights, mode = SIDES[side]
         r = run_side(side, files[side], args.threads)
-        what = f"{program} " + (
-            {"int8": "--int8", "int4": "--int4"}.get(mode, PLAIN) if program == "sd3" else ""
+        what = (
+            f"sd3 {({'int8': '--int8', 'int4': '--int4'}).get(mode, PLAIN)}"
+            if program == "sd3"
+            else program
         )
         stored = "float16 safetensors" if weights == "source" else f"its {weights} GGUF"
         if "error" in r:
