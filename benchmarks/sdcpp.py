@@ -80,7 +80,7 @@ def source_file(weights: Path) -> Path:
     return path
 
 
-def gguf_file(weights: Path, kind: str, threads: int) -> Path:
+def gguf_file(weights: Path, kind: str) -> Path:
     """The source converted by stable-diffusion.cpp's converter to `kind`, made once."""
     path = weights / f"sd35_medium_random_no_t5_{kind}.gguf"
     if not path.is_file():
@@ -203,7 +203,7 @@ def main() -> None:
         p.error(f"unknown sides {unknown}; choose from {list(SIDES)}")
     source = source_file(args.weights)
     files = {
-        side: source if SIDES[side][1] == "source" else gguf_file(args.weights, SIDES[side][1], args.threads)
+        side: source if SIDES[side][1] == "source" else gguf_file(args.weights, SIDES[side][1])
         for side in sides
     }  # fmt: skip
     torch.set_num_threads(args.threads)
