@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import venv
 from pathlib import Path
 
@@ -22,6 +23,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if sys.platform == "win32" else "bin")
 TORCH = "torch==2.13.0"  # the CPU wheel; any other spec pulls a multi-GB CUDA build
+MIN_FREE_GIB = 4
 PROMPT = "a red circle above a blue square"
 
 
@@ -78,6 +80,11 @@ def main(argv: list[str]) -> int:
         return subprocess.run(command, cwd=out).returncode
     install("[test]")
     browser()
+    free = shutil.disk_usage(tempfile.gettempdir()).free / 2**30
+    print(f"quickstart: {free:.1f} GiB free in {tempfile.gettempdir()}", flush=True)
+    if free < MIN_FREE_GIB:  # the suite writes checkpoint-sized files: fail once, not in 20 tests
+        print(f"quickstart: the tests need about {MIN_FREE_GIB} GiB free there", file=sys.stderr)
+        return 1
     return subprocess.run([str(BIN / "python"), "-m", "pytest", "-q", *rest], cwd=ROOT).returncode
 
 

@@ -18,6 +18,7 @@ from sd3.shapes.evaluation import (
     check,
     check_arguments,
     classify_pixels,
+    cleanliness,
     connected_components,
     detect_objects,
     evaluate,
@@ -26,6 +27,7 @@ from sd3.shapes.evaluation import (
     perfect_generator,
     run,
     select_prompts,
+    total_cleanliness,
 )
 from sd3.shapes.scenes import (
     BACKGROUND,
@@ -269,8 +271,19 @@ def test_evaluate_reports_known_accuracy(tmp_path, capsys):
     assert out.strip() == format_report(report) and "position" in out and "overall" in out
     # the blank images fail for a missing object; perfect ones have no failure kind
     failed = 40 - sum(expected.values())
-    assert out.strip().endswith(f"failed images: missing {failed}")
+    assert out.strip().splitlines()[-2] == f"failed images: missing {failed}"
     assert all((r.failure is None) == r.passed for *_, r in report.results)
+    # cleanliness: the blank images add pixels only; the renders are those of every image's seed
+    good = [perfect([p.text], [image_seed(0, p.text)])[0] for p in prompts[::2]]
+    edges = total_cleanliness(good)
+    assert report.clean == dataclasses.replace(edges, pixels=40 * 64 * 64)
+    every = [perfect([p.text], [image_seed(r, p.text)])[0] for r in (0, 1) for p in prompts]
+    assert report.rendered == total_cleanliness(every) and report.rendered.ghost == 0
+    assert out.strip().splitlines()[-1] == (
+        f"edges {edges.edge_width:.2f} px wide (renders {report.rendered.edge_width:.2f}), "
+        "ghosts 0.00% of the pixels (renders 0.00%)"
+    )
+    assert report.to_dict()["edge_width"] == round(edges.edge_width, 3)
     grid = np.asarray(Image.open(sheet).convert("RGB"))
     cell_w = 2 * 64 + 8  # 64 px images shown at 2x, framed by 4 px
     assert grid.shape[1] == 16 * cell_w  # 40 cells, 16 columns, 3 rows
@@ -312,7 +325,7 @@ def test_run_with_oracle_and_with_a_generator(tmp_path, capsys):
     assert run(args) == 0
     out = capsys.readouterr().out
     assert "position" in out and "counting" in out and "single_object" not in out
-    assert "1.000" in out.splitlines()[-1] and sheet.exists()
+    assert "1.000" in out.splitlines()[-2] and sheet.exists()
     blank = Image.new("RGB", (64, 64), BACKGROUND)
     args = parser.parse_args(["--limit", "5", "--seeds", "2"])
     calls = []
@@ -325,7 +338,8 @@ def test_run_with_oracle_and_with_a_generator(tmp_path, capsys):
     texts = [p.text for p in select_prompts(PROMPTS, limit=5)]
     assert calls == [(5, [image_seed(r, t) for t in texts]) for r in (0, 1)]
     lines = capsys.readouterr().out.splitlines()
-    assert "0.000" in lines[-2] and lines[-1] == "failed images: missing 10"
+    assert "0.000" in lines[-3] and lines[-2] == "failed images: missing 10"
+    assert lines[-1].startswith("edges none found (renders ") and "ghosts 0.00%" in lines[-1]
     assert run(parser.parse_args([])) == 2
 
 
@@ -421,3 +435,44 @@ def test_circles_and_squares_are_told_from_squares_with_rounded_corners(size):
                     shapes[found[0].shape] += 1
                     assert found[0].shape != "circle", (corner, side, blur)
     assert size == 64 or shapes["square"] > 0 and shapes[None] > 0
+
+
+def _mix(colour: str, alpha: np.ndarray) -> np.ndarray:
+    """Pixels that are `alpha` of the way from the background to `colour`, as 8-bit sRGB."""
+    bg, c = np.array(BACKGROUND, float), np.array(COLOURS[colour], float)
+    return (bg + alpha[..., None] * (c - bg)).round().astype(np.uint8)
+
+
+def test_edge_width_is_the_ten_to_ninety_percent_rise():
+    # a red half-plane on the left, its edge a linear ramp of r pixels: alpha steps of 1/(r + 1)
+    # lie inside (0.1, 0.9) r times per row for r <= 7, and every row crosses alpha = 0.5 once
+    for ramp in (0, 1, 4):
+        alpha = np.zeros((30, 40))
+        alpha[:, :15] = 1
+        alpha[:, 15 : 15 + ramp] = 1 - np.arange(1, ramp + 1) / (ramp + 1)
+        clean = cleanliness(Image.fromarray(_mix("red", alpha)))
+        assert (clean.transition, clean.outline, clean.ghost) == (30 * ramp, 30, 0)
+        assert clean.edge_width == ramp
+    # a square's four sides along the grid: one outline pair per pixel of side, each way
+    alpha = np.zeros((40, 40))
+    alpha[10:20, 10:20] = 1
+    alpha[9, 10:20] = alpha[20, 10:20] = alpha[10:20, 9] = alpha[10:20, 20] = 0.5 - 0.1
+    clean = cleanliness(Image.fromarray(_mix("blue", alpha)))
+    assert (clean.transition, clean.outline) == (40, 40) and clean.edge_width == 1
+
+
+def test_ghosts_are_off_background_pixels_away_from_objects():
+    alpha = np.zeros((40, 60))
+    alpha[5:15, 5:15] = 1  # an object
+    alpha[30:34, 40:45] = 0.2  # a faint blob far from it: 20 pixels
+    alpha[5:15, 16:18] = 0.2  # a faint band 2-3 pixels from it: part of its edge, not a ghost
+    image = _mix("blue", alpha)
+    image[0, 59] = (220, 220, 220)  # paler than the background by 20 sRGB levels per channel
+    image[39, 0] = (205, 205, 205)  # by 8.7: within the background's noise
+    clean = cleanliness(Image.fromarray(image))
+    assert clean.ghost == 20 + 1 and clean.pixels == 40 * 60
+    assert clean.ghost_share == 21 / 2400
+    assert clean.transition == 2 * 10  # the band; the blob is not an edge
+    # renders: every anti-aliased pixel lies next to its object
+    renders = total_cleanliness([render(sample_scene(3, i), 128) for i in range(20)])
+    assert renders.ghost == 0 and 0.4 < renders.edge_width < 1

@@ -7,15 +7,21 @@ its perceptual and adversarial terms: L1 + MSE on pixels plus a small KL to N(0,
 
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from sd3.kernels.hardware import cpu_has_bf16
 from sd3.models.vae import SCALE, AutoEncoder
+from sd3.shapes.evaluation import total_cleanliness
+from sd3.shapes.scenes import ShapesDataset
+
+HELDOUT_SEED = 2**31 - 1  # the scenes reconstructions are measured on (no recipe stage draws it)
 
 
 def reconstruction_loss(
@@ -103,3 +109,49 @@ def fit_latent_format(vae: AutoEncoder, images: Tensor) -> tuple[Tensor, Tensor]
     out.bias[n:] += 2 * torch.log(a)  # the posterior's std scales with its mean
     vae.decoder.conv_in.weight /= a[None, :, None, None]
     return mu, sigma
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """[-1, 1] floats -> 0..255 (as floats), as a saved picture holds them."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round()
+
+
+def psnr(reference: Tensor, images: Tensor) -> Tensor:
+    """Per-picture PSNR in dB of 8-bit pictures [N, C, H, W] (0..255) against `reference`."""
+    mse = (reference.double() - images.double()).pow(2).mean(dim=(1, 2, 3))
+    return 10 * torch.log10(255**2 / mse)
+
+
+@torch.no_grad()
+def reconstruct(vae: AutoEncoder, images: Tensor, batch_size: int = 32) -> Tensor:
+    """The round trip of [N, 3, H, W] pictures in [-1, 1]: the posterior mean, decoded."""
+    out = []
+    for start in range(0, len(images), batch_size):
+        mean, _ = vae.encode_moments(images[start : start + batch_size])
+        out.append(vae.decoder.forward_up(vae.decoder.forward_mid(mean)).clamp(-1, 1))
+    return torch.cat(out)
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    size: int
+    images: int
+    psnr: float  # dB, mean over the pictures
+    edge_width: float  # pixels (`evaluation.Cleanliness`); the renders' own is `render_edge_width`
+    render_edge_width: float
+    ghost_share: float  # of the reconstructions' pixels (renders have none)
+
+
+def measure_reconstruction(vae: AutoEncoder, size: int, count: int = 256) -> Reconstruction:
+    """How well `vae` reconstructs `count` held-out scenes at `size`: PSNR of the 8-bit round trip,
+    and its edges and ghosts next to the renders' (`evaluation.cleanliness`)."""
+    data = ShapesDataset(size, count, HELDOUT_SEED)
+    images = torch.stack([data[i][0] for i in range(count)])
+    reference, recon = to_uint8(images), to_uint8(reconstruct(vae, images))
+    pictures = [Image.fromarray(a) for a in recon.permute(0, 2, 3, 1).to(torch.uint8).numpy()]
+    clean = total_cleanliness(pictures)
+    renders = total_cleanliness([data.render(i) for i in range(count)])
+    return Reconstruction(
+        size, count, round(psnr(reference, recon).mean().item(), 3), round(clean.edge_width, 3),
+        round(renders.edge_width, 3), round(clean.ghost_share, 5),
+    )  # fmt: skip

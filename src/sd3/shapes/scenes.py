@@ -514,6 +514,10 @@ class ShapesDataset(Dataset):
             return mirror(scene) if index % 2 else scene
         return sample_scene(self.seed, index, self.mix)
 
+    def render(self, index: int) -> Image.Image:
+        """Item `index`'s picture."""
+        return render(self.scene(index), self.size)
+
     def __getitem__(self, index: int) -> tuple[Tensor, str]:
         scene = self.scene(index)
         return to_tensor(render(scene, self.size)), scene.caption
