@@ -12,7 +12,7 @@ new scenes. Each stage's seeds derive from `--seed` and its index, so a run is a
 settings. Each stage writes its weights and then, atomically, a `done.json` marker in
 `--out/<stage>/`; re-running the same command (or with `--resume`) skips the stages done and
 continues an MMDiT stage at its trainer's last checkpoint (every 250 steps). Changed settings are
-refused. `--out/record.json` holds, per stage, its wall time, final loss, images/s and machine.
+refused, except in stages not started yet. `--out/record.json` holds, per stage, its wall time, final loss, images/s and machine.
 The EMA weights go to `--export` (official single-file layout, fp16, the preset in its metadata).
 """
 
@@ -34,7 +34,7 @@ from sd3.checkpoints import load_component, open_file
 from sd3.kernels.hardware import cpu_flags, cpu_has_amx, cpu_has_bf16
 from sd3.models.mmdit import MMDiT
 from sd3.models.vae import AutoEncoder
-from sd3.shapes.autoencoder import fit_latent_format, train_autoencoder
+from sd3.shapes.autoencoder import fit_latent_format, measure_reconstruction, train_autoencoder
 from sd3.shapes.bundled import (
     CLIP_POSITIONS,
     CURRICULUM_MIX,
@@ -61,7 +61,8 @@ DONE = "done.json"  # a stage's marker, written atomically once its weights are 
 @dataclass(frozen=True)
 class Stage:
     """One stage of the recipe: `kind` "text" (pre-train the text encoders on `scenes` captions),
-    "vae" (train the autoencoder on `scenes` scenes at `size`) or "mmdit" (encode `scenes` new
+    "vae" (train the autoencoder on `scenes` scenes at `size`), "decoder" (train its decoder
+    alone, at `size`: the latents stay the ones the MMDiT learned) or "mmdit" (encode `scenes` new
     scenes at `size` with the `mix` of caption kinds, then train the MMDiT on them)."""
 
     name: str
@@ -74,7 +75,8 @@ class Stage:
     mix: str = ""
     warmup: int = 0  # MMDiT: linear lr warm-up steps, then cosine to 0
     logit_mean: float = 0.5  # MMDiT: logit-normal timestep sampling, more steps at high noise
-    heldout: int = 0  # text: about how many held-out prompts its report reads (0: all 224)
+    heldout: int = 0  # text: about how many held-out prompts its report reads (0: all 224);
+    # decoder: how many held-out scenes measure its reconstruction
 
 
 def text(steps: int, batch: int = 256, captions: int = 20_000, heldout: int = 0) -> Stage:
@@ -85,6 +87,12 @@ def text(steps: int, batch: int = 256, captions: int = 20_000, heldout: int = 0)
 def vae(steps: int, batch: int = 32, scenes: int = 20_000) -> Stage:
     """The 16-channel VAE at 64x64 (the standard caption mix), then its latent format fitted."""
     return Stage("vae", "vae", steps, batch, scenes, lr=1e-3, size=SIZE)
+
+
+def decoder(steps: int, batch: int = 8, scenes: int = 20_000, heldout: int = 256) -> Stage:
+    """The VAE's decoder alone at 128x128, the sampling size (the 64x64 VAE drew soft edges and
+    pale blobs beside the objects there); `heldout` scenes measure it before and after."""
+    return Stage("decoder", "decoder", steps, batch, scenes, 3e-4, size=HIRES, heldout=heldout)
 
 
 def position(n: int, steps: int, warmup: int, batch: int = 64, scenes: int = 16_000) -> Stage:
@@ -109,7 +117,8 @@ def mixed(n: int, steps: int, warmup: int, batch: int = 64, scenes: int = 32_000
 #   position-3..6                                              1,500   11.4 each
 #   mixed-3      32,000 scenes                                 1,500   25.8 (8 + 1 + 16.8)
 #   mixed-4..6   32,000 scenes each                            1,000   20.2 each
-#   total                                                             327 min (5.5 hours)
+#   decoder      VAE decoder alone, 20,000 scenes, 128x128       600    8.8
+#   total                                                             336 min (5.6 hours)
 # Every stage draws new scenes (its own seed); the 128x128 stages do because the chain found fresh
 # scenes, not a re-weighted mix, lifted the last 128x128 stage (0.863 against 0.814).
 STAGES = (
@@ -127,6 +136,7 @@ STAGES = (
     mixed(5, steps=1000, warmup=100),
     position(6, steps=1500, warmup=100),
     mixed(6, steps=1000, warmup=100),
+    decoder(steps=600),
 )
 # `--quick`: the same kinds of stage in the same order, a few steps each on a few scenes (tests)
 QUICK = (
@@ -136,6 +146,7 @@ QUICK = (
     mixed(1, steps=3, warmup=1, batch=4, scenes=8),
     position(2, steps=2, warmup=1, batch=4, scenes=8),
     mixed(2, steps=2, warmup=1, batch=4, scenes=8),
+    decoder(steps=1, batch=2, scenes=4, heldout=4),
 )
 
 # Rates for the budget, 2 cores with bf16 (docs/default-model.md's stage table)
@@ -143,6 +154,7 @@ IMAGES_PER_S = {SIZE: 170, HIRES: 95}  # MMDiT training, compiled, batch 64
 SCENES_PER_MIN = {SIZE: 16_000, HIRES: 4_000}  # scenes rendered and encoded to latents
 TEXT_STEP_S = 0.45  # text pre-training, batch 256
 VAE_STEP_S = 1.6  # VAE, batch 32 at 64x64
+DECODER_SHARE = 0.55  # of a VAE step's time that training the decoder alone takes
 MMDIT_START_MIN = 1.0  # per MMDiT stage: compiling the step, encoding the captions
 
 
@@ -150,8 +162,10 @@ def budget_minutes(stage: Stage) -> tuple[float, float]:
     """(minutes preparing, minutes training) that `stage` is budgeted at the rates above."""
     if stage.kind == "text":
         return 0.0, stage.steps * TEXT_STEP_S * stage.batch / 256 / 60
-    if stage.kind == "vae":
-        return 0.0, stage.steps * VAE_STEP_S * stage.batch / 32 / 60
+    if stage.kind in ("vae", "decoder"):
+        pixels = stage.batch * stage.size**2 / (32 * SIZE**2)
+        share = 1.0 if stage.kind == "vae" else DECODER_SHARE
+        return 0.0, stage.steps * VAE_STEP_S * pixels * share / 60
     prepare = stage.scenes / SCENES_PER_MIN[stage.size] + MMDIT_START_MIN
     return prepare, stage.steps * stage.batch / IMAGES_PER_S[stage.size] / 60
 
@@ -162,6 +176,8 @@ def what(stage: Stage) -> str:
         return f"text encoders on {stage.scenes:,} captions' structure and layout"
     if stage.kind == "vae":
         return f"VAE on {stage.scenes:,} scenes at {stage.size}x{stage.size}"
+    if stage.kind == "decoder":
+        return f"VAE decoder alone on {stage.scenes:,} new scenes at {stage.size}x{stage.size}"
     kinds = "position scenes" if stage.mix == POSITION_MIX else "scenes, curriculum mix"
     return f"MMDiT, {stage.scenes:,} new {kinds} at {stage.size}x{stage.size}"
 
@@ -260,7 +276,9 @@ def parse_args() -> argparse.Namespace:
 
 def check_recipe(out: Path, settings: dict, resume: bool) -> str | None:
     """Write the settings to `out/recipe.json` on a first run; on a later one, the first setting
-    that differs from the file's (in words), or None if all match."""
+    that differs from the file's (in words), or None if the run can go on. Stages not started yet
+    (no folder in `out`) may differ: they have not touched the run, so it goes on as the edited
+    recipe would have from the beginning, and the file is rewritten with it."""
     path = out / "recipe.json"
     if not path.is_file():
         if resume:
@@ -278,12 +296,16 @@ def check_recipe(out: Path, settings: dict, resume: bool) -> str | None:
     old, new = before["stages"], settings["stages"]
     for i in range(max(len(old), len(new))):
         a, b = (old[i] if i < len(old) else None), (new[i] if i < len(new) else None)
-        if a != b:
-            changed = (next(k for k in a if a[k] != b.get(k)) if a and b and a["name"] == b["name"]
+        if a != b and a is not None and (out / a["name"]).exists():
+            changed = (next(k for k in a if a[k] != b.get(k)) if b and a["name"] == b["name"]
                        else "name")  # fmt: skip
-            return (f"{out} holds a run whose stage {i + 1} has {changed}="
-                    f"{(a or {}).get(changed)!r}, the recipe now has {(b or {}).get(changed)!r}: "
+            return (f"{out} holds a run whose stage {i + 1} ({a['name']}, started) has "
+                    f"{changed}={a.get(changed)!r}, the recipe now has {(b or {}).get(changed)!r}: "
                     "continue it with the script it started with, or use another --out")  # fmt: skip
+    if old != new:
+        print(f"the recipe's stages changed after the last one {out} started; going on with them",
+              file=sys.stderr)  # fmt: skip
+        write_json(path, settings)
     return None
 
 
@@ -341,13 +363,14 @@ class Run:
                 m.load_state_dict({k.removeprefix(f"{name}."): v for k, v in weights.items()
                                    if k.startswith(f"{name}.")})  # fmt: skip
         else:
-            (self.vae if stage.kind == "vae" else self.mmdit).load_state_dict(weights)
+            (self.mmdit if stage.kind == "mmdit" else self.vae).load_state_dict(weights)
         self.freeze()
 
 
 OUTPUT = {
     "text": "text_encoders.safetensors",
     "vae": "vae.safetensors",
+    "decoder": "vae.safetensors",
     "mmdit": "mmdit.safetensors",
 }
 
@@ -436,6 +459,31 @@ def train_vae(stage: Stage, seed: int, folder: Path, run: Run, progress: Progres
     }
 
 
+def train_decoder(stage: Stage, seed: int, folder: Path, run: Run, progress: Progress) -> dict:
+    """Train the VAE's decoder alone on new scenes at the stage's size; the reconstruction of
+    held-out scenes at 64x64 and 128x128 before and after goes in the record."""
+    sizes = (SIZE, HIRES)
+    before = {s: asdict(measure_reconstruction(run.vae, s, stage.heldout)) for s in sizes}
+    data = ShapesDataset(stage.size, stage.scenes, seed)
+    started = time.perf_counter()
+    losses = train_autoencoder(
+        run.vae, data, stage.steps, batch_size=stage.batch, lr=stage.lr, seed=seed, bf16=run.bf16,
+        progress=False, on_step=progress.training(stage.steps), train_encoder=False,
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+    save_atomic(
+        folder / OUTPUT["vae"], {k: v.contiguous() for k, v in run.vae.state_dict().items()}
+    )
+    run.freeze()
+    after = {s: asdict(measure_reconstruction(run.vae, s, stage.heldout)) for s in sizes}
+    return {
+        "loss": last_tenth(losses),
+        "images_per_s": round(stage.steps * stage.batch / seconds, 1),
+        "reconstruction_before": before,
+        "reconstruction_after": after,
+    }
+
+
 def train_mmdit(stage: Stage, seed: int, folder: Path, run: Run, progress: Progress) -> dict | None:
     """Encode the stage's new scenes, then train (or continue) the MMDiT on them; the networks
     then hold its EMA weights, where the next stage starts. None if stopped early (Ctrl-C)."""
@@ -482,7 +530,7 @@ def train_mmdit(stage: Stage, seed: int, folder: Path, run: Run, progress: Progr
             "earlier_seconds": earlier}  # fmt: skip
 
 
-TRAIN = {"text": train_text, "vae": train_vae, "mmdit": train_mmdit}
+TRAIN = {"text": train_text, "vae": train_vae, "decoder": train_decoder, "mmdit": train_mmdit}
 
 
 def last_tenth(losses: list[float]) -> float:

@@ -165,7 +165,20 @@ def test_recipe_stopped_and_resumed_exports_what_one_run_does(tmp_path):
     assert "seed=0" in changed.stderr and "seed=1" in changed.stderr, changed.stderr
     assert not (run / "mixed-1").exists()
 
+    # the recipe edited after the run started: in a stage begun, refused; in one not begun, taken
+    recipe = json.loads((run / "recipe.json").read_text())
+    edited = json.loads(json.dumps(recipe))
+    edited["stages"][2]["steps"] += 1
+    (run / "recipe.json").write_text(json.dumps(edited))
+    begun = _recipe("--out", str(run), "--export", str(two), "--resume")
+    assert begun.returncode == 2 and "stage 3 (position-1, started) has steps=" in begun.stderr
+    edited = json.loads(json.dumps(recipe))
+    edited["stages"][5]["steps"] += 1
+    (run / "recipe.json").write_text(json.dumps(edited))
+
     rest = _recipe("--out", str(run), "--export", str(two), "--resume")
+    assert "stages changed" in rest.stderr
+    assert json.loads((run / "recipe.json").read_text()) == recipe
     assert rest.returncode == 0, rest.stderr[-2000:]
     a, b = load_file(str(one)), load_file(str(two))
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)

@@ -25,14 +25,22 @@ HELDOUT_SEED = 2**31 - 1  # the scenes reconstructions are measured on (no recip
 
 
 def reconstruction_loss(
-    vae: AutoEncoder, images: Tensor, generator: torch.Generator, kl_weight: float
+    vae: AutoEncoder,
+    images: Tensor,
+    generator: torch.Generator,
+    kl_weight: float,
+    train_encoder: bool = True,
 ) -> Tensor:
-    mean, logvar = vae.encode_moments(images)
+    with torch.set_grad_enabled(train_encoder and torch.is_grad_enabled()):
+        mean, logvar = vae.encode_moments(images)
     noise = torch.randn(mean.shape, generator=generator)
     z = mean + torch.exp(0.5 * logvar) * noise
     recon = vae.decoder.forward_up(vae.decoder.forward_mid(z))
+    loss = F.l1_loss(recon, images) + F.mse_loss(recon, images)
+    if not train_encoder:  # the KL term is then a constant
+        return loss
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
-    return F.l1_loss(recon, images) + F.mse_loss(recon, images) + kl_weight * kl
+    return loss + kl_weight * kl
 
 
 def _forever(loader: DataLoader) -> Iterator:
@@ -51,10 +59,12 @@ def train_autoencoder(
     bf16: bool | None = None,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    train_encoder: bool = True,
 ) -> list[float]:
     """Train `vae` in place on (image, caption) items; returns the loss per step. `bf16`: autocast
     to bf16; by default where the CPU computes it natively (elsewhere it is emulated, slower).
-    `progress`: show a bar; `on_step(step, loss)`: called after every step (a caller's display)."""
+    `progress`: show a bar; `on_step(step, loss)`: called after every step (a caller's display).
+    `train_encoder=False` trains the decoder alone, keeping the latents a model was trained on."""
     if bf16 is None:
         bf16 = cpu_has_bf16()
     if steps < 1:
@@ -64,21 +74,25 @@ def train_autoencoder(
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator
     )
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    trained = vae if train_encoder else vae.decoder
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))
     )
-    vae.train().requires_grad_(True)
+    vae.train().requires_grad_(False)
+    trained.requires_grad_(True)
+    if not train_encoder:
+        vae.encoder.eval()
     losses = []
     batches = _forever(loader)
     with tqdm(range(steps), desc="autoencoder", unit="step", disable=not progress) as bar:
         for step in bar:
             images, _captions = next(batches)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = reconstruction_loss(vae, images, generator, kl_weight)
+                loss = reconstruction_loss(vae, images, generator, kl_weight, train_encoder)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
             optimizer.step()
             schedule.step()
             losses.append(loss.item())
