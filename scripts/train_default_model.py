@@ -516,7 +516,15 @@ def train_mmdit(stage: Stage, seed: int, folder: Path, run: Run, progress: Progr
     partial = folder / "partial.json"  # the seconds of earlier, interrupted tries
     earlier = json.loads(partial.read_text())["seconds"] if partial.is_file() else 0.0
     started = time.perf_counter()
-    step = trainer.train(on_step=progress.training(stage.steps))
+    show = progress.training(stage.steps)
+
+    def on_step(step: int, loss: float) -> None:
+        show(step, loss)
+        if step > 1 and (step - 1) % config.checkpoint_every == 0:  # the last save is whole:
+            # its time holds if the run is killed before the next (one step's more, redone)
+            write_json(partial, {"seconds": earlier + time.perf_counter() - started})
+
+    step = trainer.train(on_step=on_step)
     if step < stage.steps:
         write_json(partial, {"seconds": earlier + time.perf_counter() - started})
         return None

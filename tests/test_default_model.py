@@ -148,7 +148,7 @@ def test_recipe_stopped_and_resumed_exports_what_one_run_does(tmp_path):
     whole = _recipe("--out", str(tmp_path / "whole"), "--export", str(one))
     assert whole.returncode == 0, whole.stderr[-2000:]
     assert "position-1" in whole.stderr and "total" in whole.stderr  # the budget table, up front
-    assert "stage 6/6 mixed-2" in whole.stderr  # the one progress bar
+    assert "stage 7/7 decoder" in whole.stderr  # the one progress bar
 
     run = tmp_path / "run"
     missing = _recipe("--out", str(run), "--export", str(two), "--resume")
@@ -186,8 +186,10 @@ def test_recipe_stopped_and_resumed_exports_what_one_run_does(tmp_path):
     record = json.loads((run / "record.json").read_text())
     stages = record["stages"]
     assert [r["stage"] for r in stages] == [
-        "text", "vae", "position-1", "mixed-1", "position-2", "mixed-2"
+        "text", "vae", "position-1", "mixed-1", "position-2", "mixed-2", "decoder"
     ]  # fmt: skip
+    measured = stages[-1]["reconstruction_after"]
+    assert set(measured) == {"64", "128"} and measured["128"]["images"] == 4
     assert stages[:3] == done  # the stages done before the stop were not run again
     for r in stages:
         assert r["seconds"] > 0 and r["loss"] > 0 and r["budget_minutes"] >= 0
