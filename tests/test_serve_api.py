@@ -447,11 +447,14 @@ def test_cancel_queued_and_running_jobs_and_429_when_the_queue_is_full(client):
     assert wait_job(client, queued[0].json()["id"])["state"] == "done"
 
 
-def test_compatible_jobs_share_a_batch_and_get_their_own_images(client):
+@pytest.mark.parametrize("sampler", ["euler", "euler_ancestral"])
+def test_compatible_jobs_share_a_batch_and_get_their_own_images(client, sampler):
     blocker = busy(client)
-    # (the queue holds 2) two jobs of the same size, steps, sampler and guidance
+    # (the queue holds 2) two jobs of the same size, steps, sampler and guidance; an ancestral
+    # sampler's noise is drawn per image from its own seed too
+    settings = {"steps": 6, "sampler": sampler}
     jobs = [
-        client.post("/v1/jobs", json={"prompt": p, "seed": s, "steps": 6}).json()
+        client.post("/v1/jobs", json={"prompt": p, "seed": s, **settings}).json()
         for p, s in (("a red circle", 1), ("a blue square below a green triangle", 2))
     ]
     client.delete(f"/v1/jobs/{blocker}")
@@ -462,7 +465,7 @@ def test_compatible_jobs_share_a_batch_and_get_their_own_images(client):
     # each image is the one its request makes alone
     for d in done:
         alone = client.post("/v1/jobs", json={"prompt": d["settings"]["prompt"],
-                                              "seed": d["settings"]["seed"], "steps": 6}).json()  # fmt: skip
+                                              "seed": d["settings"]["seed"], **settings}).json()  # fmt: skip
         alone = wait_job(client, alone["id"])
         assert alone["timings"]["batch_jobs"] == 1
         a = np.asarray(Image.open(io.BytesIO(client.get(d["images"][0]["url"]).content)), float)

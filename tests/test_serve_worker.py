@@ -118,8 +118,10 @@ def test_batch_keys_group_only_what_makes_the_same_images(service):
     assert key == service.new_job({"prompt": "something else", "seed": 3}).batch_key
     for change in ({"steps": 5}, {"cfg": 3.0}, {"width": 144}, {"shift": 2.0}, {"t5_length": 30}):
         assert service.new_job({"prompt": "a red circle", **change}).batch_key != key, change
-    # samplers that draw noise, and img2img, run alone
-    assert service.new_job({"prompt": "x", "sampler": "euler_ancestral"}).batch_key is None
+    # samplers that draw noise batch too (each image draws its own), with their own kind; img2img
+    # and inpainting run alone
+    ancestral = service.new_job({"prompt": "x", "sampler": "euler_ancestral"}).batch_key
+    assert ancestral is not None and ancestral != key
     init = Image.new("RGB", (128, 128))
     assert service.new_job({"prompt": "x", "denoise": 0.5}, init_image=init).batch_key is None
     mask = Image.new("L", (128, 128), 255)

@@ -650,22 +650,15 @@ class Pipeline:
         conditioning: tuple[Tensor, Tensor, Tensor, Tensor],
         mask: Tensor | None = None,
         controls: list[tuple[Control, Tensor]] = (),
-        noise: Tensor | None = None,
         seeds: Sequence[int] | None = None,
     ) -> Tensor:
         """`sample` after the settings are checked and the prompt encoded; with a latent `mask`
         (1 = repaint), the masked blend of `inpainting`; with `controls`, the ControlNets';
-        `noise` replaces the one drawn from `s.seed` (a batch of several requests, each with its
-        own seeds); `seeds` (one per image, else seed + i) draw the noise and the samplers' noise."""
+        `seeds` (one per image, else seed + i) draw the noise and the samplers' noise."""
         seeds = list(seeds) if seeds is not None else [s.seed + i for i in range(s.num_images)]
         context, pooled, neg_context, neg_pooled = conditioning
         sigmas = get_sigmas(s.steps, s.shift, s.denoise).to(self.device)
-        shape = (s.num_images, 16, s.height // 8, s.width // 8)
-        if noise is not None and tuple(noise.shape) != shape:
-            raise ValueError(f"noise of shape {tuple(noise.shape)} does not fit {shape}")
-        if noise is None:
-            noise = get_noise(seeds, s.num_images, s.height, s.width)
-        x = noise = noise.to(self.device)
+        x = noise = get_noise(seeds, s.num_images, s.height, s.width).to(self.device)
         if init_image is not None:
             with torch.no_grad():
                 image = to_image_tensor(init_image, s.width, s.height).to(self.device, self.dtype)
@@ -838,7 +831,7 @@ class Pipeline:
         mask_image: Image.Image | None = None,
         control_images: list[Image.Image] = (),
         conditioning: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
-        noise: Tensor | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> tuple[Tensor, list[Image.Image]]:
         """Encode, denoise, decode -> (latents, images); records each stage's seconds in
         `timings`. The prompt is encoded before the first step, so per-step times are the
@@ -846,9 +839,12 @@ class Pipeline:
         and `per_step` leaves the first step out. With `s.inpaint`, a masked generation: the
         latents are the working canvas's, the images the finished (pasted-back) ones.
         `conditioning` (as `encode_prompt` returns it, one row per image or one for all) and
-        `noise` ([num_images, 16, H/8, W/8]) replace the prompt's and the seed's: several requests
-        denoised as one batch (`sd3.serve`)."""
+        `seeds` (one per image: its starting noise and its samplers' noise) replace the prompt's
+        and seed + i: several requests denoised as one batch, each image as it would be alone
+        (`sd3.serve`)."""
         check_settings(s, self.config, init_image is not None, mask_image is not None)
+        if seeds is not None:
+            check_seeds(seeds, s.num_images)
         self.check_loras(s.use_t5)
         job = None
         if s.inpaint is not None:
@@ -870,7 +866,7 @@ class Pipeline:
                     callback(*args)
 
             latents = self._denoise(
-                s, init_image, step, conditioning, job and job.mask, controls, noise
+                s, init_image, step, conditioning, job and job.mask, controls, seeds=seeds
             )
             # a GPU's steps are queued: wait for them, so the time is theirs, not the queueing's
             if self.device.type == "cuda":

@@ -2,10 +2,10 @@
 
 Requests become `Job`s in a bounded FIFO queue (`JobQueue.submit` refuses past `max_queued`).
 The worker takes the oldest job and, with it, every later queued job that can share its
-denoising batch (`Job.batch_key`: same size, steps, sampler, guidance, shift and T5 length, a
-deterministic sampler, no init image) until the batch holds `batch_limit` images: each image
-keeps its own prompt and seed, so it is the image its request would get alone (to the
-rounding of a larger matrix product). A job that fails in a shared batch is run again alone,
+denoising batch (`Job.batch_key`: same size, steps, sampler, guidance, shift and T5 length, no
+init image) until the batch holds `batch_limit` images: each image keeps its own prompt and seed
+(its starting noise and, for ancestral and SDE samplers, their noise), so it is the image its
+request would get alone (to the rounding of a larger matrix product). A job that fails in a shared batch is run again alone,
 so one bad job cannot fail the others.
 
 Cancelling a queued job removes it at once; a running job stops at its next step (its rows of a
@@ -33,13 +33,11 @@ from ..checkpoints import Component
 from ..cli import encoded_image, one_line
 from ..outputs import write_new
 from ..pipeline import Pipeline, Settings
-from ..sampling import get_noise
 from .history import History
 from .preview import PreviewMap
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 ENDED = (DONE, FAILED, CANCELLED)
-DETERMINISTIC = ("euler", "heun", "dpmpp_2m")  # the samplers whose batch draws no noise
 RECENT_JOBS = 256  # ended jobs kept in memory; older ones are read from the history
 
 
@@ -117,7 +115,7 @@ class Job:
 
 def batch_key(pipe: Pipeline, s: Settings, has_init_image: bool) -> tuple | None:
     """What must agree for two jobs to share a denoising batch; None where a job runs alone."""
-    if has_init_image or s.sampler not in DETERMINISTIC:
+    if has_init_image:
         return None
     slg = None if s.slg is None else (s.slg.scale, tuple(s.slg.layers), s.slg.start, s.slg.end)
     return (
@@ -411,16 +409,10 @@ class Worker(threading.Thread):
                 )
                 for k in range(4)
             )
-            s = batch[0].settings
-            noise = torch.cat(
-                [
-                    get_noise(job.settings.seed, job.settings.num_images, s.height, s.width)
-                    for job in batch
-                ]
-            )
-            s = replace(s, num_images=len(noise))
+            seeds = [job.settings.seed + i for job in batch for i in range(job.settings.num_images)]
+            s = replace(batch[0].settings, num_images=len(seeds))
             latents, images = pipe.generate(
-                s, callback=self.callback(batch, started), conditioning=conditioning, noise=noise
+                s, callback=self.callback(batch, started), conditioning=conditioning, seeds=seeds
             )
         timings = {
             "generate": time.perf_counter() - started,
