@@ -12,8 +12,9 @@ new scenes. Each stage's seeds derive from `--seed` and its index, so a run is a
 settings. Each stage writes its weights and then, atomically, a `done.json` marker in
 `--out/<stage>/`; re-running the same command (or with `--resume`) skips the stages done and
 continues an MMDiT stage at its trainer's last checkpoint (every 250 steps). Changed settings are
-refused, except in stages not started yet. `--out/record.json` holds, per stage, its wall time, final loss, images/s and machine.
-The EMA weights go to `--export` (official single-file layout, fp16, the preset in its metadata).
+refused, except in stages not started yet. `--out/record.json` holds, per stage, its wall time,
+final loss, images/s and machine. The EMA weights go to `--export` (official single-file layout,
+fp16, the preset in its metadata).
 """
 
 import argparse

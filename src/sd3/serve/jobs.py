@@ -5,8 +5,8 @@ The worker takes the oldest job and, with it, every later queued job that can sh
 denoising batch (`Job.batch_key`: same size, steps, sampler, guidance, shift and T5 length, no
 init image) until the batch holds `batch_limit` images: each image keeps its own prompt and seed
 (its starting noise and, for ancestral and SDE samplers, their noise), so it is the image its
-request would get alone (to the rounding of a larger matrix product). A job that fails in a shared batch is run again alone,
-so one bad job cannot fail the others.
+request would get alone (to the rounding of a larger matrix product). A job that fails in a
+shared batch is run again alone, so one bad job cannot fail the others.
 
 Cancelling a queued job removes it at once; a running job stops at its next step (its rows of a
 shared batch are dropped; the batch stops when none is left). On shutdown the queued jobs are

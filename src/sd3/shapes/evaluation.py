@@ -507,8 +507,8 @@ def format_report(report: Report) -> str:
         clean, rendered = report.clean, report.rendered
         edges = f"{clean.edge_width:.2f} px wide" if clean.outline else "none found"
         lines.append(
-            f"edges {edges} (renders {rendered.edge_width:.2f}), ghosts "
-            f"{100 * clean.ghost_share:.2f}% of the pixels (renders {100 * rendered.ghost_share:.2f}%)"
+            f"edges {edges} (renders {rendered.edge_width:.2f}), ghosts {100 * clean.ghost_share:.2f}"
+            f"% of the pixels (renders {100 * rendered.ghost_share:.2f}%)"
         )
     return "\n".join(lines)
 
