@@ -8,19 +8,21 @@ The stages (`STAGES`, below; docs/default-model-recipe.md says what each is for)
 chain of runs in docs/default-model.md taught, in order: the text encoders pre-trained on the
 captions' structure and layout (`sd3.shapes.text_pretraining`), the VAE, then MMDiT stages, 64x64
 on position scenes alone alternating with 128x128 on the curriculum's caption mix, every one on
-new scenes. Each stage's seeds derive from `--seed` and its index, so a run is a function of its
+new scenes, then the VAE's decoder at 128x128 and a canny ControlNet for the finished model.
+Each stage's seeds derive from `--seed` and its index, so a run is a function of its
 settings. Each stage writes its weights and then, atomically, a `done.json` marker in
 `--out/<stage>/`; re-running the same command (or with `--resume`) skips the stages done and
 continues an MMDiT stage at its trainer's last checkpoint (every 250 steps). Changed settings are
 refused, except in stages not started yet. `--out/record.json` holds, per stage, its wall time,
 final loss, images/s and machine. The EMA weights go to `--export` (official single-file layout,
-fp16, the preset in its metadata).
+fp16, the preset in its metadata), the ControlNet's beside it (`controlnet_export`).
 """
 
 import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -35,12 +37,14 @@ from sd3.checkpoints import load_component, open_file
 from sd3.kernels.hardware import cpu_flags, cpu_has_amx, cpu_has_bf16
 from sd3.models.mmdit import MMDiT
 from sd3.models.vae import AutoEncoder
+from sd3.presets import PRESET_METADATA
 from sd3.shapes.autoencoder import fit_latent_format, measure_reconstruction, train_autoencoder
 from sd3.shapes.bundled import (
     CLIP_POSITIONS,
     CURRICULUM_MIX,
     HIRES,
     POSITION_MIX,
+    PRESET,
     SIZE,
     T5_LENGTH,
     export,
@@ -50,6 +54,7 @@ from sd3.shapes.scenes import ShapesDataset, heldout_prompts, parse_mix
 from sd3.shapes.text_pretraining import pretrain_text_encoders
 from sd3.text import TextEncoders
 from sd3.training.checkpoint import save_atomic
+from sd3.training.controlnet import control_encoder, save_controlnet, shapes_edges
 from sd3.training.data import cached_latents
 from sd3.training.fresh import fresh_text_encoders, init_mmdit
 from sd3.training.trainer import TrainConfig, Trainer
@@ -57,14 +62,17 @@ from sd3.training.trainer import TrainConfig, Trainer
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_EXPORT = ROOT / "src" / "sd3" / "assets" / "default" / "sd3_shapes.safetensors"
 DONE = "done.json"  # a stage's marker, written atomically once its weights are saved
+CONTROLNET_BLOCKS = 2  # the bundled ControlNet's blocks: outputs after the MMDiT's blocks 0-2, 3-5
 
 
 @dataclass(frozen=True)
 class Stage:
     """One stage of the recipe: `kind` "text" (pre-train the text encoders on `scenes` captions),
     "vae" (train the autoencoder on `scenes` scenes at `size`), "decoder" (train its decoder
-    alone, at `size`: the latents stay the ones the MMDiT learned) or "mmdit" (encode `scenes` new
-    scenes at `size` with the `mix` of caption kinds, then train the MMDiT on them)."""
+    alone, at `size`: the latents stay the ones the MMDiT learned), "mmdit" (encode `scenes` new
+    scenes at `size` with the `mix` of caption kinds, then train the MMDiT on them) or
+    "controlnet" (a canny ControlNet of `CONTROLNET_BLOCKS` blocks for the finished model, trained
+    on `scenes` new scenes at `size` with their edges as control images)."""
 
     name: str
     kind: str
@@ -74,7 +82,7 @@ class Stage:
     lr: float
     size: int = 0
     mix: str = ""
-    warmup: int = 0  # MMDiT: linear lr warm-up steps, then cosine to 0
+    warmup: int = 0  # MMDiT: linear lr warm-up steps, then cosine to 0 (ControlNet: constant)
     logit_mean: float = 0.5  # MMDiT: logit-normal timestep sampling, more steps at high noise
     heldout: int = 0  # text: about how many held-out prompts its report reads (0: all 224);
     # decoder: how many held-out scenes measure its reconstruction
@@ -94,6 +102,12 @@ def decoder(steps: int, batch: int = 8, scenes: int = 20_000, heldout: int = 256
     """The VAE's decoder alone at 128x128, the sampling size (the 64x64 VAE drew soft edges and
     pale blobs beside the objects there); `heldout` scenes measure it before and after."""
     return Stage("decoder", "decoder", steps, batch, scenes, 3e-4, size=HIRES, heldout=heldout)
+
+
+def controlnet(steps: int, batch: int = 24, scenes: int = 2_400) -> Stage:
+    """A canny ControlNet for the finished model at 128x128, the model frozen, on new scenes
+    (the standard caption mix) whose edges are the control images (docs/controlnet.md)."""
+    return Stage("controlnet", "controlnet", steps, batch, scenes, 3e-4, size=HIRES, warmup=30)
 
 
 def position(n: int, steps: int, warmup: int, batch: int = 64, scenes: int = 16_000) -> Stage:
@@ -119,7 +133,8 @@ def mixed(n: int, steps: int, warmup: int, batch: int = 64, scenes: int = 32_000
 #   mixed-3      32,000 scenes                                 1,500   25.8 (8 + 1 + 16.8)
 #   mixed-4..6   32,000 scenes each                            1,000   20.2 each
 #   decoder      VAE decoder alone, 20,000 scenes, 128x128       600    8.8
-#   total                                                             336 min (5.6 hours)
+#   controlnet   canny ControlNet, 2,400 scenes, 128x128        1,173    8.9 (1.2 + 1 + 6.7)
+#   total                                                             345 min (5.7 hours)
 # Every stage draws new scenes (its own seed); the 128x128 stages do because the chain found fresh
 # scenes, not a re-weighted mix, lifted the last 128x128 stage (0.863 against 0.814).
 STAGES = (
@@ -138,6 +153,7 @@ STAGES = (
     position(6, steps=1500, warmup=100),
     mixed(6, steps=1000, warmup=100),
     decoder(steps=600),
+    controlnet(steps=1173),
 )
 # `--quick`: the same kinds of stage in the same order, a few steps each on a few scenes (tests)
 QUICK = (
@@ -148,6 +164,7 @@ QUICK = (
     position(2, steps=2, warmup=1, batch=4, scenes=8),
     mixed(2, steps=2, warmup=1, batch=4, scenes=8),
     decoder(steps=1, batch=2, scenes=4, heldout=4),
+    controlnet(steps=2, batch=2, scenes=4),
 )
 
 # Rates for the budget, 2 cores with bf16 (docs/default-model.md's stage table)
@@ -156,6 +173,7 @@ SCENES_PER_MIN = {SIZE: 16_000, HIRES: 4_000}  # scenes rendered and encoded to 
 TEXT_STEP_S = 0.45  # text pre-training, batch 256
 VAE_STEP_S = 1.6  # VAE, batch 32 at 64x64
 DECODER_SHARE = 0.55  # of a VAE step's time that training the decoder alone takes
+CONTROLNET_IMAGES_PER_S = 70  # ControlNet training at 128x128, compiled, batch 24
 MMDIT_START_MIN = 1.0  # per MMDiT stage: compiling the step, encoding the captions
 
 
@@ -163,6 +181,9 @@ def budget_minutes(stage: Stage) -> tuple[float, float]:
     """(minutes preparing, minutes training) that `stage` is budgeted at the rates above."""
     if stage.kind == "text":
         return 0.0, stage.steps * TEXT_STEP_S * stage.batch / 256 / 60
+    if stage.kind == "controlnet":  # its scenes encoded twice: images and edges
+        prepare = 2 * stage.scenes / SCENES_PER_MIN[stage.size] + MMDIT_START_MIN
+        return prepare, stage.steps * stage.batch / CONTROLNET_IMAGES_PER_S / 60
     if stage.kind in ("vae", "decoder"):
         pixels = stage.batch * stage.size**2 / (32 * SIZE**2)
         share = 1.0 if stage.kind == "vae" else DECODER_SHARE
@@ -177,6 +198,8 @@ def what(stage: Stage) -> str:
         return f"text encoders on {stage.scenes:,} captions' structure and layout"
     if stage.kind == "vae":
         return f"VAE on {stage.scenes:,} scenes at {stage.size}x{stage.size}"
+    if stage.kind == "controlnet":
+        return f"canny ControlNet on {stage.scenes:,} new scenes at {stage.size}x{stage.size}"
     if stage.kind == "decoder":
         return f"VAE decoder alone on {stage.scenes:,} new scenes at {stage.size}x{stage.size}"
     kinds = "position scenes" if stage.mix == POSITION_MIX else "scenes, curriculum mix"
@@ -193,7 +216,7 @@ def main() -> int:
     args = parse_args()
     stages = QUICK if args.quick else STAGES
     if args.init:  # the file brings the text encoders and the VAE
-        stages = tuple(s for s in stages if s.kind == "mmdit")
+        stages = tuple(s for s in stages if s.kind in ("mmdit", "controlnet"))
     if args.stop_after is not None and args.stop_after not in {s.name for s in stages}:
         names = ", ".join(s.name for s in stages)
         print(f"error: --stop-after {args.stop_after}: no such stage ({names})", file=sys.stderr)
@@ -242,13 +265,24 @@ def main() -> int:
         progress.close()
     size = next(s.size for s in reversed(stages) if s.kind == "mmdit")
     export(args.export, {"mmdit": run.mmdit, "vae": run.vae, **run.encoders}, size)
+    if run.controlnet is not None:
+        shutil.copyfile(run.controlnet, controlnet_export(args.export))
+        print(f"exported {controlnet_export(args.export)}", file=sys.stderr)
     return 0
+
+
+def controlnet_export(export: Path) -> Path:
+    """Where the ControlNet goes: beside the model, named after it (the bundled model's
+    sd3_shapes.safetensors: sd3_shapes_controlnet_canny.safetensors, what `shapes-canny` names)."""
+    return export.with_name(f"{export.stem}_controlnet_canny{export.suffix}")
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="working folder (stages, record.json)")
-    p.add_argument("--export", type=Path, default=DEFAULT_EXPORT, help="the exported model")
+    p.add_argument("--export", type=Path, default=DEFAULT_EXPORT,
+                   help="the exported model (its ControlNet goes beside it, named "
+                   "<stem>_controlnet_canny.safetensors)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="the recipe's seed (every stage's derives)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out (re-running the same command does too), or "
@@ -338,6 +372,7 @@ class Run:
         self.encoders = fresh_text_encoders(family)
         torch.manual_seed(args.seed + 2)
         self.mmdit = init_mmdit(MMDiT(family.mmdit))
+        self.controlnet: Path | None = None  # the ControlNet stage's file, once trained
         if args.init:
             init = open_file(args.init)
             kept = {"vae": self.vae, **self.encoders}
@@ -358,6 +393,9 @@ class Run:
 
     def load(self, stage: Stage, folder: Path) -> None:
         """The weights a finished stage left, in place of the fresh (or earlier) ones."""
+        if stage.kind == "controlnet":  # the model stays as it was
+            self.controlnet = folder / OUTPUT[stage.kind]
+            return
         weights = load_file(str(folder / OUTPUT[stage.kind]))
         if stage.kind == "text":
             for name, m in self.encoders.items():
@@ -373,6 +411,7 @@ OUTPUT = {
     "vae": "vae.safetensors",
     "decoder": "vae.safetensors",
     "mmdit": "mmdit.safetensors",
+    "controlnet": "controlnet.safetensors",
 }
 
 
@@ -512,34 +551,94 @@ def train_mmdit(stage: Stage, seed: int, folder: Path, run: Run, progress: Progr
     )  # fmt: skip
     trainer = Trainer(config, run.mmdit, run.text, latents, captions, folder,
                       metadata={"stage": stage.name}, progress=False)  # fmt: skip
-    if trainer.checkpoint_path.is_file():
-        trainer.resume()
-    partial = folder / "partial.json"  # the seconds of earlier, interrupted tries
-    earlier = json.loads(partial.read_text())["seconds"] if partial.is_file() else 0.0
-    started = time.perf_counter()
-    show = progress.training(stage.steps)
-
-    def on_step(step: int, loss: float) -> None:
-        show(step, loss)
-        if step > 1 and (step - 1) % config.checkpoint_every == 0:  # the last save is whole:
-            # its time holds if the run is killed before the next (one step's more, redone)
-            write_json(partial, {"seconds": earlier + time.perf_counter() - started})
-
-    step = trainer.train(on_step=on_step)
+    step, earlier = resumed_training(trainer, folder, progress.training(stage.steps))
     if step < stage.steps:
-        write_json(partial, {"seconds": earlier + time.perf_counter() - started})
         return None
     with trainer.ema_weights():
         weights = {k: v.detach().clone().contiguous() for k, v in run.mmdit.state_dict().items()}
     run.mmdit.load_state_dict(weights)
     save_atomic(folder / OUTPUT["mmdit"], weights)
+    return {**logged(folder), "earlier_seconds": earlier}
+
+
+def train_controlnet(
+    stage: Stage, seed: int, folder: Path, run: Run, progress: Progress
+) -> dict | None:
+    """Encode the stage's new scenes and their edges, then train (or continue) a canny ControlNet
+    for the model, which stays frozen; its EMA weights go to the stage's file in Stability's
+    layout (fp16, the model's preset). None if stopped early (Ctrl-C)."""
+    data = ShapesDataset(stage.size, stage.scenes, seed)
+    encoded = [0]
+
+    def on_encoded(n: int) -> None:
+        encoded[0] += n
+        progress.at("prepare", encoded[0] / (2 * stage.scenes))
+
+    key = {"seed": str(seed), "size": str(stage.size), "scenes": str(stage.scenes)}
+    latents, captions = cached_latents(
+        folder / "latents.safetensors", data, run.vae, key, batch_size=32, on_encoded=on_encoded
+    )
+    controls, _ = cached_latents(
+        folder / "controls.safetensors", shapes_edges(data), run.vae, key | {"control": "canny"},
+        batch_size=32, encode=control_encoder(run.vae), on_encoded=on_encoded,
+    )  # fmt: skip
+    config = TrainConfig(
+        steps=stage.steps, batch_size=stage.batch, lr=stage.lr, warmup_steps=stage.warmup,
+        timestep_sampling="logit_normal", logit_mean=stage.logit_mean, ema_decay=0.99,
+        bf16=run.bf16, compile=run.compile, checkpoint_every=50, seed=seed,
+        controlnet_blocks=CONTROLNET_BLOCKS,
+    )  # fmt: skip
+    trainer = Trainer(config, run.mmdit, run.text, latents, captions, folder,
+                      metadata={"stage": stage.name}, progress=False, controls=controls)  # fmt: skip
+    step, earlier = resumed_training(trainer, folder, progress.training(stage.steps))
+    if step < stage.steps:
+        return None
+    meta = {PRESET_METADATA: json.dumps({**PRESET, "size": stage.size})}
+    with trainer.ema_weights():
+        save_controlnet(folder / OUTPUT["controlnet"], trainer.controlnet, "canny",
+                        torch.float16, meta)  # fmt: skip
+    run.mmdit.requires_grad_(False)
+    run.controlnet = folder / OUTPUT["controlnet"]
+    return {**logged(folder), "earlier_seconds": earlier}
+
+
+def resumed_training(trainer: Trainer, folder: Path, show) -> tuple[int, float]:
+    """Train from the trainer's last checkpoint, if any, to its last step or a Ctrl-C: (the step
+    reached, the seconds of earlier tries). The time so far is kept in `folder/partial.json`,
+    written with every checkpoint, so a run killed outright keeps it too."""
+    if trainer.checkpoint_path.is_file():
+        trainer.resume()
+    partial = folder / "partial.json"
+    earlier = json.loads(partial.read_text())["seconds"] if partial.is_file() else 0.0
+    started = time.perf_counter()
+    every = trainer.config.checkpoint_every
+
+    def on_step(step: int, loss: float) -> None:
+        show(step, loss)
+        if step > 1 and (step - 1) % every == 0:  # the last save is whole: its time holds if
+            # the run is killed before the next (one step's more, redone)
+            write_json(partial, {"seconds": earlier + time.perf_counter() - started})
+
+    step = trainer.train(on_step=on_step)
+    if step < trainer.config.steps:
+        write_json(partial, {"seconds": earlier + time.perf_counter() - started})
+    return step, earlier
+
+
+def logged(folder: Path) -> dict:
+    """The final loss and the median images/s of a trainer's log in `folder`."""
     log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
     return {"loss": last_tenth([e["loss"] for e in log]),
-            "images_per_s": round(float(np.median([e["images_per_s"] for e in log])), 1),
-            "earlier_seconds": earlier}  # fmt: skip
+            "images_per_s": round(float(np.median([e["images_per_s"] for e in log])), 1)}  # fmt: skip
 
 
-TRAIN = {"text": train_text, "vae": train_vae, "decoder": train_decoder, "mmdit": train_mmdit}
+TRAIN = {
+    "text": train_text,
+    "vae": train_vae,
+    "decoder": train_decoder,
+    "mmdit": train_mmdit,
+    "controlnet": train_controlnet,
+}
 
 
 def last_tenth(losses: list[float]) -> float:

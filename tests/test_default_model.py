@@ -8,12 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from sd3.checkpoints import find_components, infer_config
+from sd3.checkpoints import find_components, infer_config, open_controlnet
 from sd3.cli import DEFAULT_MODEL, main
 from sd3.pipeline import Pipeline
 from sd3.shapes.evaluation import detect_objects
+from sd3.shapes.scenes import render_edges, sample_scene
 
 
 def test_bundled_model_is_a_complete_sd35_family():
@@ -148,7 +150,7 @@ def test_recipe_stopped_and_resumed_exports_what_one_run_does(tmp_path):
     whole = _recipe("--out", str(tmp_path / "whole"), "--export", str(one))
     assert whole.returncode == 0, whole.stderr[-2000:]
     assert "position-1" in whole.stderr and "total" in whole.stderr  # the budget table, up front
-    assert "stage 7/7 decoder" in whole.stderr  # the one progress bar
+    assert "stage 8/8 controlnet" in whole.stderr  # the one progress bar
 
     run = tmp_path / "run"
     missing = _recipe("--out", str(run), "--export", str(two), "--resume")
@@ -182,13 +184,23 @@ def test_recipe_stopped_and_resumed_exports_what_one_run_does(tmp_path):
     assert rest.returncode == 0, rest.stderr[-2000:]
     a, b = load_file(str(one)), load_file(str(two))
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    cn_one, cn_two = (p.with_name(f"{p.stem}_controlnet_canny.safetensors") for p in (one, two))
+    a, b = load_file(str(cn_one)), load_file(str(cn_two))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    component = open_controlnet(cn_one)  # a canny ControlNet that fits the model it was made for
+    assert component.control_type == "canny"
+    assert json.loads(component.metadata["sd3_preset"])["size"] == 128
+    pipe = Pipeline.from_single_file(one, dtype=torch.float32, controlnets=[cn_one])
+    edges = render_edges(sample_scene(7, 0), 64)
+    pipe("a red circle", seed=0, num_inference_steps=1, width=64, height=64,
+         control_images=[edges])  # fmt: skip
 
     record = json.loads((run / "record.json").read_text())
     stages = record["stages"]
     assert [r["stage"] for r in stages] == [
-        "text", "vae", "position-1", "mixed-1", "position-2", "mixed-2", "decoder"
+        "text", "vae", "position-1", "mixed-1", "position-2", "mixed-2", "decoder", "controlnet"
     ]  # fmt: skip
-    measured = stages[-1]["reconstruction_after"]
+    measured = stages[-2]["reconstruction_after"]
     assert set(measured) == {"64", "128"} and measured["128"]["images"] == 4
     assert stages[:3] == done  # the stages done before the stop were not run again
     for r in stages:
