@@ -9,7 +9,7 @@ from collections import Counter, deque
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from sd3.shapes.evaluation import (
     SPLITS,
@@ -28,6 +28,7 @@ from sd3.shapes.evaluation import (
     run,
     select_prompts,
     total_cleanliness,
+    wrap_label,
 )
 from sd3.shapes.scenes import (
     BACKGROUND,
@@ -289,6 +290,14 @@ def test_evaluate_reports_known_accuracy(tmp_path, capsys):
     assert grid.shape[1] == 16 * cell_w  # 40 cells, 16 columns, 3 rows
     assert tuple(grid[1, 1]) == (0, 170, 0)  # prompt 0, round 0: passed -> green frame
     assert tuple(grid[1, cell_w + 1]) == (210, 0, 0)  # prompt 1: blank -> red frame
+    row = grid.shape[0] // 3  # under each image its label: the prompt, wrapped to the cell
+    assert grid.shape[0] == 3 * row and row > cell_w
+    assert (grid[cell_w:row, :cell_w].sum(axis=2) < 200).any()
+    font = ImageFont.load_default()
+    text = "p0 r0: " + max((p.text for p in prompts), key=len)
+    lines = wrap_label(text, font, cell_w)
+    assert " ".join(lines) == text and len(lines) > 1
+    assert all(font.getlength(line) <= cell_w for line in lines)
     with pytest.raises(ValueError, match="returned 1 images"):
         evaluate(lambda texts, seeds: [blank], prompts[:2])
     with pytest.raises(ValueError, match="seeds_per_prompt"):

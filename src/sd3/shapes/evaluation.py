@@ -471,7 +471,8 @@ def evaluate(
             bar.set_postfix(passed=f"{sum(r.passed for *_, r, _, _ in found) / len(found):.3f}")
     found.sort(key=lambda entry: entry[:2])  # the order one process makes them in
     results = [(i, round_, result) for round_, i, result, _, _ in found]
-    sheet = [(im, f"p{i} r{round_}", r.passed) for round_, i, r, _, im in found if im is not None]
+    sheet = [(im, f"p{i} r{round_}: {prompts[i].text}", r.passed)
+             for round_, i, r, _, im in found if im is not None]  # fmt: skip
     clean = sum((c for *_, (c, _), _ in found), Cleanliness(0, 0, 0, 0))
     rendered = sum((c for *_, (_, c), _ in found), Cleanliness(0, 0, 0, 0))
     counts = {}
@@ -517,24 +518,27 @@ def save_contact_sheet(
     cells: Sequence[tuple[Image.Image, str, bool]], path: Path, columns: int = 16
 ) -> None:
     """A grid of (image, label, passed): each image framed green (pass) or red (fail), with its
-    label ("p<prompt index> r<seed round>") underneath."""
+    label ("p<prompt index> r<seed round>: <prompt>") underneath, wrapped to the cell's width."""
     largest = max(max(im.size) for im, _, _ in cells)
     scale = math.ceil(96 / largest)  # whole-number upscale of small images keeps pixels sharp
     cell = largest * scale
-    border, label = 4, 14
+    border, line = 4, 11
+    font = ImageFont.load_default()
+    labels = [wrap_label(text, font, cell + 2 * border) for _, text, _ in cells]
     columns = min(columns, len(cells))
     rows = math.ceil(len(cells) / columns)
-    width, height = cell + 2 * border, cell + 2 * border + label
+    width = cell + 2 * border
+    height = cell + 2 * border + line * max(len(lines) for lines in labels) + 3
     sheet = Image.new("RGB", (columns * width, rows * height), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default()
-    for n, (image, text, passed) in enumerate(cells):
+    for n, ((image, _, passed), lines) in enumerate(zip(cells, labels, strict=True)):
         x, y = (n % columns) * width, (n // columns) * height
         draw.rectangle((x, y, x + width - 1, y + cell + 2 * border - 1), fill=_MARK[passed])
         size = (image.width * scale, image.height * scale)
         thumb = image.convert("RGB").resize(size, Image.Resampling.NEAREST)
         sheet.paste(thumb, (x + border, y + border))
-        draw.text((x + border, y + cell + 2 * border), text, fill=(0, 0, 0), font=font)
+        for k, text in enumerate(lines):
+            draw.text((x + 1, y + cell + 2 * border + k * line), text, fill=(0, 0, 0), font=font)
     buffer = io.BytesIO()
     sheet.save(buffer, format="PNG")
     written = write_new(path, buffer.getvalue(), "--contact-sheet")
@@ -543,6 +547,17 @@ def save_contact_sheet(
 
 
 _MARK = {True: (0, 170, 0), False: (210, 0, 0)}
+
+
+def wrap_label(text: str, font: ImageFont.ImageFont, width: int) -> list[str]:
+    """`text` in lines of whole words no wider than `width` pixels (a longer word alone)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width - 2:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
 
 
 # --- command line -------------------------------------------------------------------------
