@@ -11,8 +11,9 @@ on position scenes alone alternating with 128x128 on the curriculum's caption mi
 new scenes, then the VAE's decoder at 128x128 and a canny ControlNet for the finished model.
 Each stage's seeds derive from `--seed` and its index, so a run is a function of its
 settings. Each stage writes its weights and then, atomically, a `done.json` marker in
-`--out/<stage>/`; re-running the same command (or with `--resume`) skips the stages done and
-continues an MMDiT stage at its trainer's last checkpoint (every 250 steps). Changed settings are
+`--out/<stage>/`; re-running the same command (or with `--resume`) skips the stages done (reading
+only the latest weights of each kind) and continues an MMDiT stage at its trainer's last
+checkpoint (every 250 steps). Changed settings are
 refused, except in stages not started yet. `--out/record.json` holds, per stage, its wall time,
 final loss, images/s and machine. The EMA weights go to `--export` (official single-file layout,
 fp16, the preset in its metadata), the ControlNet's beside it (`controlnet_export`).
@@ -233,12 +234,14 @@ def main() -> int:
     print_budget(stages)
     run = Run(args, settings)
     progress = Progress(stages)
+    replaced = superseded(args.out, stages)
     try:
         for index, stage in enumerate(stages):
             folder = args.out / stage.name
             progress.begin(index, stage)
             if (folder / DONE).is_file():
-                run.load(stage, folder)
+                if index not in replaced:
+                    run.load(stage, folder)
             else:
                 folder.mkdir(parents=True, exist_ok=True)
                 started = time.perf_counter()
@@ -269,6 +272,18 @@ def main() -> int:
         shutil.copyfile(run.controlnet, controlnet_export(args.export))
         print(f"exported {controlnet_export(args.export)}", file=sys.stderr)
     return 0
+
+
+def superseded(out: Path, stages: tuple[Stage, ...]) -> set[int]:
+    """The finished stages whose weights a later finished stage replaces (an MMDiT stage's by the
+    next one's, the VAE's by the decoder's): a resumed run does not read them, so a kept run needs
+    only its latest weights of each kind."""
+    done = [(out / s.name / DONE).is_file() for s in stages]
+    return {
+        i for i, s in enumerate(stages)
+        if done[i] and any(done[j] and OUTPUT[t.kind] == OUTPUT[s.kind]
+                           for j, t in enumerate(stages[i + 1 :], i + 1))
+    }  # fmt: skip
 
 
 def controlnet_export(export: Path) -> Path:
