@@ -11,6 +11,7 @@ from sd3.kernels.build import kernel_available, kernels_available
 from sd3.kernels.flash_attention import (
     attention,
     flash_attention_cpu,
+    matmul_attention,
     sdpa_attention,
 )
 
@@ -92,10 +93,12 @@ def test_attention_takes_the_kernel_for_bf16_and_sdpa_otherwise(monkeypatch):
         t.requires_grad_(True)
     qf, kf, vf = q.float(), k.float(), v.float()
     assert torch.equal(attention(qf, kf, vf), sdpa_attention(qf, kf, vf))
-    # bf16 with gradients: the kernel has no backward, so SDPA
-    qg = q.clone().requires_grad_(True)
-    out = attention(qg, k, v)
-    assert torch.equal(out, sdpa_attention(q, k, v))
+    # bf16 with gradients: the kernel has no backward, so SDPA where the sequence is long
+    q2, k2, v2 = (torch.cat([t, t, t], dim=2) for t in (q, k, v))  # 210 keys
+    assert k2.shape[-2] > attention_module.MATMUL_MAX_KEYS
+    qg = q2.clone().requires_grad_(True)
+    out = attention(qg, k2, v2)
+    assert torch.equal(out, sdpa_attention(q2, k2, v2))
     out.float().sum().backward()
     assert qg.grad is not None and qg.grad.abs().sum() > 0
     # head dim 32: SDPA
@@ -254,3 +257,32 @@ def test_impossible_streams_raise_value_errors():
         flash_attention_streams([(q, k, v, RMSNorm(64), None)])  # fp32 weight
     with pytest.raises(ValueError, match="at least one query"):
         flash_attention_streams([(q[:, :, :0], k, v, None, None)])
+
+
+def test_short_attention_with_gradients_is_written_out_and_matches_fp64_sdpa():
+    """With gradients, on a CPU, up to MATMUL_MAX_KEYS keys: two matmuls and an fp32 softmax (also
+    under bf16 autocast), whose output and gradients match fp64 SDPA's within bf16 rounding, as
+    torch's own bf16 SDPA does (measured: output 0.0035 against its 0.0021, gradients
+    0.004-0.005 as its)."""
+    q, k, v = qkv(4, 3, 112, 112, seed=5, scale=2.0)
+    grad = torch.randn(4, 112, 3 * 64, generator=torch.Generator().manual_seed(6)).bfloat16()
+
+    def run(fn, autocast: bool):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = fn(*leaves)
+        out.backward(grad.to(out.dtype))
+        return out, [t.grad for t in leaves]
+
+    ref, ref_grads = run(lambda *t: sdpa_attention(*(x.double() for x in t)), False)
+    for autocast in (False, True):
+        out, grads = run(attention, autocast)
+        assert out.dtype == torch.bfloat16
+        assert torch.equal(out, matmul_attention(q, k, v))  # the written-out path was taken
+        assert max_rel_err(out, ref) < 0.006
+        assert all(max_rel_err(a, b) < 0.008 for a, b in zip(grads, ref_grads, strict=True))
+    # without gradients, or past MATMUL_MAX_KEYS, it is not taken
+    assert not attention_module.matmul_applies(q, k, v)
+    long = torch.zeros(1, 1, attention_module.MATMUL_MAX_KEYS + 1, 64, requires_grad=True)
+    assert not attention_module.matmul_applies(long, long, long)
+    assert attention_module.matmul_applies(long[..., :128, :], long[..., :128, :], long)

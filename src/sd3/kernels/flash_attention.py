@@ -17,7 +17,9 @@ Rates and ratios per machine: benchmarks/RESULTS.md.
 qk-norm that the kernel applies as it reads the rows (`fused.joint_attention` is the MMDiT's
 entry point). `SD3_ATTENTION=auto|amx|avx512|sdpa` overrides the choice (`auto`: the fastest the
 CPU has). The kernel is plain C++ loaded with ctypes (`build.py`). Everything else (other dtypes, head dims, gradients, GPUs), and any machine where
-the kernel cannot be built, uses `F.scaled_dot_product_attention`.
+the kernel cannot be built, uses `F.scaled_dot_product_attention`, except short sequences with
+gradients on a CPU (training the small models): there torch's SDPA backward runs several times
+slower than the attention written out as two matmuls and a softmax (`matmul_attention`).
 """
 
 import os
@@ -37,6 +39,7 @@ from .build import (
 from .hardware import cpu_has_amx
 
 HEAD_DIM = 64  # the only head dim the kernel handles; all SD3 / SD3.5 models use it
+MATMUL_MAX_KEYS = 128  # up to this many keys, CPU attention with gradients is written out
 CHOICES = ("auto", "amx", "avx512", "sdpa")
 
 
@@ -44,13 +47,38 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(q kᵀ / √d) v for q, k, v of shape [B, heads, L, d]; returns [B, L, heads * d].
 
     bf16 CPU inputs with d = 64 that need no gradient take the kernel (see `kernel_choice`),
-    all others `F.scaled_dot_product_attention`."""
+    short CPU sequences that need one `matmul_attention`, all others
+    `F.scaled_dot_product_attention`."""
     _check_shapes(q, k, v)
     if kernel_applies(q, k, v):
         isa = kernel_choice()
         if isa != "sdpa":
             return flash_attention_cpu(q, k, v, isa)
+    if matmul_applies(q, k, v):
+        return matmul_attention(q, k, v)
     return sdpa_attention(q, k, v)
+
+
+def matmul_applies(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether `attention` writes the attention out: CPU tensors, a gradient to take and at
+    most `MATMUL_MAX_KEYS` keys (its [B, heads, L, L] weights are kept for the backward)."""
+    return (
+        q.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and any(t.requires_grad for t in (q, k, v))
+        and k.shape[-2] <= MATMUL_MAX_KEYS
+    )
+
+
+def matmul_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(q kᵀ / √d) v as two matmuls: the scores and their softmax in fp32 (as the
+    flash kernels keep them, also under bf16 autocast), the weights in v's dtype; [B, heads, L,
+    d] -> [B, L, heads * d]. Its backward is plain matmuls, which the CPU runs far faster than
+    SDPA's for short sequences."""
+    with torch.autocast(q.device.type, enabled=False):
+        scores = q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5
+        weights = scores.softmax(-1).to(v.dtype)
+        return (weights @ v).transpose(1, 2).flatten(2)
 
 
 def kernel_choice() -> str:
