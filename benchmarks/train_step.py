@@ -18,11 +18,10 @@ from pathlib import Path
 
 import torch
 
-from sd3.checkpoints import load_component, open_file
 from sd3.kernels import flash_attention
 from sd3.kernels.hardware import cpu_has_bf16
-from sd3.shapes.bundled import CLIP_POSITIONS, T5_LENGTH
-from sd3.text import TextEncoders
+from sd3.pipeline import Pipeline
+from sd3.shapes.bundled import T5_LENGTH
 from sd3.training.trainer import TrainConfig, Trainer
 
 MODEL = Path(__file__).resolve().parents[1] / "src/sd3/assets/default/sd3_shapes.safetensors"
@@ -35,13 +34,8 @@ def images_per_s(size: int, steps: int, written_out: bool) -> tuple[float, float
     saved = flash_attention.MATMUL_MAX_KEYS
     flash_attention.MATMUL_MAX_KEYS = saved if written_out else 0
     try:
-        f = open_file(MODEL)
-        mmdit = load_component(f["mmdit"]).float()
-        enc = {k: load_component(f[k]).float().eval().requires_grad_(False)
-               for k in ("clip_l", "clip_g", "t5xxl")}  # fmt: skip
-        text = TextEncoders(enc["clip_l"], enc["clip_g"], enc["t5xxl"],
-                            context_width=mmdit.config.context_dim, t5_length=T5_LENGTH,
-                            clip_length=CLIP_POSITIONS)  # fmt: skip
+        pipe = Pipeline.from_single_file(MODEL, dtype=torch.float32)
+        mmdit, text = pipe.module("mmdit"), pipe.text_encoders(t5_length=T5_LENGTH)
         n = 4096
         latents = torch.randn(
             n, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(0)
