@@ -132,10 +132,10 @@ def mixed(n: int, steps: int, warmup: int, batch: int = 64, scenes: int = 32_000
 #   mixed-2      32,000 scenes                                 3,000   42.7 (8 + 1 + 33.7)
 #   position-3..6                                              1,500   11.4 each
 #   mixed-3      32,000 scenes                                 1,500   25.8 (8 + 1 + 16.8)
-#   mixed-4..7   32,000 scenes each                            1,000   20.2 each
+#   mixed-4..9   32,000 scenes each                            1,000   20.2 each
 #   decoder      VAE decoder alone, 20,000 scenes, 128x128       600    8.8
 #   controlnet   canny ControlNet, 2,400 scenes, 128x128        1,173    8.9 (1.2 + 1 + 6.7)
-#   total                                                             365 min (6.1 hours)
+#   total                                                             405 min (6.8 hours)
 # Every stage draws new scenes (its own seed); the 128x128 stages do because the chain found fresh
 # scenes, not a re-weighted mix, lifted the last 128x128 stage (0.863 against 0.814).
 STAGES = (
@@ -154,6 +154,8 @@ STAGES = (
     position(6, steps=1500, warmup=100),
     mixed(6, steps=1000, warmup=100),
     mixed(7, steps=1000, warmup=100),
+    mixed(8, steps=1000, warmup=100),
+    mixed(9, steps=1000, warmup=100),
     decoder(steps=600),
     controlnet(steps=1173),
 )
