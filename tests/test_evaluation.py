@@ -379,12 +379,12 @@ def test_each_image_has_its_own_seed_whatever_the_batching():
 
 
 def test_val_and_test_splits_use_disjoint_seeds(tmp_path, capsys):
-    assert SPLITS == {"val": (0, 1, 2), "test": (100, 101, 102, 103, 104, 105)}
+    assert SPLITS == {"val": (0, 1, 2, 3, 4, 5), "test": (100, 101, 102, 103, 104, 105)}
     seeds = {
         split: {image_seed(r, p.text) for r in rounds for p in PROMPTS}
         for split, rounds in SPLITS.items()
     }
-    assert len(seeds["val"]) == 3 * 224 and len(seeds["test"]) == 6 * 224
+    assert len(seeds["val"]) == 6 * 224 and len(seeds["test"]) == 6 * 224
     assert not seeds["val"] & seeds["test"]
     assert all(0 <= s < 2**63 for s in seeds["val"] | seeds["test"])
     parser = argparse.ArgumentParser()
@@ -400,7 +400,7 @@ def test_val_and_test_splits_use_disjoint_seeds(tmp_path, capsys):
     assert data["split"] == "test" and data["rounds"] == [100, 101, 102, 103]
     assert data["all_images"] == "12/12" and data["overall"] == 1.0
     for bad, message in (
-        (["--split", "val", "--seeds", "4"], "--seeds must be 1 to 3 for --split val"),
+        (["--split", "val", "--seeds", "7"], "--seeds must be 1 to 6 for --split val"),
         (["--split", "test", "--seeds", "0"], "--seeds must be 1 to 6 for --split test"),
         (["--json", str(tmp_path / "r.txt")], "--json"),
     ):
