@@ -133,7 +133,7 @@ def test_call_returns_images_and_uses_preset(pipe):
 def test_a_batch_with_one_seed_per_image_draws_each_image_as_made_alone(pipe):
     # one row per prompt, a seed per image: each row is the image its prompt and seed make alone
     # (the same noise, bit for bit; latents within float rounding, as the CPU kernels' sums are
-    # grouped by batch size; the same 8-bit pixels)
+    # grouped by batch size; the same 8-bit pixels but for a rounding step of one level)
     prompts, seeds = ["a red circle", "a blue square", "a red circle"], [11, 2**62, 5]
     assert torch.equal(get_noise(seeds, 3, 32, 32)[1:2], get_noise(2**62, 1, 32, 32))
     s = Settings(prompt="", steps=3, width=32, height=32, sampler="euler_ancestral", cfg=3.0)
@@ -144,7 +144,8 @@ def test_a_batch_with_one_seed_per_image_draws_each_image_as_made_alone(pipe):
     for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
         alone = pipe.sample(dataclasses.replace(s, prompt=prompt, seed=seed))
         assert max_rel_err(batch[i : i + 1], alone) < 1e-5, (prompt, seed)
-        assert np.array_equal(np.asarray(images[i]), np.asarray(pipe.decode(alone)[0]))
+        a, b = (np.asarray(x, dtype=np.int16) for x in (images[i], pipe.decode(alone)[0]))
+        assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01, (prompt, seed)
     assert not torch.allclose(batch[0], batch[2], atol=0.1)  # same prompt, other seed
     with pytest.raises(ValueError, match="2 seeds for 3 images"):
         pipe.sample(dataclasses.replace(s, num_images=3), conditioning=cond, seeds=seeds[:2])

@@ -65,10 +65,12 @@ def test_train_then_export_and_resume(model_file, data_dir, tmp_path):
     assert main(args_for(model_file, data_dir, whole, "--steps", "4")) == 0
     assert main(args_for(model_file, data_dir, part, "--steps", "3")) == 0
     assert main(["--out", str(part), "--resume", "--steps", "4", "--quiet"]) == 0
-    assert losses(part) == losses(whole) and len(losses(whole)) == 4
+    # equal to float32 rounding: the CPU kernels may group sums differently after a restart
+    assert np.allclose(losses(part), losses(whole), rtol=1e-6, atol=0) and len(losses(whole)) == 4
     a, state = load_checkpoint(whole / "checkpoint.safetensors")
     b, _ = load_checkpoint(part / "checkpoint.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+    assert worst < 1e-6, worst  # float32 rounding: an Adam step moves a weight by about lr, 1e-3
     assert state["step"] == 4 and state["config"]["batch_size"] == 4
     # the export is the EMA MMDiT with the untouched VAE and text encoders, readable by sd3
     found = find_components(whole / "model.safetensors")
